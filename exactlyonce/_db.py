@@ -1,0 +1,93 @@
+"""Engine construction and error classification: the SQLAlchemy seam."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+
+from exactlyonce.errors import ConfigurationError
+
+# A URL without a driver gets the driver exactlyonce tests against, instead of
+# SQLAlchemy's historical default (psycopg2 / mysqlclient), which is usually
+# not installed.
+_DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql",
+                    "mariadb": "mariadb+pymysql"}
+
+#: How long a SQLite writer waits for another process's write lock.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse ``url`` and fill in the default driver for its dialect."""
+    try:
+        parsed = make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+    driver = _DEFAULT_DRIVERS.get(parsed.drivername)
+    return parsed.set(drivername=driver) if driver else parsed
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+    """Create an engine tuned for claim-then-handle transactions.
+
+    - every dialect: ``pool_pre_ping`` so a restarted database is reconnected
+      to instead of failing the next transaction;
+    - SQLite: WAL, a busy timeout, and ``BEGIN IMMEDIATE`` so that a
+      transaction takes the write lock up front. Two processes claiming the
+      same ID then queue on the lock instead of failing with "database is
+      locked" when one tries to upgrade a read lock.
+    """
+    parsed = normalize_url(url)
+    kwargs.setdefault("pool_pre_ping", True)
+    if parsed.get_backend_name() == "sqlite":
+        connect_args = kwargs.setdefault("connect_args", {})
+        connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+        # The driver's own implicit BEGIN is switched off; we emit ours below.
+        connect_args.setdefault("isolation_level", None)
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (ImportError, sa.exc.ArgumentError) as exc:
+        raise ConfigurationError(f"cannot use database URL {parsed!r}: {exc}") from exc
+    if parsed.get_backend_name() == "sqlite":
+        _tune_sqlite(engine, in_memory=parsed.database in (None, "", ":memory:"))
+    return engine
+
+
+def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        if not in_memory:
+            dbapi_connection.execute("PRAGMA journal_mode=WAL")
+        dbapi_connection.execute("PRAGMA foreign_keys=ON")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# SQLite reports both a busy database and a missing table as OperationalError;
+# only the first is worth retrying.
+_SQLITE_TRANSIENT = ("database is locked", "database is busy", "disk i/o error")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a database failure that may pass if retried.
+
+    Lost connections, deadlocks, serialization failures, lock timeouts and a
+    busy SQLite file are transient; constraint violations, SQL errors and a
+    missing table are not.
+    """
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if isinstance(exc, sa.exc.OperationalError):
+        if _is_sqlite(exc):
+            return any(text in str(exc.orig).lower() for text in _SQLITE_TRANSIENT)
+        return True
+    return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
+def _is_sqlite(exc: sa.exc.DBAPIError) -> bool:
+    return type(exc.orig).__module__.startswith("sqlite3")

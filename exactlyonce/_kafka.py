@@ -1,0 +1,172 @@
+"""The only module that imports kafka-python.
+
+Durations are ``timedelta`` everywhere else and become kafka-python's ``*_ms``
+settings here; kafka-python's exceptions become exactlyonce's here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import kafka
+import kafka.errors
+from kafka.structs import OffsetAndMetadata, TopicPartition
+
+from exactlyonce.errors import ConfigurationError, TransientError
+from exactlyonce.message import Message
+
+log = logging.getLogger("exactlyonce")
+
+__all__ = ["Consumer", "DeadLetterProducer", "TopicPartition", "to_message"]
+
+#: exactlyonce's consumer defaults; ``App(consumer_config=...)`` overrides them.
+CONSUMER_DEFAULTS: dict[str, Any] = {
+    # Offsets are committed by the runner, and only after the database commit.
+    "enable_auto_commit": False,
+    # A new group must see the records already in the topic, not only new ones.
+    "auto_offset_reset": "earliest",
+    # Skip records of aborted producer transactions.
+    "isolation_level": "read_committed",
+    "session_timeout_ms": 10_000,
+    "heartbeat_interval_ms": 3_000,
+    "max_poll_records": 500,
+}
+
+# Set by App itself; refused in consumer_config so there is one source of truth.
+_OWNED_BY_APP = ("group_id", "bootstrap_servers")
+
+PRODUCER_DEFAULTS: dict[str, Any] = {
+    "acks": "all",
+    "enable_idempotence": True,
+    "linger_ms": 0,
+}
+
+
+def to_message(record: Any) -> Message:
+    """Turn a kafka-python ``ConsumerRecord`` into a :class:`Message`."""
+    return Message(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        key=record.key,
+        value=record.value,
+        headers=tuple((name, value or b"") for name, value in (record.headers or ())),
+        timestamp_ms=record.timestamp,
+    )
+
+
+class Consumer:
+    """A group consumer that commits only the offsets it is told to."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        group_id: str,
+        topics: Iterable[str],
+        config: Mapping[str, Any],
+        on_revoked: Callable[[set[TopicPartition]], None],
+    ) -> None:
+        for name in _OWNED_BY_APP:
+            if name in config:
+                raise ConfigurationError(f"set {name} on App, not in consumer_config")
+        if config.get("enable_auto_commit"):
+            # Auto-commit would commit offsets before the database commit: a
+            # crash in between would lose the record.
+            raise ConfigurationError("enable_auto_commit=True breaks the guarantee; leave it off")
+        settings = {**CONSUMER_DEFAULTS, **config}
+        try:
+            self._consumer = kafka.KafkaConsumer(
+                bootstrap_servers=bootstrap_servers, group_id=group_id, **settings
+            )
+        except kafka.errors.NoBrokersAvailable as exc:
+            raise TransientError(f"no Kafka broker answers at {bootstrap_servers}") from exc
+        except (TypeError, kafka.errors.KafkaConfigurationError) as exc:
+            raise ConfigurationError(f"invalid consumer_config: {exc}") from exc
+
+        class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
+            def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+                on_revoked(set(revoked))
+
+            def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+                log.info("assigned partitions: %s", _fmt(assigned))
+
+        self._consumer.subscribe(topics=sorted(topics), listener=_Listener())
+
+    def poll(self, timeout_s: float) -> dict[TopicPartition, list[Any]]:
+        """Fetch records; rebalance callbacks run inside this call."""
+        try:
+            return dict(self._consumer.poll(timeout_ms=int(timeout_s * 1000)))
+        except kafka.errors.KafkaError as exc:
+            if getattr(exc, "retriable", False) or isinstance(
+                exc, kafka.errors.KafkaConnectionError
+            ):
+                raise TransientError(f"poll failed: {exc}") from exc
+            raise
+
+    def seek(self, partition: TopicPartition, offset: int) -> None:
+        """Make the next poll return ``partition`` from ``offset`` again."""
+        self._consumer.seek(partition, offset)
+
+    def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
+        """Commit ``offsets`` (the next offset to read per partition) synchronously.
+
+        Returns False instead of raising when the group is rebalancing or this
+        member was evicted: the records stay uncommitted and whoever owns the
+        partition next receives them again, where the dedup store skips them.
+        """
+        if not offsets:
+            return True
+        try:
+            self._consumer.commit(
+                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+            )
+        except (
+            kafka.errors.CommitFailedError,
+            kafka.errors.RebalanceInProgressError,
+            kafka.errors.KafkaError,
+        ) as exc:
+            log.warning("offset commit failed (%s: %s); records will be redelivered "
+                        "and skipped as duplicates", type(exc).__name__, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        """Leave the group and close connections (no auto-commit)."""
+        self._consumer.close(autocommit=False)
+
+
+class DeadLetterProducer:
+    """Publishes dead letters and waits for the broker's acknowledgement."""
+
+    def __init__(self, *, bootstrap_servers: str, config: Mapping[str, Any]) -> None:
+        self._producer = kafka.KafkaProducer(
+            bootstrap_servers=bootstrap_servers, **{**PRODUCER_DEFAULTS, **config}
+        )
+
+    def publish(
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+        timeout_s: float = 30.0,
+    ) -> None:
+        """Send one record and block until it is acknowledged (acks=all)."""
+        try:
+            self._producer.send(topic, key=key, value=value, headers=headers).get(
+                timeout=timeout_s
+            )
+        except kafka.errors.KafkaError as exc:
+            raise TransientError(f"dead-letter publish to {topic!r} failed: {exc}") from exc
+
+    def close(self) -> None:
+        """Flush and close."""
+        self._producer.close(timeout=10)
+
+
+def _fmt(partitions: Iterable[TopicPartition]) -> str:
+    return ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)) or "none"

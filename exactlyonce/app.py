@@ -1,0 +1,195 @@
+"""App: the handler registry, its configuration, and ``run()``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from types import FrameType
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from exactlyonce import _db, ids
+from exactlyonce.errors import ConfigurationError
+from exactlyonce.message import Message
+from exactlyonce.schema import MAX_SCOPE_LENGTH
+
+BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_BOOTSTRAP_SERVERS"
+DATABASE_URL_ENV = "EXACTLYONCE_DATABASE_URL"
+
+HandlerFunc = Callable[[Message, Session], Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Handler:
+    """A registered handler and the settings it runs with."""
+
+    topic: str
+    func: HandlerFunc
+    message_id: ids.MessageIdStrategy
+    #: The dedup namespace: the same message ID in two scopes is two messages.
+    scope: str
+    dead_letter_topic: str
+    #: Attempts (first try included) before a failing message is dead-lettered.
+    max_attempts: int
+
+
+class App:
+    """An effectively-once Kafka consumer application.
+
+    Register handlers with :meth:`handler`, then call :meth:`run` (or use the
+    ``exactlyonce run MODULE:ATTR`` command).
+
+    ``bootstrap_servers`` and ``database_url`` default to the
+    ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and ``EXACTLYONCE_DATABASE_URL``
+    environment variables, read when they are first needed, so an ``App`` can
+    be defined at import time and its handlers unit-tested without either.
+    ``consumer_config`` / ``producer_config`` are forwarded to kafka-python's
+    ``KafkaConsumer`` / ``KafkaProducer`` (the latter publishes dead letters)
+    over exactlyonce's defaults.
+    """
+
+    def __init__(
+        self,
+        group_id: str,
+        bootstrap_servers: str | None = None,
+        database_url: str | None = None,
+        consumer_config: Mapping[str, Any] | None = None,
+        producer_config: Mapping[str, Any] | None = None,
+        *,
+        transient_retry_budget: timedelta = timedelta(seconds=60),
+    ) -> None:
+        if not isinstance(group_id, str) or not group_id:
+            raise ConfigurationError("group_id must be a non-empty string")
+        self.group_id = group_id
+        self._bootstrap_servers = bootstrap_servers
+        self._database_url = database_url
+        self.consumer_config: dict[str, Any] = dict(consumer_config or {})
+        self.producer_config: dict[str, Any] = dict(producer_config or {})
+        self.transient_retry_budget = transient_retry_budget
+        self._handlers: dict[str, Handler] = {}
+        self._engine: Engine | None = None
+        self._stop = threading.Event()
+
+    # -- registration -------------------------------------------------------
+
+    def handler(
+        self,
+        topic: str,
+        *,
+        message_id: ids.MessageIdStrategy | None = None,
+        name: str | None = None,
+        dead_letter_topic: str | None = None,
+        max_attempts: int = 3,
+    ) -> Callable[[HandlerFunc], HandlerFunc]:
+        """Register ``func(message, session)`` for the records of ``topic``.
+
+        - ``message_id``: a callable ``Message -> str``; default
+          :func:`exactlyonce.ids.header` (the ``message-id`` header).
+        - ``name``: the dedup scope. The default, ``"<group_id>:<topic>"``,
+          does not change when the function is renamed or moved; set it
+          explicitly to keep dedup history when the group or topic changes.
+        - ``dead_letter_topic``: where unprocessable records go; default
+          ``"<topic>.dlq"``.
+        - ``max_attempts``: tries before a failing record is dead-lettered.
+
+        The function is returned unchanged.
+        """
+        if not isinstance(topic, str) or not topic:
+            raise ConfigurationError("topic must be a non-empty string")
+        if topic in self._handlers:
+            raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
+        if max_attempts < 1:
+            raise ConfigurationError("max_attempts must be at least 1")
+        scope = name if name is not None else f"{self.group_id}:{topic}"
+        if not scope or len(scope) > MAX_SCOPE_LENGTH:
+            raise ConfigurationError(
+                f"handler scope {scope!r} must have 1 to {MAX_SCOPE_LENGTH} characters"
+            )
+        if any(h.scope == scope for h in self._handlers.values()):
+            raise ConfigurationError(f"scope {scope!r} is already used by another handler")
+
+        def register(func: HandlerFunc) -> HandlerFunc:
+            if not callable(func):
+                raise ConfigurationError("handler must be callable")
+            self._handlers[topic] = Handler(
+                topic=topic,
+                func=func,
+                message_id=message_id or ids.header(),
+                scope=scope,
+                dead_letter_topic=dead_letter_topic or f"{topic}.dlq",
+                max_attempts=max_attempts,
+            )
+            return func
+
+        return register
+
+    @property
+    def handlers(self) -> Mapping[str, Handler]:
+        """The registered handlers by topic."""
+        return dict(self._handlers)
+
+    # -- configuration ------------------------------------------------------
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The Kafka bootstrap servers (argument, else environment)."""
+        value = self._bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
+        if not value:
+            raise ConfigurationError(
+                f"no Kafka bootstrap servers: pass bootstrap_servers= or set {BOOTSTRAP_SERVERS_ENV}"
+            )
+        return value
+
+    @property
+    def database_url(self) -> str:
+        """The SQLAlchemy database URL (argument, else environment)."""
+        value = self._database_url or os.environ.get(DATABASE_URL_ENV)
+        if not value:
+            raise ConfigurationError(
+                f"no database: pass database_url= or set {DATABASE_URL_ENV}"
+            )
+        return value
+
+    @property
+    def engine(self) -> Engine:
+        """The SQLAlchemy engine, created on first use."""
+        if self._engine is None:
+            self._engine = _db.create_engine(self.database_url)
+        return self._engine
+
+    # -- running ------------------------------------------------------------
+
+    def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Consume until :meth:`stop` is called (or SIGTERM/SIGINT arrives).
+
+        On stop the message in hand is finished (or rolled back if it is
+        waiting out a retry), done offsets are committed, and the consumer
+        leaves its group.
+        """
+        from exactlyonce.runner import Runner
+
+        if not self._handlers:
+            raise ConfigurationError("no handlers registered")
+        self._stop.clear()
+        previous: dict[signal.Signals, Any] = {}
+        if install_signal_handlers and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, self._on_signal)
+        try:
+            Runner(self, self._stop).run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish the message in hand and return (thread-safe)."""
+        self._stop.set()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop()

@@ -1,0 +1,92 @@
+"""The ``exactlyonce`` command.
+
+::
+
+    exactlyonce run MODULE:ATTR         run an App until SIGTERM/SIGINT
+    exactlyonce db upgrade [REVISION]   apply the framework's migrations
+    exactlyonce db downgrade REVISION   revert them (``base`` drops the tables)
+    exactlyonce db current              print the applied revision
+
+Connection settings come from ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
+``EXACTLYONCE_DATABASE_URL`` unless given as options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from exactlyonce import _db, migrate
+from exactlyonce.app import DATABASE_URL_ENV, App
+from exactlyonce.errors import ExactlyOnceError
+
+
+def load_app(spec: str) -> App:
+    """Import ``MODULE:ATTR`` and return the :class:`App` it names."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ExactlyOnceError(f"expected MODULE:ATTR, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ExactlyOnceError(f"cannot import {module_name!r}: {exc}") from exc
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise ExactlyOnceError(f"{spec} is not an exactlyonce.App")
+    return app
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exactlyonce", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default=os.environ.get("EXACTLYONCE_LOG_LEVEL", "INFO"))
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run an App until SIGTERM/SIGINT")
+    run.add_argument("app", metavar="MODULE:ATTR")
+
+    db = commands.add_parser("db", help="manage the framework's tables")
+    db.add_argument("--database-url", default=None,
+                    help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="apply migrations")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    downgrade = db_commands.add_parser("downgrade", help="revert migrations")
+    downgrade.add_argument("revision")
+    db_commands.add_parser("current", help="print the applied revision")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``exactlyonce`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "run":
+            load_app(args.app).run()
+        elif args.command == "db":
+            url = args.database_url or os.environ.get(DATABASE_URL_ENV)
+            if not url:
+                raise ExactlyOnceError(f"no database: pass --database-url or set {DATABASE_URL_ENV}")
+            engine = _db.create_engine(url)
+            if args.db_command == "upgrade":
+                migrate.upgrade(engine, args.revision)
+            elif args.db_command == "downgrade":
+                migrate.downgrade(engine, args.revision)
+            print(migrate.current(engine) or "base")
+    except ExactlyOnceError as exc:
+        print(f"exactlyonce: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Message-ID strategies: small callables ``Message -> str``.
+
+The message ID is what makes a redelivered or re-sent record recognisable, so
+it must be chosen by the *sender* and survive retransmission: a header the
+producer stamps, a business key in the payload (``transfer_id``), or the record
+key. Any callable ``Message -> str`` works; these are the ready ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from exactlyonce.errors import InvalidMessageId, MessageError
+from exactlyonce.message import Message
+
+MessageIdStrategy = Callable[[Message], str]
+
+#: The header the default strategy reads (and :class:`exactlyonce.Producer` writes).
+DEFAULT_HEADER = "message-id"
+
+#: IDs longer than this do not fit the dedup table's column and are rejected,
+#: never truncated (two IDs sharing a prefix must not collide).
+MAX_MESSAGE_ID_LENGTH = 255
+
+
+def header(name: str = DEFAULT_HEADER) -> MessageIdStrategy:
+    """Use the UTF-8 value of header ``name`` (the last one, if repeated)."""
+
+    def from_header(message: Message) -> str:
+        raw = message.header(name)
+        if raw is None:
+            raise InvalidMessageId(f"{message.where()}: no {name!r} header")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidMessageId(f"{message.where()}: header {name!r} is not UTF-8") from exc
+
+    from_header.__qualname__ = f"header({name!r})"
+    return from_header
+
+
+def json_field(path: str) -> MessageIdStrategy:
+    """Use a field of the JSON value; ``path`` may be dotted (``"meta.id"``).
+
+    Strings are used as they are; integers are converted with ``str``. Any
+    other type (float, object, list, bool, null) is rejected, because its text
+    form is not a stable identity.
+    """
+    parts = path.split(".")
+    if not all(parts):
+        raise ValueError(f"invalid JSON field path {path!r}")
+
+    def from_json(message: Message) -> str:
+        node = message.json()
+        for part in parts:
+            if not isinstance(node, dict) or part not in node:
+                raise InvalidMessageId(f"{message.where()}: JSON field {path!r} is missing")
+            node = node[part]
+        if isinstance(node, bool) or not isinstance(node, str | int):
+            raise InvalidMessageId(
+                f"{message.where()}: JSON field {path!r} must be a string or integer, "
+                f"got {type(node).__name__}"
+            )
+        return str(node)
+
+    from_json.__qualname__ = f"json_field({path!r})"
+    return from_json
+
+
+def key() -> MessageIdStrategy:
+    """Use the record key, decoded as UTF-8."""
+
+    def from_key(message: Message) -> str:
+        if message.key is None:
+            raise InvalidMessageId(f"{message.where()}: record has no key")
+        try:
+            return message.key.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidMessageId(f"{message.where()}: record key is not UTF-8") from exc
+
+    from_key.__qualname__ = "key()"
+    return from_key
+
+
+def resolve(strategy: MessageIdStrategy, message: Message) -> str:
+    """Run ``strategy`` on ``message`` and check the result fits the dedup table.
+
+    Raises :class:`~exactlyonce.errors.InvalidMessageId` (or the strategy's own
+    :class:`~exactlyonce.errors.MessageError`) for an unusable ID.
+    """
+    try:
+        message_id = strategy(message)
+    except MessageError:
+        raise
+    except Exception as exc:
+        # A user's lambda such as ``m.json()["transfer_id"]`` raises KeyError on
+        # a record without that field: that is bad input, not a crash.
+        raise InvalidMessageId(
+            f"{message.where()}: message ID strategy raised {type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(message_id, str):
+        raise InvalidMessageId(
+            f"{message.where()}: message ID must be str, got {type(message_id).__name__}"
+        )
+    if not message_id:
+        raise InvalidMessageId(f"{message.where()}: message ID is empty")
+    if len(message_id) > MAX_MESSAGE_ID_LENGTH:
+        raise InvalidMessageId(
+            f"{message.where()}: message ID has {len(message_id)} characters, "
+            f"more than the {MAX_MESSAGE_ID_LENGTH} the dedup table holds"
+        )
+    return message_id

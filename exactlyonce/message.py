@@ -1,0 +1,62 @@
+"""The record a handler receives."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from exactlyonce.errors import MessageDecodeError
+
+_UNSET: Any = object()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """One Kafka record, as delivered to a handler.
+
+    ``value`` and ``key`` are the raw bytes (``None`` for a null key or a
+    tombstone); ``headers`` keeps Kafka's order and allows repeated names.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp_ms: int | None = None
+    _json: Any = field(default=_UNSET, init=False, repr=False, compare=False)
+
+    def header(self, name: str) -> bytes | None:
+        """Return the last header called ``name``, or ``None`` if there is none."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+    def json(self) -> Any:
+        """Return the value decoded as UTF-8 JSON (decoded once, then cached).
+
+        Raises :class:`~exactlyonce.errors.MessageDecodeError` when the value is
+        missing or is not valid JSON.
+        """
+        if self._json is _UNSET:
+            if self.value is None:
+                raise MessageDecodeError(f"{self.where()}: value is null, expected JSON")
+            try:
+                decoded = json.loads(self.value)
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise MessageDecodeError(f"{self.where()}: value is not valid JSON: {exc}") from exc
+            object.__setattr__(self, "_json", decoded)
+        return self._json
+
+    def fingerprint(self) -> str:
+        """Return the SHA-256 hex digest of the value (of ``b""`` for a tombstone)."""
+        return hashlib.sha256(self.value or b"").hexdigest()
+
+    def where(self) -> str:
+        """Return ``topic[partition]@offset``, for log lines and errors."""
+        return f"{self.topic}[{self.partition}]@{self.offset}"

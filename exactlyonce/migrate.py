@@ -1,0 +1,57 @@
+"""Apply the framework's Alembic migrations to a database.
+
+The migrations ship inside the wheel (``exactlyonce/migrations``); in a source
+checkout they are the top-level ``migrations/`` folder. They record their
+version in ``exactlyonce_alembic_version``, so they never collide with the
+application's own Alembic history (``alembic_version``).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import Engine
+
+from exactlyonce.errors import ConfigurationError
+
+VERSION_TABLE = "exactlyonce_alembic_version"
+
+
+def migrations_path() -> Path:
+    """Where the Alembic environment is: inside the package, else the source tree."""
+    packaged = Path(str(importlib.resources.files("exactlyonce"))) / "migrations"
+    source = Path(__file__).resolve().parent.parent / "migrations"
+    for candidate in (packaged, source):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise ConfigurationError("exactlyonce's migrations are missing from this installation")
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic ``Config`` bound to ``engine`` (no alembic.ini needed)."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    config.attributes["engine"] = engine
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Upgrade the framework's tables to ``revision``."""
+    command.upgrade(alembic_config(engine), revision)
+
+
+def downgrade(engine: Engine, revision: str = "base") -> None:
+    """Downgrade the framework's tables to ``revision`` (``base`` drops them)."""
+    command.downgrade(alembic_config(engine), revision)
+
+
+def current(engine: Engine) -> str | None:
+    """The revision the database is at, or ``None`` before the first upgrade."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+        return context.get_current_revision()

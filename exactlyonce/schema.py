@@ -1,0 +1,52 @@
+"""The framework's tables: the only place they are defined.
+
+The runtime and the Alembic migrations (``migrations/``) both import this
+module; a test upgrades an empty database and checks it matches :data:`metadata`.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table
+
+from exactlyonce.ids import MAX_MESSAGE_ID_LENGTH
+
+#: Kafka limits topic names to 249 characters.
+MAX_TOPIC_LENGTH = 249
+#: Scope names (``<group_id>:<topic>`` by default) must fit this column.
+MAX_SCOPE_LENGTH = 200
+
+metadata = MetaData(
+    naming_convention={
+        "pk": "pk_%(table_name)s",
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    }
+)
+
+
+class Outcome(enum.StrEnum):
+    """What happened to a claimed message, as stored in ``processed.outcome``."""
+
+    APPLIED = "applied"
+    DEAD_LETTERED = "dead_lettered"
+
+
+#: One row per (scope, message ID) ever handled. The primary key is the dedup
+#: decision: whoever inserts the row first owns the message.
+processed = Table(
+    "exactlyonce_processed",
+    metadata,
+    Column("scope", String(MAX_SCOPE_LENGTH), primary_key=True),
+    Column("message_id", String(MAX_MESSAGE_ID_LENGTH), primary_key=True),
+    Column("topic", String(MAX_TOPIC_LENGTH), nullable=False),
+    Column("kafka_partition", Integer, nullable=False),
+    Column("kafka_offset", BigInteger, nullable=False),
+    # SHA-256 hex of the record value: tells a re-send from an ID reused for a
+    # different payload.
+    Column("fingerprint", String(64), nullable=False),
+    Column("outcome", String(16), nullable=False),
+    # Naive UTC: the same on every dialect (MySQL's DATETIME has no zone).
+    Column("processed_at", DateTime(timezone=False), nullable=False),
+)
