@@ -1,0 +1,97 @@
+"""App: registration rules and configuration sources."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from exactlyonce import App, ConfigurationError, ids
+from exactlyonce.app import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
+
+
+def noop(message: Any, session: Any) -> None:
+    pass
+
+
+def test_decorator_returns_the_function_unchanged() -> None:
+    """@app.handler returns the user's function itself."""
+    app = App(group_id="g")
+    assert app.handler("t")(noop) is noop
+
+
+def test_default_scope_message_id_and_dead_letter_topic() -> None:
+    """Defaults: scope `<group>:<topic>`, message-id header, `<topic>.dlq`."""
+    app = App(group_id="g")
+    app.handler("t")(noop)
+    handler = app.handlers["t"]
+    assert handler.scope == "g:t"
+    assert handler.dead_letter_topic == "t.dlq"
+    assert handler.message_id.__qualname__ == ids.header().__qualname__
+
+
+def test_name_overrides_the_scope() -> None:
+    """name= pins the dedup scope."""
+    app = App(group_id="g")
+    app.handler("t", name="pinned")(noop)
+    assert app.handlers["t"].scope == "pinned"
+
+
+def test_duplicate_topic_or_scope_is_refused() -> None:
+    """A second handler for a topic, or a reused scope, is a configuration error."""
+    app = App(group_id="g")
+    app.handler("t")(noop)
+    with pytest.raises(ConfigurationError, match="already registered"):
+        app.handler("t")
+    with pytest.raises(ConfigurationError, match="already used"):
+        app.handler("u", name="g:t")
+
+
+@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"name": "x" * 201}, {"name": ""}])
+def test_bad_handler_settings_are_refused(kwargs: dict[str, Any]) -> None:
+    """Out-of-range handler settings are configuration errors."""
+    with pytest.raises(ConfigurationError):
+        App(group_id="g").handler("t", **kwargs)
+
+
+def test_empty_group_id_is_refused() -> None:
+    """group_id is required."""
+    with pytest.raises(ConfigurationError):
+        App(group_id="")
+
+
+def test_settings_come_from_the_environment_when_omitted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bootstrap_servers and database_url fall back to EXACTLYONCE_* variables."""
+    monkeypatch.setenv(BOOTSTRAP_SERVERS_ENV, "h:9092")
+    monkeypatch.setenv(DATABASE_URL_ENV, "sqlite://")
+    app = App(group_id="g")
+    assert app.bootstrap_servers == "h:9092"
+    assert app.database_url == "sqlite://"
+    assert App(group_id="g", bootstrap_servers="x:1").bootstrap_servers == "x:1"
+
+
+def test_missing_settings_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without argument or variable, the error says which variable to set."""
+    monkeypatch.delenv(BOOTSTRAP_SERVERS_ENV, raising=False)
+    monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
+    with pytest.raises(ConfigurationError, match=BOOTSTRAP_SERVERS_ENV):
+        _ = App(group_id="g").bootstrap_servers
+    with pytest.raises(ConfigurationError, match=DATABASE_URL_ENV):
+        _ = App(group_id="g").database_url
+
+
+def test_run_without_handlers_is_refused() -> None:
+    """run() needs at least one handler."""
+    with pytest.raises(ConfigurationError, match="no handlers"):
+        App(group_id="g").run()
+
+
+@pytest.mark.parametrize("config", [{"enable_auto_commit": True}, {"group_id": "x"},
+                                    {"bootstrap_servers": "x"}])
+def test_consumer_config_cannot_break_the_guarantee(config: dict[str, Any]) -> None:
+    """consumer_config may not turn on auto-commit or override group/broker."""
+    from exactlyonce._kafka import Consumer
+
+    with pytest.raises(ConfigurationError):
+        Consumer(bootstrap_servers="127.0.0.1:1", group_id="g", topics=["t"], config=config,
+                 on_revoked=lambda revoked: None)

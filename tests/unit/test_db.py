@@ -1,0 +1,52 @@
+"""Database seam: URL defaults and which failures count as transient."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+import sqlalchemy as sa
+
+from exactlyonce import ConfigurationError, _db
+
+
+@pytest.mark.parametrize(("url", "driver"), [
+    ("postgresql://u@h/db", "postgresql+psycopg"),
+    ("mysql://u@h/db", "mysql+pymysql"),
+    ("mariadb://u@h/db", "mariadb+pymysql"),
+    ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg"),
+    ("sqlite:///x.db", "sqlite"),
+])
+def test_default_drivers(url: str, driver: str) -> None:
+    """A URL without a driver gets the tested one; an explicit driver is kept."""
+    assert _db.normalize_url(url).drivername == driver
+
+
+def test_invalid_url_is_a_configuration_error() -> None:
+    """A malformed URL is reported as configuration, not a crash."""
+    with pytest.raises(ConfigurationError):
+        _db.normalize_url("not a url")
+
+
+def _operational(orig: Exception) -> sa.exc.OperationalError:
+    return sa.exc.OperationalError("stmt", {}, orig)
+
+
+def test_sqlite_lock_is_transient_but_missing_table_is_not() -> None:
+    """SQLite's OperationalError is transient only for a busy/locked database."""
+    assert _db.is_transient(_operational(sqlite3.OperationalError("database is locked")))
+    assert not _db.is_transient(_operational(sqlite3.OperationalError("no such table: x")))
+
+
+def test_server_operational_errors_and_lost_connections_are_transient() -> None:
+    """Server OperationalErrors (connection lost, deadlock) and invalidated connections retry."""
+    assert _db.is_transient(_operational(ConnectionError("server closed the connection")))
+    lost = sa.exc.DBAPIError("stmt", {}, Exception("x"), connection_invalidated=True)
+    assert _db.is_transient(lost)
+
+
+def test_integrity_and_programming_errors_are_not_transient() -> None:
+    """Constraint violations and SQL errors are not retried as transient."""
+    assert not _db.is_transient(sa.exc.IntegrityError("stmt", {}, Exception("dup")))
+    assert not _db.is_transient(sa.exc.ProgrammingError("stmt", {}, Exception("syntax")))
+    assert not _db.is_transient(ValueError("handler bug"))
