@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,12 +19,22 @@ from sqlalchemy.orm import Session
 from exactlyonce import _db, ids
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
+from exactlyonce.retry import Retry
 from exactlyonce.schema import MAX_SCOPE_LENGTH
 
 BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_BOOTSTRAP_SERVERS"
 DATABASE_URL_ENV = "EXACTLYONCE_DATABASE_URL"
 
 HandlerFunc = Callable[[Message, Session], Any]
+
+
+class OnMismatch(enum.StrEnum):
+    """What to do when a known message ID arrives with a different payload."""
+
+    #: Dead-letter the new record with reason ``fingerprint-mismatch`` (default).
+    DEAD_LETTER = "dead_letter"
+    #: Skip it like a duplicate, with a warning and a counter.
+    SKIP = "skip"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -35,8 +47,10 @@ class Handler:
     #: The dedup namespace: the same message ID in two scopes is two messages.
     scope: str
     dead_letter_topic: str
-    #: Attempts (first try included) before a failing message is dead-lettered.
-    max_attempts: int
+    retry: Retry
+    #: Records with a larger value are dead-lettered unread (``None``: no limit).
+    max_value_bytes: int | None
+    on_fingerprint_mismatch: OnMismatch
 
 
 class App:
@@ -75,6 +89,10 @@ class App:
         self._handlers: dict[str, Handler] = {}
         self._engine: Engine | None = None
         self._stop = threading.Event()
+        #: Records by outcome (``applied``, ``duplicate``, ``skipped``,
+        #: ``dead_lettered``) and dead letters by reason
+        #: (``dead_lettered:<reason>``), counted since the app was created.
+        self.stats: Counter[str] = Counter()
 
     # -- registration -------------------------------------------------------
 
@@ -85,7 +103,10 @@ class App:
         message_id: ids.MessageIdStrategy | None = None,
         name: str | None = None,
         dead_letter_topic: str | None = None,
-        max_attempts: int = 3,
+        retry: Retry | None = None,
+        max_value_bytes: int | None = None,
+        on_fingerprint_mismatch: OnMismatch | str = OnMismatch.DEAD_LETTER,
+        max_attempts: int | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register ``func(message, session)`` for the records of ``topic``.
 
@@ -96,7 +117,11 @@ class App:
           explicitly to keep dedup history when the group or topic changes.
         - ``dead_letter_topic``: where unprocessable records go; default
           ``"<topic>.dlq"``.
-        - ``max_attempts``: tries before a failing record is dead-lettered.
+        - ``retry``: a :class:`~exactlyonce.Retry` policy (attempts, backoff,
+          which exceptions are retried); default ``Retry()``: 3 attempts.
+        - ``max_value_bytes``: larger records are dead-lettered unread.
+        - ``on_fingerprint_mismatch``: a known ID with a different payload is
+          dead-lettered (default) or skipped.
 
         The function is returned unchanged.
         """
@@ -104,8 +129,15 @@ class App:
             raise ConfigurationError("topic must be a non-empty string")
         if topic in self._handlers:
             raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
-        if max_attempts < 1:
-            raise ConfigurationError("max_attempts must be at least 1")
+        if max_attempts is not None:
+            retry = Retry(attempts=max_attempts)
+        if max_value_bytes is not None and max_value_bytes < 1:
+            raise ConfigurationError("max_value_bytes must be positive")
+        try:
+            mismatch = OnMismatch(on_fingerprint_mismatch)
+        except ValueError as exc:
+            raise ConfigurationError(f"on_fingerprint_mismatch must be one of "
+                                     f"{[m.value for m in OnMismatch]}") from exc
         scope = name if name is not None else f"{self.group_id}:{topic}"
         if not scope or len(scope) > MAX_SCOPE_LENGTH:
             raise ConfigurationError(
@@ -123,7 +155,9 @@ class App:
                 message_id=message_id or ids.header(),
                 scope=scope,
                 dead_letter_topic=dead_letter_topic or f"{topic}.dlq",
-                max_attempts=max_attempts,
+                retry=retry or Retry(),
+                max_value_bytes=max_value_bytes,
+                on_fingerprint_mismatch=mismatch,
             )
             return func
 

@@ -58,9 +58,18 @@ class EmbeddedBroker:
     ``bootstrap_servers`` is the address to give clients.
     """
 
-    def __init__(self, port: int | None = None, *, startup_timeout_s: float = 20.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        *,
+        advertised_port: int | None = None,
+        startup_timeout_s: float = 20.0,
+    ) -> None:
         self.port = port or free_port()
-        self.bootstrap_servers = f"127.0.0.1:{self.port}"
+        # Clients connect to the advertised address after bootstrapping; a test
+        # puts a fault-injecting proxy there.
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap_servers = f"127.0.0.1:{self.advertised_port}"
         self._startup_timeout_s = startup_timeout_s
         self._process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
@@ -72,9 +81,11 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         """Start the broker and wait until it accepts connections."""
-        url = f"tcp://127.0.0.1:{self.port}"
+        listen = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self._process = subprocess.Popen(
-            [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [tansu_binary(), "broker", "--listener-url", listen,
+             "--advertised-listener-url", advertised],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

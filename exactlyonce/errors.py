@@ -6,8 +6,13 @@
     ├── ConfigurationError     fix the settings and start again
     ├── MessageError           permanent: this message can never be handled as it is
     │   ├── MessageDecodeError     the value is not what the handler or ID strategy needs
-    │   └── InvalidMessageId       missing, empty, non-text or over-long message ID
-    └── TransientError         retry later: the database or broker is unavailable
+    │   ├── InvalidMessageId       missing, empty, non-text or over-long message ID
+    │   ├── OversizedValue         the value is larger than the handler accepts
+    │   └── FingerprintMismatch    a known message ID arrived with a different payload
+    ├── TransientError         retry later: the database or broker is unavailable
+    └── HandlerSignal          control flow a handler raises on purpose
+        ├── Skip                   record the message as handled, keep none of its writes
+        └── DeadLetter             dead-letter the message now, without retrying
 
 Exceptions from SQLAlchemy and kafka-python are translated at the boundary
 (``raise ... from exc``) so callers never need to import either library to
@@ -47,5 +52,45 @@ class InvalidMessageId(MessageError):
     reason = "invalid-message-id"
 
 
+class OversizedValue(MessageError):
+    """The record value exceeds the handler's ``max_value_bytes``."""
+
+    reason = "oversized-value"
+
+
+class FingerprintMismatch(MessageError):
+    """A message ID seen before arrived with a different payload.
+
+    A re-send of the same transfer with a different amount must not be skipped
+    as a duplicate: by default it is dead-lettered with this reason.
+    """
+
+    reason = "fingerprint-mismatch"
+
+
 class TransientError(ExactlyOnceError):
     """A dependency (database or broker) failed in a way that may pass; retry later."""
+
+
+class HandlerSignal(ExactlyOnceError):
+    """Base of the exceptions a handler raises to choose an outcome explicitly."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        #: Why; written to the log, and for :class:`DeadLetter` to its headers.
+        self.reason = reason
+
+
+class Skip(HandlerSignal):
+    """Raise in a handler to record the message as handled without effects.
+
+    The handler's writes are rolled back; the dedup row is kept with outcome
+    ``skipped``, so a redelivery is skipped too.
+    """
+
+
+class DeadLetter(HandlerSignal):
+    """Raise in a handler to dead-letter the message now, without retries.
+
+    ``reason`` becomes the ``x-exactlyonce-reason`` header.
+    """

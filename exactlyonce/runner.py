@@ -16,26 +16,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
-from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
-from tenacity import (
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from exactlyonce import _db, ids
 from exactlyonce._kafka import Consumer, DeadLetterProducer, TopicPartition, to_message
-from exactlyonce.errors import ConfigurationError, MessageError, TransientError
+from exactlyonce.app import OnMismatch
+from exactlyonce.errors import (
+    ConfigurationError,
+    DeadLetter,
+    FingerprintMismatch,
+    HandlerSignal,
+    MessageError,
+    OversizedValue,
+    Skip,
+    TransientError,
+)
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, processed
-from exactlyonce.store import Claim, claim
+from exactlyonce.store import Claim, claim, stored_fingerprint
 
 if TYPE_CHECKING:
     from exactlyonce.app import App, Handler
@@ -57,8 +60,9 @@ def _is_transient(exc: BaseException) -> bool:
 
 
 def _is_handler_failure(exc: BaseException) -> bool:
+    """Whether a handler's exception is worth another attempt (policy permitting)."""
     return isinstance(exc, Exception) and not (
-        isinstance(exc, MessageError) or _is_transient(exc)
+        isinstance(exc, MessageError | HandlerSignal) or _is_transient(exc)
     )
 
 
@@ -75,8 +79,7 @@ class Runner:
         self._done: dict[TopicPartition, int] = {}
         self._consumer: Consumer | None = None
         self._producer: DeadLetterProducer | None = None
-        #: Outcomes counted by name (applied, duplicate, dead_lettered).
-        self.stats: Counter[str] = Counter()
+        self.stats = app.stats
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -157,34 +160,43 @@ class Runner:
             raise
 
     def _handle(self, handler: Handler, message: Message) -> str:
-        """One complete try at a record: apply it, skip it, or dead-letter it."""
+        """One complete try at a record: apply, skip, or dead-letter it."""
         try:
+            if handler.max_value_bytes is not None and len(message.value or b"") > handler.max_value_bytes:
+                raise OversizedValue(
+                    f"{message.where()}: value has {len(message.value or b'')} bytes, "
+                    f"more than max_value_bytes={handler.max_value_bytes}"
+                )
             message_id = ids.resolve(handler.message_id, message)
         except MessageError as exc:
-            return self._dead_letter(handler, message, None, exc, attempts=1)
+            return self._dead_letter(handler, message, None, exc, attempts=0)
 
         attempts = 0
 
-        def apply() -> str:
+        def attempt() -> str:
             nonlocal attempts
             attempts += 1
             return self._apply(handler, message, message_id)
 
         try:
-            return Retrying(
-                retry=retry_if_exception(_is_handler_failure),
-                stop=stop_after_attempt(handler.max_attempts),
-                wait=wait_exponential_jitter(initial=0.05, max=2.0),
-                sleep=self._sleep,
-                reraise=True,
-            )(apply)
-        except MessageError as exc:
+            return handler.retry.retrying(retryable=_is_handler_failure, sleep=self._sleep)(attempt)
+        except Skip as signal:
+            log.info("%s: handler skipped %r: %s", message.where(), message_id, signal.reason)
+            return self._record_skip(handler, message, message_id)
+        except FingerprintMismatch as exc:
+            self.stats["fingerprint_mismatch"] += 1
+            if handler.on_fingerprint_mismatch is OnMismatch.SKIP:
+                log.warning("%s; skipped as a duplicate", exc)
+                return "duplicate"
+            return self._dead_letter(handler, message, message_id, exc, attempts)
+        except (DeadLetter, MessageError) as exc:
             return self._dead_letter(handler, message, message_id, exc, attempts)
         except Exception as exc:
             if _is_transient(exc):
                 raise
-            log.exception("%s: handler %s failed %d times", message.where(),
-                          handler.scope, attempts)
+            log.error("%s: handler for %s failed after %d attempt(s): %s: %s", message.where(),
+                      handler.scope, attempts, type(exc).__name__, exc,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
             return self._dead_letter(handler, message, message_id, exc, attempts)
 
     def _apply(self, handler: Handler, message: Message, message_id: str) -> str:
@@ -192,10 +204,22 @@ class Runner:
             # The dedup row goes in first: the unique index decides who owns
             # the message before any effect is written.
             if claim(session, handler.scope, message_id, message) is Claim.DUPLICATE:
+                stored = stored_fingerprint(session, handler.scope, message_id)
+                if stored is not None and stored != message.fingerprint():
+                    raise FingerprintMismatch(
+                        f"{message.where()}: message ID {message_id!r} was processed before "
+                        f"with a different payload (sha256 {stored[:12]}…, now "
+                        f"{message.fingerprint()[:12]}…)"
+                    )
                 log.debug("%s: duplicate %r skipped", message.where(), message_id)
                 return "duplicate"
             handler.func(message, session)
         return "applied"
+
+    def _record_skip(self, handler: Handler, message: Message, message_id: str) -> str:
+        with Session(self._engine) as session, session.begin():
+            claimed = claim(session, handler.scope, message_id, message, outcome=Outcome.SKIPPED)
+        return "skipped" if claimed is Claim.NEW else "duplicate"
 
     # -- dead letters -------------------------------------------------------
 
@@ -207,10 +231,14 @@ class Runner:
         exc: BaseException,
         attempts: int,
     ) -> str:
-        # A record without a usable ID is recorded under its coordinates, so a
-        # redelivery of the same record is not dead-lettered twice.
-        record_id = message_id if message_id is not None else _coordinates_id(message)
-        reason = exc.reason if isinstance(exc, MessageError) else "handler-error"
+        # A record without a usable ID, or whose ID belongs to another payload,
+        # is recorded under its coordinates, so that a redelivery of the same
+        # record is not dead-lettered twice.
+        if message_id is None or isinstance(exc, FingerprintMismatch):
+            record_id = _coordinates_id(message)
+        else:
+            record_id = message_id
+        reason = getattr(exc, "reason", None) or "handler-error"
         headers = [
             *message.headers,
             *(
@@ -239,6 +267,7 @@ class Runner:
             self._dead_letter_producer().publish(
                 handler.dead_letter_topic, key=message.key, value=message.value, headers=headers
             )
+        self.stats[f"dead_lettered:{reason}"] += 1
         log.error("%s: dead-lettered to %s (%s: %s)", message.where(),
                   handler.dead_letter_topic, reason, exc)
         return "dead_lettered"

@@ -29,7 +29,11 @@ metadata = MetaData(
 class Outcome(enum.StrEnum):
     """What happened to a claimed message, as stored in ``processed.outcome``."""
 
+    #: The handler ran and its writes committed.
     APPLIED = "applied"
+    #: The handler raised :class:`~exactlyonce.Skip`: handled, no effects kept.
+    SKIPPED = "skipped"
+    #: Published to the dead-letter topic; no effects kept.
     DEAD_LETTERED = "dead_lettered"
 
 

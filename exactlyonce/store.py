@@ -91,6 +91,15 @@ def _claim_by_integrity_error(session: Session, row: dict[str, Any], *, savepoin
     return Claim.NEW
 
 
+def stored_fingerprint(session: Session, scope: str, message_id: str) -> str | None:
+    """Return the payload fingerprint stored for ``(scope, message_id)``, or ``None``."""
+    return session.execute(
+        sa.select(processed.c.fingerprint).where(
+            processed.c.scope == scope, processed.c.message_id == message_id
+        )
+    ).scalar_one_or_none()
+
+
 def lookup(session: Session, scope: str, message_id: str) -> sa.Row[Any] | None:
     """Return the stored dedup row for ``(scope, message_id)``, or ``None``."""
     return session.execute(
