@@ -4,35 +4,42 @@ Each record's message ID is claimed in the same database transaction as the
 handler's writes, and the Kafka offset is committed only after that
 transaction commits: redelivered and re-sent records are skipped, and none is
 lost. See README.md for the precise guarantee.
+
+The less common names live in their modules: every exception in
+:mod:`exactlyonce.errors`, the tables in :mod:`exactlyonce.schema`,
+migrations in :mod:`exactlyonce.migrate`.
 """
 
 from exactlyonce import ids
-from exactlyonce.app import App, Handler
+from exactlyonce.app import App, Handler, OnMismatch
 from exactlyonce.embedded import EmbeddedBroker
 from exactlyonce.errors import (
     ConfigurationError,
+    DeadLetter,
     ExactlyOnceError,
-    InvalidMessageId,
     MessageDecodeError,
     MessageError,
+    Skip,
     TransientError,
 )
 from exactlyonce.message import Message
-from exactlyonce.schema import Outcome
+from exactlyonce.retry import Retry
 from exactlyonce.store import Claim, claim
 
 __all__ = [
     "App",
     "Claim",
     "ConfigurationError",
+    "DeadLetter",
     "EmbeddedBroker",
     "ExactlyOnceError",
     "Handler",
-    "InvalidMessageId",
     "Message",
     "MessageDecodeError",
     "MessageError",
-    "Outcome",
+    "OnMismatch",
+    "Retry",
+    "Skip",
     "TransientError",
     "claim",
     "ids",

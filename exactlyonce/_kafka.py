@@ -41,6 +41,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "acks": "all",
     "enable_idempotence": True,
     "linger_ms": 0,
+    # A dead letter is published inside an open database transaction: do not
+    # block a minute (kafka-python's default) on metadata for a missing topic.
+    "max_block_ms": 10_000,
 }
 
 
@@ -153,7 +156,7 @@ class DeadLetterProducer:
         key: bytes | None,
         value: bytes | None,
         headers: list[tuple[str, bytes]],
-        timeout_s: float = 30.0,
+        timeout_s: float = 10.0,
     ) -> None:
         """Send one record and block until it is acknowledged (acks=all)."""
         try:

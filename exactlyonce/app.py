@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import signal
 import threading
 from collections import Counter
@@ -26,6 +27,9 @@ BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_BOOTSTRAP_SERVERS"
 DATABASE_URL_ENV = "EXACTLYONCE_DATABASE_URL"
 
 HandlerFunc = Callable[[Message, Session], Any]
+
+# Kafka's rule for topic names (the dead-letter topic's ".dlq" suffix included).
+_LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 class OnMismatch(enum.StrEnum):
@@ -125,8 +129,13 @@ class App:
 
         The function is returned unchanged.
         """
-        if not isinstance(topic, str) or not topic:
-            raise ConfigurationError("topic must be a non-empty string")
+        dead_letter_topic = dead_letter_topic or f"{topic}.dlq"
+        for value in (topic, dead_letter_topic):
+            if not isinstance(value, str) or not _LEGAL_TOPIC.fullmatch(value):
+                raise ConfigurationError(
+                    f"illegal topic name {value!r}: Kafka allows 1 to 249 ASCII letters, "
+                    "digits, '.', '_' and '-'"
+                )
         if topic in self._handlers:
             raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
         if max_attempts is not None:
@@ -154,7 +163,7 @@ class App:
                 func=func,
                 message_id=message_id or ids.header(),
                 scope=scope,
-                dead_letter_topic=dead_letter_topic or f"{topic}.dlq",
+                dead_letter_topic=dead_letter_topic,
                 retry=retry or Retry(),
                 max_value_bytes=max_value_bytes,
                 on_fingerprint_mismatch=mismatch,

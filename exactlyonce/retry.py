@@ -45,7 +45,9 @@ class Retry:
             retry=retry_if_exception(lambda exc: isinstance(exc, self.retry_on) and retryable(exc)),
             stop=stop_after_attempt(self.attempts),
             wait=wait_exponential_jitter(
-                initial=self.backoff.total_seconds(), max=self.max_backoff.total_seconds()
+                multiplier=self.backoff.total_seconds(),
+                max=self.max_backoff.total_seconds(),
+                jitter=self.backoff.total_seconds(),
             ),
             sleep=sleep,
             reraise=True,

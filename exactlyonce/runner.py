@@ -309,7 +309,7 @@ class Runner:
         return Retrying(
             retry=retry_if_exception(_is_transient),
             stop=stop_after_delay(self._app.transient_retry_budget.total_seconds()),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             sleep=self._sleep,
             before_sleep=lambda state: log.warning(
                 "transient failure, retrying: %s", state.outcome and state.outcome.exception()

@@ -47,7 +47,9 @@ def test_duplicate_topic_or_scope_is_refused() -> None:
         app.handler("u", name="g:t")
 
 
-@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"name": "x" * 201}, {"name": ""}])
+@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"name": "x" * 201}, {"name": ""},
+                                    {"dead_letter_topic": "no such topic!"}, {"max_value_bytes": 0},
+                                    {"on_fingerprint_mismatch": "apply"}])
 def test_bad_handler_settings_are_refused(kwargs: dict[str, Any]) -> None:
     """Out-of-range handler settings are configuration errors."""
     with pytest.raises(ConfigurationError):
@@ -95,3 +97,10 @@ def test_consumer_config_cannot_break_the_guarantee(config: dict[str, Any]) -> N
     with pytest.raises(ConfigurationError):
         Consumer(bootstrap_servers="127.0.0.1:1", group_id="g", topics=["t"], config=config,
                  on_revoked=lambda revoked: None)
+
+
+@pytest.mark.parametrize("topic", ["", "a b", "x" * 250, "t/1"])
+def test_illegal_topic_names_are_refused(topic: str) -> None:
+    """Topic names Kafka would reject are configuration errors at registration."""
+    with pytest.raises(ConfigurationError, match="illegal topic"):
+        App(group_id="g").handler(topic)

@@ -7,8 +7,8 @@ def test_public_names_are_pinned() -> None:
     """__all__ is sorted and lists exactly these names; a change here is an API change."""
     assert exactlyonce.__all__ == sorted(exactlyonce.__all__)
     assert exactlyonce.__all__ == [
-        "App", "Claim", "ConfigurationError", "EmbeddedBroker", "ExactlyOnceError", "Handler",
-        "InvalidMessageId", "Message", "MessageDecodeError", "MessageError", "Outcome",
+        "App", "Claim", "ConfigurationError", "DeadLetter", "EmbeddedBroker", "ExactlyOnceError",
+        "Handler", "Message", "MessageDecodeError", "MessageError", "OnMismatch", "Retry", "Skip",
         "TransientError", "claim", "ids",
     ]
     for name in exactlyonce.__all__:
@@ -17,7 +17,16 @@ def test_public_names_are_pinned() -> None:
 
 def test_error_tree() -> None:
     """Every exception derives from ExactlyOnceError, grouped as the errors docstring draws."""
-    assert issubclass(exactlyonce.MessageDecodeError, exactlyonce.MessageError)
-    assert issubclass(exactlyonce.InvalidMessageId, exactlyonce.MessageError)
-    for exc in (exactlyonce.ConfigurationError, exactlyonce.MessageError, exactlyonce.TransientError):
-        assert issubclass(exc, exactlyonce.ExactlyOnceError)
+    from exactlyonce import errors
+
+    for exc in (errors.MessageDecodeError, errors.InvalidMessageId, errors.OversizedValue,
+                errors.FingerprintMismatch):
+        assert issubclass(exc, errors.MessageError)
+    assert issubclass(errors.Skip, errors.HandlerSignal)
+    assert issubclass(errors.DeadLetter, errors.HandlerSignal)
+    for exc in (errors.ConfigurationError, errors.MessageError, errors.TransientError,
+                errors.HandlerSignal):
+        assert issubclass(exc, errors.ExactlyOnceError)
+    reasons = {c.reason for c in (errors.MessageDecodeError, errors.InvalidMessageId,
+                                  errors.OversizedValue, errors.FingerprintMismatch)}
+    assert reasons == {"undecodable-value", "invalid-message-id", "oversized-value", "fingerprint-mismatch"}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from exactlyonce import InvalidMessageId, Message, MessageDecodeError, ids
+from exactlyonce import Message, MessageDecodeError, ids
+from exactlyonce.errors import InvalidMessageId
 
 
 def make(value: bytes | None = b"{}", key: bytes | None = None,

@@ -1,0 +1,222 @@
+"""Retries, explicit outcomes and bad input: each ends applied once or dead-lettered once."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from exactlyonce import DeadLetter, Message, Skip
+from exactlyonce.retry import Retry
+from tests.integration.helpers import (
+    committed_and_end_offsets,
+    create_effects,
+    create_topic,
+    dedup_rows,
+    effect_counts,
+    engine_for,
+    insert_effect,
+    make_app,
+    produce,
+    read_topic,
+    rec,
+    running,
+    unique,
+    wait_until,
+)
+
+FAST = dict(backoff=timedelta(milliseconds=1), max_backoff=timedelta(milliseconds=5))
+
+
+def headers_of(record: Any) -> dict[str, str]:
+    return {k: v.decode() for k, v in record.headers}
+
+
+def all_committed(bootstrap: str, group: str, topic: str) -> bool:
+    committed, end = committed_and_end_offsets(bootstrap, group, topic)
+    return all(committed[p] == end[p] for p in end)
+
+
+def test_retryable_failures_are_retried_then_applied_once(bootstrap_servers: str, database_url: str) -> None:
+    """A handler failing twice with a retryable error applies once on the third attempt."""
+    topic = unique("retry")
+    create_topic(bootstrap_servers, topic)
+    engine = engine_for(database_url)
+    create_effects(engine)
+    calls: list[str] = []
+    app = make_app(bootstrap_servers, database_url)
+
+    @app.handler(topic, retry=Retry(attempts=3, retry_on=(ValueError,), **FAST))
+    def handle(message: Message, session: Session) -> None:
+        calls.append("try")
+        insert_effect(session, "m1")
+        if len(calls) < 3:
+            raise ValueError("flaky")
+
+    produce(bootstrap_servers, topic, [rec("m1")])
+    with running(app):
+        wait_until(lambda: app.stats["applied"] == 1, 30, "the record applied")
+    assert calls == ["try"] * 3
+    assert effect_counts(engine) == {"m1": 1}, "the two failed attempts' writes rolled back"
+    assert app.stats["dead_lettered"] == 0
+
+
+def test_non_retryable_error_is_dead_lettered_after_one_attempt(bootstrap_servers: str,
+                                                                database_url: str) -> None:
+    """An exception outside retry_on dead-letters at once, with attempts=1 in the headers."""
+    topic = unique("noretry")
+    create_topic(bootstrap_servers, topic)
+    engine = engine_for(database_url)
+    calls: list[str] = []
+    app = make_app(bootstrap_servers, database_url)
+
+    @app.handler(topic, retry=Retry(attempts=5, retry_on=(ValueError,), **FAST))
+    def handle(message: Message, session: Session) -> None:
+        calls.append("try")
+        raise KeyError("not retryable")
+
+    produce(bootstrap_servers, topic, [rec("m1"), rec("m2")])
+    with running(app):
+        wait_until(lambda: app.stats["dead_lettered"] == 2, 30, "both records dead-lettered")
+        wait_until(lambda: all_committed(bootstrap_servers, app.group_id, topic), 15, "offsets committed")
+    assert calls == ["try", "try"]
+    letters = [headers_of(r) for r in read_topic(bootstrap_servers, f"{topic}.dlq")]
+    assert sorted((h["message-id"], h["x-exactlyonce-attempts"], h["x-exactlyonce-error-type"])
+                  for h in letters) == [("m1", "1", "KeyError"), ("m2", "1", "KeyError")]
+    assert {r.outcome for r in dedup_rows(engine)} == {"dead_lettered"}
+
+
+def test_skip_and_dead_letter_signals(bootstrap_servers: str, database_url: str) -> None:
+    """Skip keeps no writes but records the message; DeadLetter dead-letters now with its reason."""
+    topic = unique("signals")
+    create_topic(bootstrap_servers, topic)
+    engine = engine_for(database_url)
+    create_effects(engine)
+    calls: list[str] = []
+    app = make_app(bootstrap_servers, database_url)
+
+    @app.handler(topic)
+    def handle(message: Message, session: Session) -> None:
+        message_id = (message.header("message-id") or b"").decode()
+        calls.append(message_id)
+        insert_effect(session, message_id)
+        if message_id == "skip-me":
+            raise Skip("not for this service")
+        if message_id == "reject-me":
+            raise DeadLetter("over-limit")
+
+    produce(bootstrap_servers, topic, [rec("skip-me"), rec("reject-me"), rec("ok"), rec("skip-me")])
+    with running(app):
+        wait_until(lambda: sum(app.stats[k] for k in ("applied", "skipped", "dead_lettered", "duplicate")) == 4,
+                   30, "four records handled")
+    assert calls == ["skip-me", "reject-me", "ok"], "signals are not retried; the re-sent skip is a duplicate"
+    assert effect_counts(engine) == {"ok": 1}
+    assert {r.message_id: r.outcome for r in dedup_rows(engine)} == {
+        "skip-me": "skipped", "reject-me": "dead_lettered", "ok": "applied"}
+    (letter,) = [headers_of(r) for r in read_topic(bootstrap_servers, f"{topic}.dlq")]
+    assert letter["x-exactlyonce-reason"] == "over-limit"
+    assert letter["x-exactlyonce-error-type"] == "DeadLetter"
+
+
+@pytest.mark.parametrize("policy", ["dead_letter", "skip"])
+def test_fingerprint_mismatch(bootstrap_servers: str, database_url: str, policy: str) -> None:
+    """A known ID re-sent with a different payload is dead-lettered (default) or skipped, never applied."""
+    topic = unique("mismatch")
+    create_topic(bootstrap_servers, topic)
+    engine = engine_for(database_url)
+    create_effects(engine)
+    app = make_app(bootstrap_servers, database_url)
+
+    @app.handler(topic, on_fingerprint_mismatch=policy)
+    def handle(message: Message, session: Session) -> None:
+        insert_effect(session, "t1", (message.value or b"").decode())
+
+    produce(bootstrap_servers, topic, [rec("t1", '{"amount": 100}'), rec("t1", '{"amount": 100}'),
+                                       rec("t1", '{"amount": 999}')])
+    with running(app):
+        wait_until(lambda: all_committed(bootstrap_servers, app.group_id, topic), 30, "all committed")
+    with engine.connect() as conn:
+        payloads = [r[0] for r in conn.execute(sa.text("SELECT payload FROM effects"))]
+    assert payloads == ['{"amount": 100}']
+    assert app.stats["fingerprint_mismatch"] == 1
+    letters = [headers_of(r) for r in read_topic(bootstrap_servers, f"{topic}.dlq")]
+    if policy == "dead_letter":
+        assert [(h["x-exactlyonce-reason"], h["x-exactlyonce-offset"]) for h in letters] \
+            == [("fingerprint-mismatch", "2")]
+        assert app.stats["dead_lettered:fingerprint-mismatch"] == 1
+    else:
+        assert letters == []
+        assert app.stats["duplicate"] == 2
+
+
+def test_oversized_value_is_dead_lettered_unread(bootstrap_servers: str, database_url: str) -> None:
+    """A value over max_value_bytes is dead-lettered with reason oversized-value; the rest go on."""
+    topic = unique("big")
+    create_topic(bootstrap_servers, topic)
+    app = make_app(bootstrap_servers, database_url)
+    seen: list[str] = []
+
+    @app.handler(topic, max_value_bytes=100)
+    def handle(message: Message, session: Session) -> None:
+        seen.append((message.header("message-id") or b"").decode())
+
+    produce(bootstrap_servers, topic, [rec("small"), rec("big", "x" * 101), rec("after")])
+    with running(app):
+        wait_until(lambda: all_committed(bootstrap_servers, app.group_id, topic), 30, "all committed")
+    assert seen == ["small", "after"]
+    (letter,) = [headers_of(r) for r in read_topic(bootstrap_servers, f"{topic}.dlq")]
+    assert letter["x-exactlyonce-reason"] == "oversized-value"
+
+
+def test_failed_dead_letter_publish_advances_nothing(bootstrap_servers: str, database_url: str) -> None:
+    """If the dead letter cannot be published, no dedup row is written and no offset is committed."""
+    engine = engine_for(database_url)
+    topic = unique("dlqfail")
+    create_topic(bootstrap_servers, topic)
+    # The dead letter (the record plus headers) exceeds the producer's request
+    # limit: every publish fails.
+    app = make_app(bootstrap_servers, database_url, transient_retry_budget=timedelta(milliseconds=300),
+                   producer_config={"max_request_size": 200})
+    calls: list[str] = []
+
+    @app.handler(topic, retry=Retry(attempts=1))
+    def handle(message: Message, session: Session) -> None:
+        calls.append("try")
+        raise RuntimeError("poison")
+
+    produce(bootstrap_servers, topic, [rec("p1", "x" * 300)])
+    with running(app):
+        # Each failed publish rolls back and rewinds; the record comes back.
+        wait_until(lambda: len(calls) >= 3, 60, "the record retried after failed publishes")
+        committed, _ = committed_and_end_offsets(bootstrap_servers, app.group_id, topic)
+        assert committed[0] in (None, 0)
+        assert dedup_rows(engine) == []
+    assert app.stats["dead_lettered"] == 0
+
+
+def test_redelivered_dead_letter_is_not_dead_lettered_twice(bootstrap_servers: str, database_url: str) -> None:
+    """A second consumer group reading the same records under the same scope adds no dead letter."""
+    topic = unique("dlqonce")
+    create_topic(bootstrap_servers, topic)
+
+    def build(group: str) -> Any:
+        app = make_app(bootstrap_servers, database_url, group=group)
+
+        @app.handler(topic, name=f"scope-{topic}", retry=Retry(attempts=1))
+        def handle(message: Message, session: Session) -> None:
+            raise RuntimeError("poison")
+
+        return app
+
+    produce(bootstrap_servers, topic, [rec("p1"), rec(None, b"no id")])
+    first = build(unique("g"))
+    with running(first):
+        wait_until(lambda: first.stats["dead_lettered"] == 2, 30, "two dead letters")
+    second = build(unique("g"))
+    with running(second):
+        wait_until(lambda: all_committed(bootstrap_servers, second.group_id, topic), 30, "redelivered and skipped")
+    assert second.stats["duplicate"] == 2 and second.stats["dead_lettered"] == 0
+    assert len(read_topic(bootstrap_servers, f"{topic}.dlq")) == 2
