@@ -70,7 +70,7 @@ class Consumer:
         group_id: str,
         topics: Iterable[str],
         config: Mapping[str, Any],
-        on_revoked: Callable[[set[TopicPartition]], None],
+        on_revoked: Callable[[set[TopicPartition], bool], None],
     ) -> None:
         for name in _OWNED_BY_APP:
             if name in config:
@@ -89,9 +89,17 @@ class Consumer:
         except (TypeError, kafka.errors.KafkaConfigurationError) as exc:
             raise ConfigurationError(f"invalid consumer_config: {exc}") from exc
 
+        consumer = self
+
+        # kafka-python 3 runs these callbacks on its IO thread: they must not
+        # block on the consumer (a synchronous commit there raises), and an
+        # exception escaping them would surface from poll().
         class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                on_revoked(set(revoked))
+                consumer._call_safely(on_revoked, set(revoked), False)
+
+            def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+                consumer._call_safely(on_revoked, set(lost), True)
 
             def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
                 log.info("assigned partitions: %s", _fmt(assigned))
@@ -135,6 +143,31 @@ class Consumer:
                         "and skipped as duplicates", type(exc).__name__, exc)
             return False
         return True
+
+    def commit_async(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Send an offset commit without waiting (safe inside rebalance callbacks).
+
+        A failure is only logged: the records are redelivered to the
+        partition's next owner and skipped as duplicates.
+        """
+        if not offsets:
+            return
+
+        def done(committed: Any, result: Any) -> None:
+            if isinstance(result, BaseException):
+                log.warning("offset commit on revocation failed (%s); records will be "
+                            "redelivered and skipped as duplicates", result)
+
+        self._consumer.commit_async(
+            {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}, callback=done
+        )
+
+    @staticmethod
+    def _call_safely(fn: Callable[..., None], *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception:
+            log.exception("rebalance callback failed")
 
     def close(self) -> None:
         """Leave the group and close connections (no auto-commit)."""

@@ -281,21 +281,22 @@ class Runner:
 
     # -- offsets ------------------------------------------------------------
 
-    def _commit(self, partitions: set[TopicPartition] | None = None) -> None:
-        offsets = {
-            tp: offset for tp, offset in self._done.items() if partitions is None or tp in partitions
-        }
+    def _commit(self) -> None:
+        offsets = dict(self._done)
         if offsets and self._consumer_or_fail().commit(offsets):
             for tp, offset in offsets.items():
                 if self._done.get(tp) == offset:
                     del self._done[tp]
 
-    def _on_revoked(self, revoked: set[TopicPartition]) -> None:
-        # Called inside poll() before the partitions move to another member:
-        # the last chance to commit what this member finished.
-        self._commit(revoked)
-        for tp in revoked:
-            self._done.pop(tp, None)
+    def _on_revoked(self, revoked: set[TopicPartition], lost: bool) -> None:
+        # Called inside poll() before the partitions move to another member.
+        # Offsets are committed after every batch, so something is left only
+        # if that commit failed; send it now unless this member was evicted
+        # (then the commit cannot succeed). Either way nothing is lost: an
+        # uncommitted record is redelivered to the next owner and skipped.
+        offsets = {tp: self._done.pop(tp) for tp in revoked if tp in self._done}
+        if offsets and not lost:
+            self._consumer_or_fail().commit_async(offsets)
 
     def _consumer_or_fail(self) -> Consumer:
         if self._consumer is None:  # pragma: no cover - run() sets it first

@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--consumer-config", default="{}")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    logging.getLogger("kafka").setLevel(os.environ.get("WORKER_KAFKA_LOG_LEVEL", "WARNING"))
     app = App(args.group, consumer_config={**CONSUMER_CONFIG, **json.loads(args.consumer_config)})
     first = [True]
 
@@ -38,7 +38,9 @@ def main() -> None:
     def handle(message: Message, session: Session) -> None:
         if first[0]:
             first[0] = False
-            time.sleep(args.sleep_first)
+            if args.sleep_first:
+                logging.getLogger("worker").info("first record: sleeping %s s", args.sleep_first)
+                time.sleep(args.sleep_first)
         time.sleep(args.sleep)
         insert_effect(session, (message.header("message-id") or b"").decode(), worker=str(os.getpid()))
 

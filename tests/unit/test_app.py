@@ -96,7 +96,7 @@ def test_consumer_config_cannot_break_the_guarantee(config: dict[str, Any]) -> N
 
     with pytest.raises(ConfigurationError):
         Consumer(bootstrap_servers="127.0.0.1:1", group_id="g", topics=["t"], config=config,
-                 on_revoked=lambda revoked: None)
+                 on_revoked=lambda revoked, lost: None)
 
 
 @pytest.mark.parametrize("topic", ["", "a b", "x" * 250, "t/1"])
