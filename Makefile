@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test unit lint bench clean
+.PHONY: demo demo-compose test unit chaos lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python -m examples.transfer.demo
 
+## The same example on Apache Kafka and PostgreSQL in containers (needs Docker).
+demo-compose:
+	docker compose up --build
+
 ## The whole test suite (real broker, PostgreSQL, MariaDB, SQLite).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
@@ -29,6 +33,12 @@ test: $(STAMP)
 ## Tests that need no services.
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+## A longer run of the chaos bank test: make chaos DURATION=600 SEED=7
+DURATION ?= 600
+SEED ?= 1
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.bank --duration $(DURATION) --seed $(SEED)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

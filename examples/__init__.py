@@ -1,0 +1,1 @@
+"""Runnable examples for exactlyonce (not part of the installed package)."""
