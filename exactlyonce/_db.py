@@ -72,6 +72,12 @@ def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:
 # only the first is worth retrying.
 _SQLITE_TRANSIENT = ("database is locked", "database is busy", "disk i/o error")
 
+# PyMySQL raises OperationalError for most server errors, an unknown column
+# (1054) included; only these codes are worth retrying: too many connections,
+# server shutdown, lock wait timeout, deadlock, connection killed, idle
+# timeout, and the client's lost-connection errors.
+_MYSQL_TRANSIENT = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is a database failure that may pass if retried.
@@ -83,11 +89,11 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sa.exc.OperationalError):
-        if _is_sqlite(exc):
+        module = type(exc.orig).__module__
+        if module.startswith("sqlite3"):
             return any(text in str(exc.orig).lower() for text in _SQLITE_TRANSIENT)
+        if module.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
+            args: tuple[Any, ...] = getattr(exc.orig, "args", ())
+            return bool(args) and args[0] in _MYSQL_TRANSIENT
         return True
     return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
-
-
-def _is_sqlite(exc: sa.exc.DBAPIError) -> bool:
-    return type(exc.orig).__module__.startswith("sqlite3")

@@ -19,14 +19,14 @@ from sqlalchemy.orm import Session
 
 from exactlyonce import _db, ids
 from exactlyonce.errors import ConfigurationError
-from exactlyonce.message import Message
 from exactlyonce.retry import Retry
 from exactlyonce.schema import MAX_SCOPE_LENGTH
 
 BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_BOOTSTRAP_SERVERS"
 DATABASE_URL_ENV = "EXACTLYONCE_DATABASE_URL"
 
-HandlerFunc = Callable[[Message, Session], Any]
+#: ``func(message, session)``, or ``func(messages, session)`` for a batch handler.
+HandlerFunc = Callable[[Any, Session], Any]
 
 # Kafka's rule for topic names (the dead-letter topic's ".dlq" suffix included).
 _LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
@@ -55,6 +55,10 @@ class Handler:
     #: Records with a larger value are dead-lettered unread (``None``: no limit).
     max_value_bytes: int | None
     on_fingerprint_mismatch: OnMismatch
+    #: ``func(messages, session)`` with a list of new messages instead of one.
+    batch: bool
+    #: Records claimed and handled per database transaction.
+    batch_size: int
 
 
 class App:
@@ -111,6 +115,8 @@ class App:
         max_value_bytes: int | None = None,
         on_fingerprint_mismatch: OnMismatch | str = OnMismatch.DEAD_LETTER,
         max_attempts: int | None = None,
+        batch: bool = False,
+        batch_size: int = 100,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register ``func(message, session)`` for the records of ``topic``.
 
@@ -126,6 +132,14 @@ class App:
         - ``max_value_bytes``: larger records are dead-lettered unread.
         - ``on_fingerprint_mismatch``: a known ID with a different payload is
           dead-lettered (default) or skipped.
+        - ``batch_size``: up to this many records of a poll are claimed in one
+          statement and handled in one transaction (1: a transaction each). If
+          the handler fails, the batch is split in halves until the failing
+          record is alone, so the handler may run again for records of a
+          failed batch (their writes were rolled back).
+        - ``batch``: call ``func(messages, session)`` once per transaction
+          with the batch's new records (duplicates removed, each partition's
+          in order) instead of once per record.
 
         The function is returned unchanged.
         """
@@ -140,6 +154,8 @@ class App:
             raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
         if max_attempts is not None:
             retry = Retry(attempts=max_attempts)
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be at least 1")
         if max_value_bytes is not None and max_value_bytes < 1:
             raise ConfigurationError("max_value_bytes must be positive")
         try:
@@ -167,6 +183,8 @@ class App:
                 retry=retry or Retry(),
                 max_value_bytes=max_value_bytes,
                 on_fingerprint_mismatch=mismatch,
+                batch=batch,
+                batch_size=batch_size,
             )
             return func
 

@@ -38,7 +38,7 @@ from exactlyonce.errors import (
 )
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, processed
-from exactlyonce.store import Claim, claim, stored_fingerprint
+from exactlyonce.store import Claim, claim, claim_many, stored_fingerprints
 
 if TYPE_CHECKING:
     from exactlyonce.app import App, Handler
@@ -124,22 +124,29 @@ class Runner:
                 f"table {processed.name} is missing: run `exactlyonce db upgrade` first"
             )
 
-    # -- the batch ----------------------------------------------------------
+    # -- the poll batch -----------------------------------------------------
 
     def _process_batch(self, batch: dict[TopicPartition, list[Any]]) -> None:
         # Next record to process per partition; on an abort every partition is
         # rewound to it so that the next poll hands those records back.
         pending = {tp: records[0].offset for tp, records in batch.items() if records}
+        by_topic: dict[str, list[Message]] = {}
+        for records in batch.values():
+            for record in records:
+                by_topic.setdefault(record.topic, []).append(to_message(record))
         try:
-            for tp, records in batch.items():
-                for record in records:
+            for topic, messages in by_topic.items():
+                handler = self._handlers[topic]
+                for start in range(0, len(messages), handler.batch_size):
                     if self._stop.is_set():
                         raise _Stopped
-                    outcome = self._process(to_message(record))
-                    self.stats[outcome] += 1
-                    pending[tp] = record.offset + 1
-                    self._done[tp] = record.offset + 1
-                del pending[tp]
+                    chunk = messages[start : start + handler.batch_size]
+                    for outcome in self._process_chunk(handler, chunk):
+                        self.stats[outcome] += 1
+                    # The chunk committed: everything in it is done.
+                    for message in chunk:
+                        tp = TopicPartition(message.topic, message.partition)
+                        pending[tp] = self._done[tp] = message.offset + 1
         except TransientError as exc:
             log.error("%s; rewinding to retry after the next poll", exc)
             for tp, offset in pending.items():
@@ -148,10 +155,62 @@ class Runner:
             # Unprocessed records stay uncommitted: the next owner gets them.
             return
 
-    def _process(self, message: Message) -> str:
-        handler = self._handlers[message.topic]
+    def _process_chunk(self, handler: Handler, messages: list[Message]) -> list[str]:
+        """Handle ``messages`` (each partition's in order); return their outcomes.
+
+        Records that cannot be handled (no usable ID, oversized) are
+        dead-lettered one by one; the others are claimed and handled together.
+        """
+        outcomes: list[str] = []
+        good: list[tuple[Message, str]] = []
+        for message in messages:
+            try:
+                good.append((message, self._message_id(handler, message)))
+            except MessageError as exc:
+                outcomes.append(self._dead_letter_safely(handler, message, exc))
+        return outcomes + (self._run(handler, good) if good else [])
+
+    def _message_id(self, handler: Handler, message: Message) -> str:
+        if handler.max_value_bytes is not None and len(message.value or b"") > handler.max_value_bytes:
+            raise OversizedValue(
+                f"{message.where()}: value has {len(message.value or b'')} bytes, "
+                f"more than max_value_bytes={handler.max_value_bytes}"
+            )
+        return ids.resolve(handler.message_id, message)
+
+    def _dead_letter_safely(self, handler: Handler, message: Message, exc: MessageError) -> str:
+        return self._transient_safe(message, lambda: self._dead_letter(handler, message, None, exc, attempts=0))
+
+    def _run(self, handler: Handler, items: list[tuple[Message, str]]) -> list[str]:
+        """Apply ``items`` in one transaction; on a handler failure, bisect.
+
+        Halving isolates a failing record in O(log n) transactions without a
+        savepoint per record; a single record then gets its retry policy and,
+        if it keeps failing, its dead letter. Earlier halves commit first, so
+        each partition's order is kept.
+        """
+        if len(items) == 1:
+            message, message_id = items[0]
+            return [self._transient_safe(message, lambda: self._handle(handler, message, message_id))]
         try:
-            return self._retry_transient(lambda: self._handle(handler, message))
+            results = self._transient_safe(items[0][0], lambda: self._apply(handler, items))
+        except TransientError:
+            raise
+        except Exception as exc:
+            log.info("a batch of %d failed (%s: %s); splitting it", len(items), type(exc).__name__, exc)
+            middle = len(items) // 2
+            return self._run(handler, items[:middle]) + self._run(handler, items[middle:])
+        outcomes = []
+        for (message, message_id), result in zip(items, results, strict=True):
+            if isinstance(result, FingerprintMismatch):
+                result = self._mismatch_safely(handler, message, message_id, result)
+            outcomes.append(result)
+        return outcomes
+
+    def _transient_safe(self, message: Message, fn: Callable[[], T]) -> T:
+        """Run ``fn`` with transient retries; past the budget raise TransientError."""
+        try:
+            return self._retry_transient(fn)
         except TransientError:
             raise
         except Exception as exc:
@@ -159,24 +218,17 @@ class Runner:
                 raise TransientError(f"{message.where()}: {exc}") from exc
             raise
 
-    def _handle(self, handler: Handler, message: Message) -> str:
-        """One complete try at a record: apply, skip, or dead-letter it."""
-        try:
-            if handler.max_value_bytes is not None and len(message.value or b"") > handler.max_value_bytes:
-                raise OversizedValue(
-                    f"{message.where()}: value has {len(message.value or b'')} bytes, "
-                    f"more than max_value_bytes={handler.max_value_bytes}"
-                )
-            message_id = ids.resolve(handler.message_id, message)
-        except MessageError as exc:
-            return self._dead_letter(handler, message, None, exc, attempts=0)
-
+    def _handle(self, handler: Handler, message: Message, message_id: str) -> str:
+        """One record on its own: apply it with retries, or skip or dead-letter it."""
         attempts = 0
 
         def attempt() -> str:
             nonlocal attempts
             attempts += 1
-            return self._apply(handler, message, message_id)
+            (result,) = self._apply(handler, [(message, message_id)])
+            if isinstance(result, FingerprintMismatch):
+                raise result
+            return result
 
         try:
             return handler.retry.retrying(retryable=_is_handler_failure, sleep=self._sleep)(attempt)
@@ -184,11 +236,7 @@ class Runner:
             log.info("%s: handler skipped %r: %s", message.where(), message_id, signal.reason)
             return self._record_skip(handler, message, message_id)
         except FingerprintMismatch as exc:
-            self.stats["fingerprint_mismatch"] += 1
-            if handler.on_fingerprint_mismatch is OnMismatch.SKIP:
-                log.warning("%s; skipped as a duplicate", exc)
-                return "duplicate"
-            return self._dead_letter(handler, message, message_id, exc, attempts)
+            return self._mismatch(handler, message, message_id, exc)
         except (DeadLetter, MessageError) as exc:
             return self._dead_letter(handler, message, message_id, exc, attempts)
         except Exception as exc:
@@ -199,22 +247,57 @@ class Runner:
                       exc_info=log.isEnabledFor(logging.DEBUG))
             return self._dead_letter(handler, message, message_id, exc, attempts)
 
-    def _apply(self, handler: Handler, message: Message, message_id: str) -> str:
+    def _apply(self, handler: Handler, items: list[tuple[Message, str]]) -> list[str | FingerprintMismatch]:
+        """Claim and handle ``items`` in ONE transaction; return their outcomes.
+
+        Raises whatever the handler raised (the transaction rolls back: no
+        effect and no dedup row is kept). A record whose ID is known with
+        another payload gets a :class:`FingerprintMismatch` as its outcome,
+        for the caller to handle after the commit.
+        """
+        results: list[str | FingerprintMismatch] = []
         with Session(self._engine) as session, session.begin():
-            # The dedup row goes in first: the unique index decides who owns
-            # the message before any effect is written.
-            if claim(session, handler.scope, message_id, message) is Claim.DUPLICATE:
-                stored = stored_fingerprint(session, handler.scope, message_id)
-                if stored is not None and stored != message.fingerprint():
-                    raise FingerprintMismatch(
-                        f"{message.where()}: message ID {message_id!r} was processed before "
-                        f"with a different payload (sha256 {stored[:12]}…, now "
-                        f"{message.fingerprint()[:12]}…)"
-                    )
-                log.debug("%s: duplicate %r skipped", message.where(), message_id)
-                return "duplicate"
-            handler.func(message, session)
-        return "applied"
+            # The dedup rows go in first: the unique index decides who owns each
+            # message before any effect is written. A repeated ID within the
+            # batch is claimed once, by its first occurrence.
+            first: dict[str, int] = {}
+            for index, (_, message_id) in enumerate(items):
+                first.setdefault(message_id, index)
+            new = claim_many(session, handler.scope, [(items[i][1], items[i][0]) for i in first.values()])
+            known = stored_fingerprints(session, handler.scope, {mid for _, mid in items if mid not in new})
+            fresh: list[Message] = []
+            for index, (message, message_id) in enumerate(items):
+                if message_id in new and first[message_id] == index:
+                    fresh.append(message)
+                    results.append("applied")
+                    continue
+                stored = known.get(message_id) or items[first[message_id]][0].fingerprint()
+                if stored == message.fingerprint():
+                    results.append("duplicate")
+                else:
+                    results.append(FingerprintMismatch(
+                        f"{message.where()}: message ID {message_id!r} was processed before with a "
+                        f"different payload (sha256 {stored[:12]}…, now {message.fingerprint()[:12]}…)"
+                    ))
+            if fresh:
+                if handler.batch:
+                    handler.func(fresh, session)
+                else:
+                    for message in fresh:
+                        handler.func(message, session)
+        return results
+
+    def _mismatch_safely(
+        self, handler: Handler, message: Message, message_id: str, exc: FingerprintMismatch
+    ) -> str:
+        return self._transient_safe(message, lambda: self._mismatch(handler, message, message_id, exc))
+
+    def _mismatch(self, handler: Handler, message: Message, message_id: str, exc: FingerprintMismatch) -> str:
+        self.stats["fingerprint_mismatch"] += 1
+        if handler.on_fingerprint_mismatch is OnMismatch.SKIP:
+            log.warning("%s; skipped as a duplicate", exc)
+            return "duplicate"
+        return self._dead_letter(handler, message, message_id, exc, attempts=0)
 
     def _record_skip(self, handler: Handler, message: Message, message_id: str) -> str:
         with Session(self._engine) as session, session.begin():

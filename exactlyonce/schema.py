@@ -7,8 +7,12 @@ module; a test upgrades an empty database and checks it matches :data:`metadata`
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table
+from sqlalchemy.dialects import mysql
+from sqlalchemy.engine import Dialect
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from exactlyonce.ids import MAX_MESSAGE_ID_LENGTH
 
@@ -24,6 +28,30 @@ metadata = MetaData(
         "uq": "uq_%(table_name)s_%(column_0_N_name)s",
     }
 )
+
+
+class ExactString(TypeDecorator[str]):
+    """A VARCHAR that the database compares byte for byte.
+
+    MySQL and MariaDB compare text with the column's collation, by default
+    case- and accent-insensitive: "Order-1" would be a duplicate of "order-1"
+    and a new message would be skipped. There the column gets a binary,
+    no-pad collation (trailing spaces count too). PostgreSQL's and SQLite's
+    default comparisons are already exact.
+    """
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, length: int) -> None:
+        super().__init__(length)
+        self.length = length
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            collation = "utf8mb4_nopad_bin" if getattr(dialect, "is_mariadb", False) else "utf8mb4_0900_bin"
+            return dialect.type_descriptor(mysql.VARCHAR(self.length, charset="utf8mb4", collation=collation))
+        return dialect.type_descriptor(String(self.length))
 
 
 class Outcome(enum.StrEnum):
@@ -42,8 +70,8 @@ class Outcome(enum.StrEnum):
 processed = Table(
     "exactlyonce_processed",
     metadata,
-    Column("scope", String(MAX_SCOPE_LENGTH), primary_key=True),
-    Column("message_id", String(MAX_MESSAGE_ID_LENGTH), primary_key=True),
+    Column("scope", ExactString(MAX_SCOPE_LENGTH), primary_key=True),
+    Column("message_id", ExactString(MAX_MESSAGE_ID_LENGTH), primary_key=True),
     Column("topic", String(MAX_TOPIC_LENGTH), nullable=False),
     Column("kafka_partition", Integer, nullable=False),
     Column("kafka_offset", BigInteger, nullable=False),

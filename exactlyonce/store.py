@@ -14,6 +14,7 @@ insert through ``RETURNING``; MySQL/MariaDB through the duplicate-key error.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -50,7 +51,42 @@ def claim(
     The row only becomes visible to others when the caller commits; if the
     caller rolls back (the handler failed), the message is unclaimed again.
     """
-    row: dict[str, Any] = {
+    new = claim_many(session, scope, [(message_id, message)], outcome=outcome)
+    return Claim.NEW if message_id in new else Claim.DUPLICATE
+
+
+def claim_many(
+    session: Session,
+    scope: str,
+    items: Sequence[tuple[str, Message]],
+    *,
+    outcome: Outcome = Outcome.APPLIED,
+) -> set[str]:
+    """Claim several message IDs at once; return the IDs this transaction now owns.
+
+    PostgreSQL and SQLite claim the whole list in one statement. IDs must be
+    distinct (the caller keeps the first occurrence of a repeated ID).
+    """
+    if not items:
+        return set()
+    now = datetime.now(UTC).replace(tzinfo=None)
+    rows = [_row(scope, message_id, message, outcome, now) for message_id, message in items]
+    dialect = session.get_bind().dialect.name
+    if dialect in ("postgresql", "sqlite"):
+        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        stmt = (
+            insert(processed)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["scope", "message_id"])
+            .returning(processed.c.message_id)
+        )
+        return set(session.execute(stmt).scalars())
+    savepoint = dialect not in ("mysql", "mariadb")
+    return {row["message_id"] for row in rows if _insert_one(session, row, savepoint=savepoint)}
+
+
+def _row(scope: str, message_id: str, message: Message, outcome: Outcome, now: datetime) -> dict[str, Any]:
+    return {
         "scope": scope,
         "message_id": message_id,
         "topic": message.topic,
@@ -58,23 +94,11 @@ def claim(
         "kafka_offset": message.offset,
         "fingerprint": message.fingerprint(),
         "outcome": outcome.value,
-        "processed_at": datetime.now(UTC).replace(tzinfo=None),
+        "processed_at": now,
     }
-    dialect = session.get_bind().dialect.name
-    if dialect in ("postgresql", "sqlite"):
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        stmt = (
-            insert(processed)
-            .values(row)
-            .on_conflict_do_nothing(index_elements=["scope", "message_id"])
-            .returning(processed.c.message_id)
-        )
-        inserted = session.execute(stmt).first()
-        return Claim.NEW if inserted is not None else Claim.DUPLICATE
-    return _claim_by_integrity_error(session, row, savepoint=dialect not in ("mysql", "mariadb"))
 
 
-def _claim_by_integrity_error(session: Session, row: dict[str, Any], *, savepoint: bool) -> Claim:
+def _insert_one(session: Session, row: dict[str, Any], *, savepoint: bool) -> bool:
     # MySQL rolls back only the failed statement and keeps the transaction; other
     # databases may abort the transaction, so they get a savepoint around it.
     try:
@@ -86,18 +110,22 @@ def _claim_by_integrity_error(session: Session, row: dict[str, Any], *, savepoin
     except sa.exc.IntegrityError as exc:
         code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
         if savepoint or code == _MYSQL_DUP_ENTRY:
-            return Claim.DUPLICATE
+            return False
         raise
-    return Claim.NEW
+    return True
 
 
-def stored_fingerprint(session: Session, scope: str, message_id: str) -> str | None:
-    """Return the payload fingerprint stored for ``(scope, message_id)``, or ``None``."""
-    return session.execute(
-        sa.select(processed.c.fingerprint).where(
-            processed.c.scope == scope, processed.c.message_id == message_id
+def stored_fingerprints(session: Session, scope: str, message_ids: Iterable[str]) -> dict[str, str]:
+    """Return the stored payload fingerprint of each of ``message_ids`` that has a row."""
+    ids = list(message_ids)
+    if not ids:
+        return {}
+    rows = session.execute(
+        sa.select(processed.c.message_id, processed.c.fingerprint).where(
+            processed.c.scope == scope, processed.c.message_id.in_(ids)
         )
-    ).scalar_one_or_none()
+    )
+    return {message_id: fingerprint for message_id, fingerprint in rows}
 
 
 def lookup(session: Session, scope: str, message_id: str) -> sa.Row[Any] | None:

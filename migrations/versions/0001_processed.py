@@ -10,6 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
+from exactlyonce.schema import ExactString
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -19,8 +21,9 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "exactlyonce_processed",
-        sa.Column("scope", sa.String(200), nullable=False),
-        sa.Column("message_id", sa.String(255), nullable=False),
+        # Compared byte for byte (a binary collation on MySQL/MariaDB).
+        sa.Column("scope", ExactString(200), nullable=False),
+        sa.Column("message_id", ExactString(255), nullable=False),
         sa.Column("topic", sa.String(249), nullable=False),
         sa.Column("kafka_partition", sa.Integer(), nullable=False),
         sa.Column("kafka_offset", sa.BigInteger(), nullable=False),

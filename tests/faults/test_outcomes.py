@@ -73,7 +73,8 @@ def test_non_retryable_error_is_dead_lettered_after_one_attempt(bootstrap_server
     calls: list[str] = []
     app = make_app(bootstrap_servers, database_url)
 
-    @app.handler(topic, retry=Retry(attempts=5, retry_on=(ValueError,), **FAST))
+    # batch_size=1: a failing batch would add an attempt of its own before the split.
+    @app.handler(topic, retry=Retry(attempts=5, retry_on=(ValueError,), **FAST), batch_size=1)
     def handle(message: Message, session: Session) -> None:
         calls.append("try")
         raise KeyError("not retryable")
@@ -98,7 +99,7 @@ def test_skip_and_dead_letter_signals(bootstrap_servers: str, database_url: str)
     calls: list[str] = []
     app = make_app(bootstrap_servers, database_url)
 
-    @app.handler(topic)
+    @app.handler(topic, batch_size=1)
     def handle(message: Message, session: Session) -> None:
         message_id = (message.header("message-id") or b"").decode()
         calls.append(message_id)

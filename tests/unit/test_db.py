@@ -50,3 +50,12 @@ def test_integrity_and_programming_errors_are_not_transient() -> None:
     assert not _db.is_transient(sa.exc.IntegrityError("stmt", {}, Exception("dup")))
     assert not _db.is_transient(sa.exc.ProgrammingError("stmt", {}, Exception("syntax")))
     assert not _db.is_transient(ValueError("handler bug"))
+
+
+def test_mysql_errors_are_transient_only_for_connection_and_lock_codes() -> None:
+    """PyMySQL's OperationalError is transient for deadlocks and lost connections, not for SQL errors."""
+    import pymysql
+
+    assert _db.is_transient(_operational(pymysql.err.OperationalError(1213, "Deadlock found")))
+    assert _db.is_transient(_operational(pymysql.err.OperationalError(2013, "Lost connection")))
+    assert not _db.is_transient(_operational(pymysql.err.OperationalError(1054, "Unknown column")))

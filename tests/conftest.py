@@ -1,0 +1,211 @@
+"""Service selection for the tests: a Kafka broker and three databases.
+
+Broker (``bootstrap_servers``, one per session):
+
+1. ``$EXACTLYONCE_TEST_BOOTSTRAP_SERVERS`` if set;
+2. a testcontainers Kafka when a Docker engine answers;
+3. the embedded broker (tansu, :class:`exactlyonce.EmbeddedBroker`).
+
+PostgreSQL / MariaDB (``postgres_url`` / ``mysql_url``, one per session):
+
+1. ``$EXACTLYONCE_TEST_POSTGRES_URL`` / ``$EXACTLYONCE_TEST_MYSQL_URL`` if set;
+2. a testcontainers container (``postgres:16-alpine`` / ``mariadb:11``) when a
+   Docker engine answers;
+3. a local server on the default port when it answers ``SELECT 1``;
+4. otherwise the test is skipped with the reason -- or FAILS when ``CI=true``,
+   so that CI cannot pass by skipping.
+
+``database_url`` runs a test on SQLite, PostgreSQL and MariaDB, each time on a
+clean database (every table dropped) upgraded to the framework's head
+revision; ``empty_database_url`` is the same without the upgrade.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any, NoReturn
+
+import pytest
+import sqlalchemy as sa
+
+BROKER_ENV = "EXACTLYONCE_TEST_BOOTSTRAP_SERVERS"
+POSTGRES_ENV = "EXACTLYONCE_TEST_POSTGRES_URL"
+MYSQL_ENV = "EXACTLYONCE_TEST_MYSQL_URL"
+
+LOCAL_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
+LOCAL_MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
+
+POSTGRES_IMAGE = "postgres:16-alpine"
+MARIADB_IMAGE = "mariadb:11"
+
+DATABASES = ["sqlite", "postgresql", "mysql"]
+DATABASE_IDS = ["sqlite", "postgresql", "mariadb"]
+
+# Fixtures that need a service; tests using them get the ``service`` marker.
+_SERVICE_FIXTURES = {"bootstrap_servers", "database_url", "empty_database_url", "postgres_url",
+                     "mysql_url"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if _SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.service)
+
+
+def unavailable(reason: str) -> NoReturn:
+    """Skip the test, or fail it under ``CI=true``: CI must not pass by skipping."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: failing instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+@functools.cache
+def docker_available() -> bool:
+    """Whether a Docker engine answers (checked once, quickly)."""
+    try:
+        import docker
+
+        client = docker.from_env(timeout=3)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except Exception:
+        return False
+
+
+def _testcontainers(name: str) -> Any:
+    """Import ``testcontainers.<name>`` (``testcontainers.community.<name>`` from 4.15)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"testcontainers.community.{name}")
+    except ImportError:
+        return importlib.import_module(f"testcontainers.{name}")
+
+
+def _local_server_answers(url: str) -> str | None:
+    """``None`` when a TCP connection and ``SELECT 1`` succeed, else why not."""
+    from exactlyonce import _db
+
+    parsed = _db.normalize_url(url)
+    try:
+        with socket.create_connection((parsed.host or "127.0.0.1", parsed.port), timeout=2):
+            pass
+    except OSError as exc:
+        return f"nothing listens on {parsed.host}:{parsed.port} ({exc})"
+    engine = _db.create_engine(parsed, connect_args={"connect_timeout": 5})
+    try:
+        with engine.connect() as conn:
+            if conn.execute(sa.text("SELECT 1")).scalar_one() != 1:
+                return "SELECT 1 did not return 1"
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def _database_service(env: str, local_url: str, container: str, label: str) -> Iterator[str]:
+    url = os.environ.get(env)
+    if url:
+        yield url
+        return
+    if docker_available():
+        if container == "postgres":
+            module = _testcontainers("postgres")
+            with module.PostgresContainer(POSTGRES_IMAGE, driver=None) as pg:
+                yield pg.get_connection_url()
+        else:
+            module = _testcontainers("mysql")
+            with module.MySqlContainer(MARIADB_IMAGE) as db:
+                yield db.get_connection_url()
+        return
+    problem = _local_server_answers(local_url)
+    if problem is None:
+        yield local_url
+        return
+    unavailable(f"no {label}: set {env}, run a Docker engine, or start a local server "
+                f"at {local_url} ({problem})")
+
+
+@pytest.fixture(scope="session")
+def bootstrap_servers() -> Iterator[str]:
+    """Kafka bootstrap servers shared by the whole session."""
+    servers = os.environ.get(BROKER_ENV)
+    if servers:
+        yield servers
+        return
+    if docker_available():
+        module = _testcontainers("kafka")
+        with module.KafkaContainer() as kafka:
+            yield kafka.get_bootstrap_server()
+        return
+    from exactlyonce import ConfigurationError, EmbeddedBroker
+
+    try:
+        broker = EmbeddedBroker().start()
+    except ConfigurationError as exc:
+        unavailable(f"no Kafka broker: set {BROKER_ENV}, run a Docker engine, or install "
+                    f"the embedded broker ({exc})")
+    try:
+        yield broker.bootstrap_servers
+    finally:
+        broker.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL server URL for the session."""
+    yield from _database_service(POSTGRES_ENV, LOCAL_POSTGRES_URL, "postgres", "PostgreSQL")
+
+
+@pytest.fixture(scope="session")
+def mysql_url() -> Iterator[str]:
+    """A MariaDB (or MySQL) server URL for the session."""
+    yield from _database_service(MYSQL_ENV, LOCAL_MYSQL_URL, "mysql", "MariaDB")
+
+
+def drop_all_tables(url: str) -> None:
+    """Drop every table in the URL's database (default schema)."""
+    from exactlyonce import _db
+
+    engine = _db.create_engine(url)
+    try:
+        metadata = sa.MetaData()
+        metadata.reflect(engine)
+        metadata.drop_all(engine)
+    finally:
+        engine.dispose()
+
+
+def _clean_database(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    kind = request.param
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'test.db'}"
+    url: str = request.getfixturevalue("postgres_url" if kind == "postgresql" else "mysql_url")
+    drop_all_tables(url)
+    return url
+
+
+@pytest.fixture(params=DATABASES, ids=DATABASE_IDS)
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """A database with no tables at all (SQLite file, PostgreSQL, MariaDB)."""
+    return _clean_database(request, tmp_path)
+
+
+@pytest.fixture(params=DATABASES, ids=DATABASE_IDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
+    """A clean database upgraded to the framework's head revision."""
+    from exactlyonce import _db, migrate
+
+    url = _clean_database(request, tmp_path)
+    engine = _db.create_engine(url)
+    try:
+        migrate.upgrade(engine)
+    finally:
+        engine.dispose()
+    yield url

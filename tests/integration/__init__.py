@@ -1,0 +1,1 @@
+"""Integration tests: a real Kafka broker and real databases (see tests/conftest.py)."""
