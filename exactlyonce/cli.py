@@ -6,6 +6,7 @@
     exactlyonce db upgrade [REVISION]   apply the framework's migrations
     exactlyonce db downgrade REVISION   revert them (``base`` drops the tables)
     exactlyonce db current              print the applied revision
+    exactlyonce prune --older-than 14d  delete old dedup rows, in small batches
 
 Connection settings come from ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
 ``EXACTLYONCE_DATABASE_URL`` unless given as options.
@@ -17,10 +18,12 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 
-from exactlyonce import _db, migrate
+from exactlyonce import _db, migrate, store
 from exactlyonce.app import DATABASE_URL_ENV, App
 from exactlyonce.errors import ExactlyOnceError
 
@@ -59,7 +62,34 @@ def _parser() -> argparse.ArgumentParser:
     downgrade = db_commands.add_parser("downgrade", help="revert migrations")
     downgrade.add_argument("revision")
     db_commands.add_parser("current", help="print the applied revision")
+
+    prune = commands.add_parser("prune", help="delete dedup rows older than a retention window")
+    prune.add_argument("--database-url", default=None, help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    prune.add_argument("--older-than", required=True, type=parse_duration, metavar="DURATION",
+                       help="e.g. 14d, 36h, 90m")
+    prune.add_argument("--horizon", type=parse_duration, default=store.DEFAULT_REDELIVERY_HORIZON,
+                       metavar="DURATION", help="the topics' Kafka log retention (default 7d)")
+    prune.add_argument("--force", action="store_true", help="prune inside the redelivery horizon anyway")
+    prune.add_argument("--batch-size", type=int, default=1000)
     return parser
+
+
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """Parse ``30s``, ``90m``, ``36h``, ``14d`` or ``2w``."""
+    match = re.fullmatch(r"(\d+)([smhdw])", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use a number and one of s, m, h, d, w")
+    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    url = args.database_url or os.environ.get(DATABASE_URL_ENV)
+    if not url:
+        raise ExactlyOnceError(f"no database: pass --database-url or set {DATABASE_URL_ENV}")
+    return str(url)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -72,11 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             load_app(args.app).run()
+        elif args.command == "prune":
+            deleted = store.prune(_db.create_engine(_database_url(args)), args.older_than,
+                                  horizon=args.horizon, force=args.force, batch_size=args.batch_size)
+            print(f"pruned {deleted} dedup rows older than {args.older_than}")
         elif args.command == "db":
-            url = args.database_url or os.environ.get(DATABASE_URL_ENV)
-            if not url:
-                raise ExactlyOnceError(f"no database: pass --database-url or set {DATABASE_URL_ENV}")
-            engine = _db.create_engine(url)
+            engine = _db.create_engine(_database_url(args))
             if args.db_command == "upgrade":
                 migrate.upgrade(engine, args.revision)
             elif args.db_command == "downgrade":

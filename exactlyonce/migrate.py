@@ -13,6 +13,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Engine
 
 from exactlyonce.errors import ConfigurationError
@@ -36,6 +37,15 @@ def alembic_config(engine: Engine) -> Config:
     config.set_main_option("script_location", str(migrations_path()))
     config.attributes["engine"] = engine
     return config
+
+
+def head() -> str:
+    """The newest revision the shipped migrations define."""
+    config = Config()
+    config.set_main_option("script_location", str(migrations_path()))
+    revision = ScriptDirectory.from_config(config).get_current_head()
+    assert revision is not None, "the migrations define no revision"
+    return revision
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:

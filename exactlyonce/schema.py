@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -81,4 +81,6 @@ processed = Table(
     Column("outcome", String(16), nullable=False),
     # Naive UTC: the same on every dialect (MySQL's DATETIME has no zone).
     Column("processed_at", DateTime(timezone=False), nullable=False),
+    # Retention pruning deletes the oldest rows first.
+    Index("ix_exactlyonce_processed_processed_at", "processed_at"),
 )

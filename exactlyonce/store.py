@@ -14,14 +14,17 @@ insert through ``RETURNING``; MySQL/MariaDB through the duplicate-key error.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, processed
 
@@ -133,3 +136,59 @@ def lookup(session: Session, scope: str, message_id: str) -> sa.Row[Any] | None:
     return session.execute(
         sa.select(processed).where(processed.c.scope == scope, processed.c.message_id == message_id)
     ).first()
+
+
+#: Kafka's default log retention (``retention.ms``): a record can be read again
+#: for this long, by a consumer that rewinds or by a group whose committed
+#: offsets expired and that restarts from the earliest offset.
+DEFAULT_REDELIVERY_HORIZON = timedelta(days=7)
+
+
+def prune(
+    engine: Engine,
+    older_than: timedelta,
+    *,
+    horizon: timedelta = DEFAULT_REDELIVERY_HORIZON,
+    force: bool = False,
+    batch_size: int = 1000,
+    pause: timedelta = timedelta(0),
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Delete dedup rows processed more than ``older_than`` ago; return how many.
+
+    A row must outlive every way its record can come back: the record's life
+    in the Kafka log (``horizon``, the topic's ``retention.ms``) and any
+    producer re-send. Pruning inside the horizon is refused unless ``force``:
+    a redelivered record whose row is gone is applied again.
+
+    Rows go in batches of ``batch_size``, each in its own short transaction
+    (with ``pause`` between batches), so consumers claiming at the same time
+    are never blocked for long.
+    """
+    if older_than < horizon and not force:
+        raise ConfigurationError(
+            f"refusing to prune rows younger than the redelivery horizon ({horizon}): a record "
+            "still in the Kafka log could be redelivered and applied again (override with --force, or force=True)"
+        )
+    if batch_size < 1:
+        raise ConfigurationError("batch_size must be at least 1")
+    cutoff = datetime.now(UTC).replace(tzinfo=None) - older_than
+    key = sa.tuple_(processed.c.scope, processed.c.message_id)
+    deleted = 0
+    while True:
+        with engine.begin() as conn:
+            keys = conn.execute(
+                sa.select(processed.c.scope, processed.c.message_id)
+                .where(processed.c.processed_at < cutoff)
+                .order_by(processed.c.processed_at)
+                .limit(batch_size)
+            ).all()
+            if keys:
+                conn.execute(sa.delete(processed).where(key.in_([tuple(k) for k in keys])))
+        deleted += len(keys)
+        if progress is not None and keys:
+            progress(len(keys))
+        if len(keys) < batch_size:
+            return deleted
+        if pause:
+            time.sleep(pause.total_seconds())

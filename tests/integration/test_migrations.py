@@ -32,7 +32,7 @@ def test_upgrade_matches_metadata_and_downgrade_round_trips(empty_database_url: 
     assert processed.name not in _tables(engine)
 
     migrate.upgrade(engine)
-    assert migrate.current(engine) == "0001"
+    assert migrate.current(engine) == migrate.head()
     assert processed.name in _tables(engine)
     assert _diff(engine) == []
 
@@ -41,7 +41,7 @@ def test_upgrade_matches_metadata_and_downgrade_round_trips(empty_database_url: 
     assert processed.name not in _tables(engine)
 
     migrate.upgrade(engine)
-    assert migrate.current(engine) == "0001"
+    assert migrate.current(engine) == migrate.head()
     assert _diff(engine) == []
     engine.dispose()
 
@@ -54,9 +54,9 @@ def test_cli_db_upgrade(empty_database_url: str) -> None:
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "0001"
+    assert result.stdout.strip() == migrate.head()
     engine = engine_for(empty_database_url)
-    assert migrate.current(engine) == "0001"
+    assert migrate.current(engine) == migrate.head()
     assert processed.name in _tables(engine)
     assert _diff(engine) == []
     engine.dispose()
