@@ -117,6 +117,10 @@ class Consumer:
                 raise TransientError(f"poll failed: {exc}") from exc
             raise
 
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions this member owns now."""
+        return set(self._consumer.assignment())
+
     def seek(self, partition: TopicPartition, offset: int) -> None:
         """Make the next poll return ``partition`` from ``offset`` again."""
         self._consumer.seek(partition, offset)

@@ -74,6 +74,12 @@ class App:
     ``consumer_config`` / ``producer_config`` are forwarded to kafka-python's
     ``KafkaConsumer`` / ``KafkaProducer`` (the latter publishes dead letters)
     over exactlyonce's defaults.
+
+    ``transient_retry_budget`` bounds how long one batch retries a database or
+    broker outage before the runner rewinds and polls again.
+    ``batch_wait`` is the time bound of a batch: after a poll returns
+    records, the runner keeps polling up to this long to fill a handler's
+    ``batch_size`` (default 0: handle what each poll returns at once).
     """
 
     def __init__(
@@ -85,6 +91,7 @@ class App:
         producer_config: Mapping[str, Any] | None = None,
         *,
         transient_retry_budget: timedelta = timedelta(seconds=60),
+        batch_wait: timedelta = timedelta(0),
     ) -> None:
         if not isinstance(group_id, str) or not group_id:
             raise ConfigurationError("group_id must be a non-empty string")
@@ -94,6 +101,9 @@ class App:
         self.consumer_config: dict[str, Any] = dict(consumer_config or {})
         self.producer_config: dict[str, Any] = dict(producer_config or {})
         self.transient_retry_budget = transient_retry_budget
+        if batch_wait < timedelta(0):
+            raise ConfigurationError("batch_wait must not be negative")
+        self.batch_wait = batch_wait
         self._handlers: dict[str, Handler] = {}
         self._engine: Engine | None = None
         self._stop = threading.Event()

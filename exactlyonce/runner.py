@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -106,7 +107,7 @@ class Runner:
                     self._stop.wait(1.0)
                     continue
                 if batch:
-                    self._process_batch(batch)
+                    self._process_batch(self._fill(batch))
                     self._commit()
         finally:
             self._commit()
@@ -114,6 +115,28 @@ class Runner:
             if self._producer is not None:
                 self._producer.close()
             log.info("stopped: %s", dict(self.stats))
+
+    def _fill(self, batch: dict[TopicPartition, list[Any]]) -> dict[TopicPartition, list[Any]]:
+        """Keep polling for up to ``batch_wait`` while the batch is below the largest batch size."""
+        wait = self._app.batch_wait.total_seconds()
+        target = max(handler.batch_size for handler in self._handlers.values())
+        deadline = time.monotonic() + wait
+        count = sum(map(len, batch.values()))
+        while wait and count < target and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                more = self._consumer_or_fail().poll(remaining)
+            except TransientError:
+                break
+            for tp, records in more.items():
+                batch.setdefault(tp, []).extend(records)
+                count += len(records)
+        # A rebalance inside those polls may have moved partitions away: their
+        # records are the new owner's now.
+        assigned = self._consumer_or_fail().assignment()
+        return {tp: records for tp, records in batch.items() if tp in assigned}
 
     def _check_schema(self) -> None:
         def check() -> bool:

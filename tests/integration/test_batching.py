@@ -114,3 +114,34 @@ def test_mismatch_and_repeat_within_one_batch(bootstrap_servers: str, database_u
     assert headers_of(letter)["x-exactlyonce-reason"] == "fingerprint-mismatch"
     assert app.stats["duplicate"] == 1 and app.stats["applied"] == 2
     engine.dispose()
+
+
+def test_batch_wait_fills_batches_across_polls(bootstrap_servers: str, postgres_url: str) -> None:
+    """With batch_wait, records arriving over several polls are handled in one batch."""
+    import threading
+    import time
+    from datetime import timedelta
+
+    from exactlyonce import migrate
+    from tests.conftest import drop_all_tables
+
+    drop_all_tables(postgres_url)
+    migrate.upgrade(engine_for(postgres_url))
+    topic = unique("wait")
+    create_topic(bootstrap_servers, topic)
+    sizes: list[int] = []
+    app = make_app(bootstrap_servers, postgres_url, batch_wait=timedelta(seconds=3))
+
+    @app.handler(topic, batch=True, batch_size=10)
+    def handle(messages: list[Message], session: Session) -> None:
+        sizes.append(len(messages))
+
+    with running(app):
+        time.sleep(4)  # joined and idle
+        feeder = threading.Thread(target=lambda: [
+            (produce(bootstrap_servers, topic, [rec(f"m{n}")]), time.sleep(0.1)) for n in range(10)])
+        feeder.start()
+        feeder.join()
+        wait_all_committed(bootstrap_servers, app.group_id, topic)
+    assert sum(sizes) == 10
+    assert max(sizes) >= 5, f"batches were not filled across polls: {sizes}"
