@@ -124,7 +124,6 @@ class App:
         retry: Retry | None = None,
         max_value_bytes: int | None = None,
         on_fingerprint_mismatch: OnMismatch | str = OnMismatch.DEAD_LETTER,
-        max_attempts: int | None = None,
         batch: bool = False,
         batch_size: int = 100,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
@@ -162,8 +161,8 @@ class App:
                 )
         if topic in self._handlers:
             raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
-        if max_attempts is not None:
-            retry = Retry(attempts=max_attempts)
+        if retry is not None and not isinstance(retry, Retry):
+            raise ConfigurationError("retry must be an exactlyonce.Retry")
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1")
         if max_value_bytes is not None and max_value_bytes < 1:

@@ -7,7 +7,7 @@ from datetime import timedelta
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from exactlyonce import Claim, Message, claim
+from exactlyonce import Claim, Message, Retry, claim
 
 from .helpers import (
     create_effects,
@@ -49,7 +49,7 @@ def test_handler_sql_error_is_dead_lettered_not_retried_as_transient(
     create_effects(engine)
     app = make_app(bootstrap_servers, database_url, transient_retry_budget=timedelta(seconds=1))
 
-    @app.handler(topic, max_attempts=1)
+    @app.handler(topic, retry=Retry(attempts=1))
     def handle(message: Message, session: Session) -> None:
         session.execute(sa.text("INSERT INTO effects (message_id, worker, no_such_column) VALUES ('x', '', 1)"))
 

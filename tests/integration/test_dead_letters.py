@@ -7,7 +7,7 @@ from collections import Counter
 
 from sqlalchemy.orm import Session
 
-from exactlyonce import Message, ids
+from exactlyonce import Message, Retry, ids
 
 from .helpers import (
     Rec,
@@ -34,7 +34,7 @@ def _id(message: Message) -> str:
 
 
 def test_handler_exception_rolls_back_effects_and_dedup_row(bootstrap_servers: str, database_url: str) -> None:
-    """A handler that writes then raises leaves no effect; with max_attempts=1 the record is dead-lettered once."""
+    """A handler that writes then raises leaves no effect; with Retry(attempts=1) the record is dead-lettered once."""
     topic = unique("boom")
     create_topic(bootstrap_servers, topic)
     create_topic(bootstrap_servers, f"{topic}.dlq")
@@ -43,7 +43,7 @@ def test_handler_exception_rolls_back_effects_and_dedup_row(bootstrap_servers: s
     app = make_app(bootstrap_servers, database_url)
     calls: Counter[str] = Counter()
 
-    @app.handler(topic, max_attempts=1)
+    @app.handler(topic, retry=Retry(attempts=1))
     def handle(message: Message, session: Session) -> None:
         calls[_id(message)] += 1
         insert_effect(session, _id(message))
@@ -75,7 +75,7 @@ def test_handler_exception_rolls_back_effects_and_dedup_row(bootstrap_servers: s
 
 
 def test_handler_failing_once_then_succeeding_applies_once(bootstrap_servers: str, database_url: str) -> None:
-    """With max_attempts=3, a handler that fails on its first try is retried and its effect is kept exactly once."""
+    """With Retry(attempts=3), a handler that fails on its first try is retried and its effect is kept exactly once."""
     topic = unique("flaky")
     create_topic(bootstrap_servers, topic)
     create_topic(bootstrap_servers, f"{topic}.dlq")
@@ -84,7 +84,7 @@ def test_handler_failing_once_then_succeeding_applies_once(bootstrap_servers: st
     app = make_app(bootstrap_servers, database_url)
     calls: Counter[str] = Counter()
 
-    @app.handler(topic, max_attempts=3)
+    @app.handler(topic, retry=Retry(attempts=3))
     def handle(message: Message, session: Session) -> None:
         calls[_id(message)] += 1
         insert_effect(session, _id(message), f"attempt {calls[_id(message)]}")

@@ -47,7 +47,7 @@ def test_duplicate_topic_or_scope_is_refused() -> None:
         app.handler("u", name="g:t")
 
 
-@pytest.mark.parametrize("kwargs", [{"max_attempts": 0}, {"name": "x" * 201}, {"name": ""},
+@pytest.mark.parametrize("kwargs", [{"retry": "3"}, {"name": "x" * 201}, {"name": ""},
                                     {"dead_letter_topic": "no such topic!"}, {"max_value_bytes": 0},
                                     {"on_fingerprint_mismatch": "apply"}])
 def test_bad_handler_settings_are_refused(kwargs: dict[str, Any]) -> None:
