@@ -207,7 +207,8 @@ def test_sigterm_during_a_busy_batch_commits_what_is_done_and_exits_zero(
     topic, group = unique("term"), unique("g")
     create_topic(bootstrap_servers, topic)
     produce(bootstrap_servers, topic, [rec(f"m{i}") for i in range(200)])
-    proc = worker(tmp_path, "w", bootstrap_servers, pg, topic, group, "--sleep", "0.1")
+    # Batches of 10 records of 0.1 s each: SIGTERM lands inside a batch.
+    proc = worker(tmp_path, "w", bootstrap_servers, pg, topic, group, "--sleep", "0.1", "--batch-size", "10")
     try:
         wait_until(lambda: total_effects(engine_for(pg)) >= 10, 60, "busy")
         started = time.monotonic()

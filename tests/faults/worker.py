@@ -1,7 +1,7 @@
 """A worker process for the fault tests.
 
 ``python -m tests.faults.worker TOPIC GROUP [--sleep S] [--sleep-first S]
-[--consumer-config JSON]`` with ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
+[--consumer-config JSON] [--batch-size N]`` with ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
 ``EXACTLYONCE_DATABASE_URL`` set. Each record writes one ``effects`` row
 (no unique constraint: a double effect shows as two rows).
 """
@@ -28,13 +28,14 @@ def main() -> None:
     parser.add_argument("--sleep-first", type=float, default=0.0,
                         help="extra seconds the first record this process sees takes")
     parser.add_argument("--consumer-config", default="{}")
+    parser.add_argument("--batch-size", type=int, default=100)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(os.environ.get("WORKER_KAFKA_LOG_LEVEL", "WARNING"))
     app = App(args.group, consumer_config={**CONSUMER_CONFIG, **json.loads(args.consumer_config)})
     first = [True]
 
-    @app.handler(args.topic)
+    @app.handler(args.topic, batch_size=args.batch_size)
     def handle(message: Message, session: Session) -> None:
         if first[0]:
             first[0] = False
