@@ -23,6 +23,7 @@ from exactlyonce.errors import (
     TransientError,
 )
 from exactlyonce.message import Message
+from exactlyonce.producer import Producer
 from exactlyonce.retry import Retry
 from exactlyonce.store import Claim, claim
 
@@ -38,6 +39,7 @@ __all__ = [
     "MessageDecodeError",
     "MessageError",
     "OnMismatch",
+    "Producer",
     "Retry",
     "Skip",
     "TransientError",

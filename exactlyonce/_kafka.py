@@ -6,6 +6,7 @@ settings here; kafka-python's exceptions become exactlyonce's here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,7 +20,7 @@ from exactlyonce.message import Message
 
 log = logging.getLogger("exactlyonce")
 
-__all__ = ["Consumer", "DeadLetterProducer", "TopicPartition", "to_message"]
+__all__ = ["Consumer", "RecordProducer", "TopicPartition", "is_retriable", "to_message"]
 
 #: exactlyonce's consumer defaults; ``App(consumer_config=...)`` overrides them.
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -178,13 +179,43 @@ class Consumer:
         self._consumer.close(autocommit=False)
 
 
-class DeadLetterProducer:
-    """Publishes dead letters and waits for the broker's acknowledgement."""
+class RecordProducer:
+    """kafka-python's producer behind the seam: futures, flushes, and waits for acks."""
 
     def __init__(self, *, bootstrap_servers: str, config: Mapping[str, Any]) -> None:
-        self._producer = kafka.KafkaProducer(
-            bootstrap_servers=bootstrap_servers, **{**PRODUCER_DEFAULTS, **config}
+        try:
+            self._producer = kafka.KafkaProducer(
+                bootstrap_servers=bootstrap_servers, **{**PRODUCER_DEFAULTS, **config}
+            )
+        except kafka.errors.NoBrokersAvailable as exc:
+            raise TransientError(f"no Kafka broker answers at {bootstrap_servers}") from exc
+        except (TypeError, kafka.errors.KafkaConfigurationError) as exc:
+            raise ConfigurationError(f"invalid producer_config: {exc}") from exc
+
+    def send(
+        self,
+        topic: str,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, bytes]],
+        partition: int | None = None,
+    ) -> Any:
+        """Queue one record; return its future (see :meth:`outcome`)."""
+        try:
+            return self._producer.send(topic, key=key, value=value, headers=headers, partition=partition)
+        except kafka.errors.KafkaError as exc:
+            return _FailedSend(exc)
+
+    @staticmethod
+    def outcome(future: Any) -> BaseException | None:
+        """``None`` if the record behind a completed ``future`` was acknowledged, else the error."""
+        if future.succeeded():
+            return None
+        error: BaseException = (
+            future.exception if future.is_done else kafka.errors.KafkaTimeoutError("no acknowledgement yet")
         )
+        return error
 
     def publish(
         self,
@@ -197,15 +228,41 @@ class DeadLetterProducer:
     ) -> None:
         """Send one record and block until it is acknowledged (acks=all)."""
         try:
-            self._producer.send(topic, key=key, value=value, headers=headers).get(
-                timeout=timeout_s
-            )
+            self.send(topic, key=key, value=value, headers=headers).get(timeout=timeout_s)
         except kafka.errors.KafkaError as exc:
-            raise TransientError(f"dead-letter publish to {topic!r} failed: {exc}") from exc
+            raise TransientError(f"publish to {topic!r} failed: {exc}") from exc
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Wait until every queued record has an outcome (acknowledged or failed)."""
+        # On a timeout the futures still pending report it.
+        with contextlib.suppress(kafka.errors.KafkaTimeoutError):
+            self._producer.flush(timeout=timeout_s)
 
     def close(self) -> None:
         """Flush and close."""
         self._producer.close(timeout=10)
+
+
+class _FailedSend:
+    """The future of a record that kafka-python refused before queueing it."""
+
+    is_done = True
+
+    def __init__(self, exception: BaseException) -> None:
+        self.exception = exception
+
+    def succeeded(self) -> bool:
+        return False
+
+    def get(self, timeout: float | None = None) -> None:
+        raise self.exception
+
+
+def is_retriable(exc: BaseException) -> bool:
+    """Whether sending again may succeed (broker down, timeout, leader moved, ...)."""
+    return bool(getattr(exc, "retriable", False)) or isinstance(
+        exc, kafka.errors.KafkaTimeoutError | kafka.errors.KafkaConnectionError
+    )
 
 
 def _fmt(partitions: Iterable[TopicPartition]) -> str:

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from exactlyonce import _db, ids
-from exactlyonce._kafka import Consumer, DeadLetterProducer, TopicPartition, to_message
+from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition, to_message
 from exactlyonce.app import OnMismatch
 from exactlyonce.errors import (
     ConfigurationError,
@@ -79,7 +79,7 @@ class Runner:
         #: Next offset to commit per partition: everything below is in the database.
         self._done: dict[TopicPartition, int] = {}
         self._consumer: Consumer | None = None
-        self._producer: DeadLetterProducer | None = None
+        self._producer: RecordProducer | None = None
         self.stats = app.stats
 
     # -- lifecycle ----------------------------------------------------------
@@ -378,9 +378,9 @@ class Runner:
                   handler.dead_letter_topic, reason, exc)
         return "dead_lettered"
 
-    def _dead_letter_producer(self) -> DeadLetterProducer:
+    def _dead_letter_producer(self) -> RecordProducer:
         if self._producer is None:
-            self._producer = DeadLetterProducer(
+            self._producer = RecordProducer(
                 bootstrap_servers=self._app.bootstrap_servers, config=self._app.producer_config
             )
         return self._producer

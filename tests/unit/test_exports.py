@@ -8,7 +8,7 @@ def test_public_names_are_pinned() -> None:
     assert exactlyonce.__all__ == sorted(exactlyonce.__all__)
     assert exactlyonce.__all__ == [
         "App", "Claim", "ConfigurationError", "DeadLetter", "EmbeddedBroker", "ExactlyOnceError",
-        "Handler", "Message", "MessageDecodeError", "MessageError", "OnMismatch", "Retry", "Skip",
+        "Handler", "Message", "MessageDecodeError", "MessageError", "OnMismatch", "Producer", "Retry", "Skip",
         "TransientError", "claim", "ids",
     ]
     for name in exactlyonce.__all__:

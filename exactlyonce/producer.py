@@ -1,0 +1,183 @@
+"""A stubborn, idempotent producer: the sending half of a reliable link.
+
+Over a lossy link a sender retransmits until acknowledged; the receiver drops
+the copies by message number. Here every record carries a ``message-id``
+header (the caller's, or a new time-ordered ID), Kafka's idempotent producer
+(``acks=all``) removes the copies of its own internal retries, and records
+that still fail (the broker unreachable past ``delivery_timeout_ms``) are
+sent again, with backoff, until acknowledged or the retry budget runs out.
+The worst a lost acknowledgement causes is a duplicate, which an exactlyonce
+consumer skips; never a loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+from exactlyonce import _kafka
+from exactlyonce.app import BOOTSTRAP_SERVERS_ENV
+from exactlyonce.errors import ConfigurationError, TransientError
+from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
+from exactlyonce.retry import Retry
+
+
+def new_message_id() -> str:
+    """A new unique, time-ordered message ID (a UUID version 7, RFC 9562).
+
+    The first 48 bits are the Unix time in milliseconds, so IDs sort by
+    creation time; the rest is random.
+    """
+    value = (time.time_ns() // 1_000_000) << 80 | secrets.randbits(80)
+    value = value & ~(0xF << 76) | 0x7 << 76  # version 7
+    value = value & ~(0x3 << 62) | 0x2 << 62  # RFC 9562 variant
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def encode_value(value: bytes | str | Any) -> bytes:
+    """Bytes as they are, text as UTF-8, anything else as compact JSON with sorted keys.
+
+    Sorted keys make a re-send of the same object byte-identical, so consumers
+    see the same payload fingerprint.
+    """
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    partition: int | None
+    message_id: str
+    future: Any = field(default=None)
+
+
+class Producer:
+    """Send records with stable message IDs, retransmitting until acknowledged.
+
+    ``send`` returns at once with the record's message ID; ``flush`` waits for
+    every acknowledgement and re-sends what failed. ``config`` is forwarded to
+    kafka-python's ``KafkaProducer`` over ``acks="all"`` and
+    ``enable_idempotence=True``; ``retry`` bounds the re-sends (default: 5
+    rounds, backoff from 0.5 s to 10 s).
+    """
+
+    def __init__(
+        self,
+        bootstrap_servers: str | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        retry: Retry | None = None,
+    ) -> None:
+        servers = bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
+        if not servers:
+            raise ConfigurationError(
+                f"no Kafka bootstrap servers: pass bootstrap_servers= or set {BOOTSTRAP_SERVERS_ENV}"
+            )
+        self._retry = retry or Retry(attempts=5, backoff=timedelta(seconds=0.5), max_backoff=timedelta(seconds=10))
+        self._producer = _kafka.RecordProducer(bootstrap_servers=servers, config=dict(config or {}))
+        self._pending: list[_Outgoing] = []
+
+    def send(
+        self,
+        topic: str,
+        value: bytes | str | Any,
+        *,
+        key: bytes | str | None = None,
+        message_id: str | None = None,
+        headers: Iterable[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
+    ) -> str:
+        """Queue one record and return its message ID (``message_id`` or a new one).
+
+        ``value``: bytes, text, or a JSON-serialisable object (see
+        :func:`encode_value`). The ID goes in the ``message-id`` header.
+        """
+        message_id = message_id or new_message_id()
+        if not 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
+            raise ConfigurationError(f"message_id must have 1 to {MAX_MESSAGE_ID_LENGTH} characters")
+        extra = [(name, data) for name, data in (headers or ()) if name != DEFAULT_HEADER]
+        record = _Outgoing(
+            topic=topic,
+            key=key.encode("utf-8") if isinstance(key, str) else key,
+            value=encode_value(value),
+            headers=[*extra, (DEFAULT_HEADER, message_id.encode("utf-8"))],
+            partition=partition,
+            message_id=message_id,
+        )
+        self._transmit(record)
+        self._pending.append(record)
+        return message_id
+
+    def flush(self) -> None:
+        """Wait until every queued record is acknowledged, re-sending failures.
+
+        Raises :class:`~exactlyonce.TransientError` naming the undelivered
+        message IDs when the retry budget runs out (send them again later:
+        their IDs make the copies harmless), and
+        :class:`~exactlyonce.ConfigurationError` for a record the broker will
+        never take (too large, invalid topic).
+        """
+        retrying = self._retry.retrying(retryable=lambda exc: isinstance(exc, TransientError), sleep=time.sleep)
+        try:
+            retrying(self._flush_once)
+        except TransientError as exc:
+            undelivered = [r.message_id for r in self._pending]
+            self._pending = []
+            raise TransientError(f"{len(undelivered)} record(s) not acknowledged: {undelivered[:10]}") from exc
+
+    def _flush_once(self) -> None:
+        # Re-send what failed last round, then wait for every outcome.
+        for record in self._pending:
+            if record.future is None:
+                self._transmit(record)
+        self._producer.flush()
+        failed: list[tuple[_Outgoing, BaseException]] = []
+        for record in self._pending:
+            error = self._producer.outcome(record.future)
+            if error is None:
+                continue
+            if not _kafka.is_retriable(error):
+                raise ConfigurationError(f"record {record.message_id} refused by the broker: {error}") from error
+            record.future = None
+            failed.append((record, error))
+        self._pending = [record for record, _ in failed]
+        if failed:
+            raise TransientError(f"{len(failed)} record(s) not acknowledged, first: {failed[0][1]}")
+
+    def _transmit(self, record: _Outgoing) -> None:
+        record.future = self._producer.send(
+            record.topic, key=record.key, value=record.value, headers=record.headers, partition=record.partition
+        )
+
+    def close(self) -> None:
+        """Flush, then close the connection."""
+        try:
+            self.flush()
+        finally:
+            self._producer.close()
+
+    def __enter__(self) -> Producer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._producer.close()
