@@ -178,8 +178,10 @@ def restart_postgres() -> None:
 
 
 def can_restart_postgres(url: str) -> bool:
-    """PostgreSQL restarts need the local cluster and its control tool."""
-    return (sa.engine.make_url(url).get_backend_name() == "postgresql"
+    """Whether ``url`` is this machine's PostgreSQL cluster, which root can restart with pg_ctlcluster."""
+    parsed = sa.engine.make_url(url)
+    return (parsed.get_backend_name() == "postgresql"
+            and parsed.host in ("127.0.0.1", "localhost") and parsed.port in (None, 5432)
             and os.path.isdir("/etc/postgresql") and os.geteuid() == 0)
 
 
