@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from exactlyonce import EmbeddedBroker, Message, migrate
 from exactlyonce.embedded import free_port
 from tests.chaos.bank import can_restart_postgres
-from tests.conftest import drop_all_tables
+from tests.conftest import drop_all_tables, unavailable
 from tests.faultproxy import FaultProxy
 from tests.integration.helpers import (
     Proc,
@@ -87,7 +87,7 @@ def _pg_ctl(action: str) -> None:
 def test_database_outage_commits_nothing_and_resumes(bootstrap_servers: str, pg: str, tmp_path: Path) -> None:
     """While PostgreSQL is down no offset moves and nothing is dropped; the worker resumes by itself."""
     if not can_restart_postgres(pg):
-        pytest.skip("needs this machine's PostgreSQL cluster (127.0.0.1:5432) to stop and start it")
+        unavailable("needs this machine's PostgreSQL cluster (127.0.0.1:5432) to stop and start it")
     topic, group = unique("outage"), unique("g")
     create_topic(bootstrap_servers, topic)
     first = [f"a{i}" for i in range(20)]
