@@ -23,6 +23,7 @@ from exactlyonce.errors import (
     TransientError,
 )
 from exactlyonce.message import Message
+from exactlyonce.outbox import publish
 from exactlyonce.producer import Producer
 from exactlyonce.retry import Retry
 from exactlyonce.store import Claim, claim
@@ -45,4 +46,5 @@ __all__ = [
     "TransientError",
     "claim",
     "ids",
+    "publish",
 ]

@@ -80,6 +80,8 @@ class App:
     ``batch_wait`` is the time bound of a batch: after a poll returns
     records, the runner keeps polling up to this long to fill a handler's
     ``batch_size`` (default 0: handle what each poll returns at once).
+    ``outbox``: :meth:`run` also relays what :func:`exactlyonce.publish`
+    stored, in a background thread (when the database has the outbox table).
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class App:
         *,
         transient_retry_budget: timedelta = timedelta(seconds=60),
         batch_wait: timedelta = timedelta(0),
+        outbox: bool = True,
     ) -> None:
         if not isinstance(group_id, str) or not group_id:
             raise ConfigurationError("group_id must be a non-empty string")
@@ -104,6 +107,7 @@ class App:
         if batch_wait < timedelta(0):
             raise ConfigurationError("batch_wait must not be negative")
         self.batch_wait = batch_wait
+        self.outbox = outbox
         self._handlers: dict[str, Handler] = {}
         self._engine: Engine | None = None
         self._stop = threading.Event()
@@ -240,20 +244,27 @@ class App:
 
         On stop the message in hand is finished (or rolled back if it is
         waiting out a retry), done offsets are committed, and the consumer
-        leaves its group.
+        leaves its group. Unless ``outbox=False``, an outbox relay runs
+        alongside, until ``run`` returns.
         """
+        from exactlyonce.outbox import RelayThread
         from exactlyonce.runner import Runner
 
         if not self._handlers:
             raise ConfigurationError("no handlers registered")
+        relay = RelayThread(self.engine, self.bootstrap_servers, self.producer_config) if self.outbox else None
         self._stop.clear()
         previous: dict[signal.Signals, Any] = {}
         if install_signal_handlers and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, self._on_signal)
         try:
+            if relay is not None:
+                relay.start()
             Runner(self, self._stop).run()
         finally:
+            if relay is not None:
+                relay.stop()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 

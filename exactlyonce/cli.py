@@ -7,6 +7,7 @@
     exactlyonce db downgrade REVISION   revert them (``base`` drops the tables)
     exactlyonce db current              print the applied revision
     exactlyonce prune --older-than 14d  delete old dedup rows, in small batches
+    exactlyonce relay [--once]          send the outbox's pending messages until SIGTERM/SIGINT
 
 Connection settings come from ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
 ``EXACTLYONCE_DATABASE_URL`` unless given as options.
@@ -19,11 +20,15 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from datetime import timedelta
 
-from exactlyonce import _db, migrate, store
+import sqlalchemy as sa
+
+from exactlyonce import _db, migrate, outbox, schema, store
 from exactlyonce.app import DATABASE_URL_ENV, App
 from exactlyonce.errors import ExactlyOnceError
 
@@ -63,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     downgrade.add_argument("revision")
     db_commands.add_parser("current", help="print the applied revision")
 
-    prune = commands.add_parser("prune", help="delete dedup rows older than a retention window")
+    prune = commands.add_parser("prune", help="delete dedup rows (or sent outbox rows) older than a "
+                                "retention window")
     prune.add_argument("--database-url", default=None, help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
     prune.add_argument("--older-than", required=True, type=parse_duration, metavar="DURATION",
                        help="e.g. 14d, 36h, 90m")
@@ -71,6 +77,15 @@ def _parser() -> argparse.ArgumentParser:
                        metavar="DURATION", help="the topics' Kafka log retention (default 7d)")
     prune.add_argument("--force", action="store_true", help="prune inside the redelivery horizon anyway")
     prune.add_argument("--batch-size", type=int, default=1000)
+    prune.add_argument("--outbox", action="store_true",
+                       help="prune the outbox's sent rows instead (never pending ones; no horizon applies)")
+
+    relay = commands.add_parser("relay", help="send the outbox's pending messages until SIGTERM/SIGINT")
+    relay.add_argument("--database-url", default=None, help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    relay.add_argument("--once", action="store_true", help="send what is pending now, then exit")
+    relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default 100)")
+    relay.add_argument("--retention", type=parse_duration, default=outbox.DEFAULT_RETENTION,
+                       metavar="DURATION", help="prune rows sent longer ago than this, hourly (default 7d)")
     return parser
 
 
@@ -92,6 +107,27 @@ def _database_url(args: argparse.Namespace) -> str:
     return str(url)
 
 
+def _relay(args: argparse.Namespace) -> None:
+    """Run a Relay until SIGTERM/SIGINT (or, with ``--once``, until nothing is left to send)."""
+    engine = _db.create_engine(_database_url(args))
+    if not sa.inspect(engine).has_table(schema.outbox.name):
+        raise ExactlyOnceError(f"table {schema.outbox.name} is missing: run `exactlyonce db upgrade` first")
+    relay = outbox.Relay(engine, batch_size=args.batch_size)
+    try:
+        if args.once:
+            while relay.run_once():
+                pass
+        else:
+            stop = threading.Event()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda signum, frame: stop.set())
+            logging.getLogger("exactlyonce").info("relaying the outbox")
+            relay.run(stop, retention=args.retention)
+    finally:
+        relay.close()
+    print(f"relayed {relay.published} outbox messages")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``exactlyonce`` console script."""
     args = _parser().parse_args(argv)
@@ -102,6 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             load_app(args.app).run()
+        elif args.command == "prune" and args.outbox:
+            deleted = outbox.prune(_db.create_engine(_database_url(args)), args.older_than,
+                                   batch_size=args.batch_size)
+            print(f"pruned {deleted} sent outbox rows older than {args.older_than}")
         elif args.command == "prune":
             deleted = store.prune(_db.create_engine(_database_url(args)), args.older_than,
                                   horizon=args.horizon, force=args.force, batch_size=args.batch_size)
@@ -113,6 +153,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             elif args.db_command == "downgrade":
                 migrate.downgrade(engine, args.revision)
             print(migrate.current(engine) or "base")
+        elif args.command == "relay":
+            _relay(args)
     except ExactlyOnceError as exc:
         print(f"exactlyonce: error: {exc}", file=sys.stderr)
         return 2

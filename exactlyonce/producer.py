@@ -147,15 +147,21 @@ class Producer:
                 self._transmit(record)
         self._producer.flush()
         failed: list[tuple[_Outgoing, BaseException]] = []
+        refused: list[tuple[_Outgoing, BaseException]] = []
         for record in self._pending:
             error = self._producer.outcome(record.future)
             if error is None:
                 continue
-            if not _kafka.is_retriable(error):
-                raise ConfigurationError(f"record {record.message_id} refused by the broker: {error}") from error
             record.future = None
-            failed.append((record, error))
+            (failed if _kafka.is_retriable(error) else refused).append((record, error))
+        # A refused record is dropped from the queue, so the next flush does not
+        # raise for it again; the retriable ones stay queued.
         self._pending = [record for record, _ in failed]
+        if refused:
+            record, error = refused[0]
+            raise ConfigurationError(
+                f"{len(refused)} record(s) refused by the broker, first {record.message_id}: {error}"
+            ) from error
         if failed:
             raise TransientError(f"{len(failed)} record(s) not acknowledged, first: {failed[0][1]}")
 

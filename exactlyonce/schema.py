@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -83,4 +83,33 @@ processed = Table(
     Column("processed_at", DateTime(timezone=False), nullable=False),
     # Retention pruning deletes the oldest rows first.
     Index("ix_exactlyonce_processed_processed_at", "processed_at"),
+)
+
+
+#: Messages published with :func:`exactlyonce.publish`, in the publishing
+#: transaction; the relay sends the pending ones (``sent_at`` NULL) in ``id``
+#: order and sets ``sent_at``.
+outbox = Table(
+    "exactlyonce_outbox",
+    metadata,
+    # SQLite autoincrements only an INTEGER primary key.
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True),
+    Column("topic", String(MAX_TOPIC_LENGTH), nullable=False),
+    # MySQL's BLOB and TEXT stop at 64 KiB; a Kafka record may be larger.
+    Column("key", LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"), nullable=True),
+    Column("value", LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"), nullable=False),
+    # JSON text: a list of [name, base64 of the value], in the record's order.
+    Column("headers", Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb"), nullable=False),
+    Column("message_id", ExactString(MAX_MESSAGE_ID_LENGTH), nullable=False),
+    # SHA-256 hex of (topic, key): the rows that must reach Kafka in id order
+    # share it. A key is bytes of any length, which MySQL cannot index or
+    # compare without a prefix length; the digest indexes everywhere.
+    Column("ordering_key", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=False), nullable=False),
+    Column("sent_at", DateTime(timezone=False), nullable=True),
+    # The pending scan (sent_at IS NULL ORDER BY id) and pruning (oldest sent_at first).
+    Index("ix_exactlyonce_outbox_sent_at_id", "sent_at", "id"),
+    # "Is an earlier row of this ordering key still pending?" without reading
+    # the key's sent rows.
+    Index("ix_exactlyonce_outbox_ordering_key_sent_at_id", "ordering_key", "sent_at", "id"),
 )

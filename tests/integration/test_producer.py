@@ -88,3 +88,20 @@ def test_connection_cuts_during_sends_lose_nothing_and_dedup_drops_the_copies(po
         assert effect_counts(engine) == dict.fromkeys(sent, 1)
         assert app.stats["applied"] == 300 and app.stats["duplicate"] == len(received) - 300
     engine.dispose()
+
+
+def test_a_refused_record_raises_once_and_leaves_the_queue(bootstrap_servers: str) -> None:
+    """A record the broker will never take raises ConfigurationError once; later sends still flush."""
+    import pytest
+
+    from exactlyonce import ConfigurationError
+
+    topic = unique("refused")
+    create_topic(bootstrap_servers, topic)
+    producer = Producer(bootstrap_servers, config={"max_request_size": 1000})
+    producer.send(topic, b"x" * 5000, message_id="too-big")
+    with pytest.raises(ConfigurationError, match="too-big"):
+        producer.flush()
+    producer.send(topic, b"small", message_id="ok")
+    producer.close()
+    assert [dict(r.headers)["message-id"] for r in read_topic(bootstrap_servers, topic)] == [b"ok"]

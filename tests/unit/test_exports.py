@@ -9,7 +9,7 @@ def test_public_names_are_pinned() -> None:
     assert exactlyonce.__all__ == [
         "App", "Claim", "ConfigurationError", "DeadLetter", "EmbeddedBroker", "ExactlyOnceError",
         "Handler", "Message", "MessageDecodeError", "MessageError", "OnMismatch", "Producer", "Retry", "Skip",
-        "TransientError", "claim", "ids",
+        "TransientError", "claim", "ids", "publish",
     ]
     for name in exactlyonce.__all__:
         assert getattr(exactlyonce, name) is not None
