@@ -40,6 +40,11 @@ SEED ?= 1
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.bank --duration $(DURATION) --seed $(SEED)
 
+## The benchmarks (about 20 minutes; QUICK=1 for a smoke run); writes bench/results.md
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy

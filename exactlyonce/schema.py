@@ -51,7 +51,7 @@ class ExactString(TypeDecorator[str]):
         if dialect.name in ("mysql", "mariadb"):
             collation = "utf8mb4_nopad_bin" if getattr(dialect, "is_mariadb", False) else "utf8mb4_0900_bin"
             return dialect.type_descriptor(mysql.VARCHAR(self.length, charset="utf8mb4", collation=collation))
-        return dialect.type_descriptor(String(self.length))
+        return self.impl_instance
 
 
 class Outcome(enum.StrEnum):

@@ -1,0 +1,556 @@
+"""Benchmark exactlyonce against a raw consumer and a hand-written loop.
+
+``python -m bench.run`` (``make bench``) measures, in one run on one topic:
+
+- (a) a raw kafka-python consumer JSON-decoding every record, no database;
+- (b) a hand-written loop: one transaction per record (dedup INSERT ... ON
+  CONFLICT DO NOTHING + the transfer), offsets committed per poll;
+- (c) exactlyonce, ordinary handler (the example's ``apply_transfer``),
+  ``batch_size=100``; (c1) the same with ``batch_size=1``;
+- (d) exactlyonce, batch handler, ``batch_size=500``, set-based statements;
+  (d0) the same handler writing nothing (exactlyonce's own cost);
+
+on PostgreSQL and SQLite (msgs/s, peak RSS, p50/p99 end-to-end latency), then
+(f) throughput against batch size, (e) scaling over 1..4 worker processes,
+(h) RSS over a long run and (g) claim latency against dedup-table size. It
+prints a Markdown report and writes ``bench/results.md`` and
+``bench/throughput_vs_batch_size.png``. ``--quick`` is a smoke run (< 2 min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import queue
+import random
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from importlib.metadata import version
+from pathlib import Path
+from typing import IO, Any
+
+import sqlalchemy as sa
+
+from bench import claims, common, report
+from bench.common import ROOT
+from bench.proc import EVENT_PREFIX
+from exactlyonce import EmbeddedBroker, _db
+
+BENCH_DIR = ROOT / "bench"
+
+
+def say(text: str) -> None:
+    print(f"bench: {text}", flush=True)
+
+
+class BenchError(Exception):
+    """A variant failed (its worker died, reported an error or timed out)."""
+
+
+# -- worker processes ---------------------------------------------------------
+
+
+class Child:
+    """A ``python -m bench.worker`` process and the events it reports."""
+
+    def __init__(self, spec: dict[str, Any], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log: IO[str] = log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.worker", json.dumps(spec)], cwd=ROOT,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, text=True,
+        )
+        self._events: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(EVENT_PREFIX):
+                self._events.put(json.loads(line[len(EVENT_PREFIX):]))
+        self._events.put({"event": "exit"})
+
+    def wait(self, name: str, timeout: float) -> dict[str, Any]:
+        """Wait for event ``name``; raise BenchError on an error, an exit or the timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BenchError(f"timed out after {timeout:.0f} s waiting for {name!r}; see {self.log_path}")
+            try:
+                ev = self._events.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if ev["event"] == name:
+                return ev
+            if ev["event"] == "error":
+                raise BenchError(f"{ev['message']} (see {self.log_path})")
+            if ev["event"] == "exit":
+                raise BenchError(f"worker exited with {self.proc.wait()} before {name!r}; see {self.log_path}")
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Wait for the exit (kill after ``timeout``)."""
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.close()
+
+
+# -- the run ------------------------------------------------------------------
+
+
+class Bench:
+    """Everything one ``python -m bench.run`` shares: broker, databases, topics, results."""
+
+    def __init__(self, args: argparse.Namespace, bootstrap: str, workdir: Path) -> None:
+        self.args = args
+        self.bootstrap = bootstrap
+        self.workdir = workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir()
+        self.run_id = secrets.token_hex(3)
+        self.serial = 0
+        self.pg_url = common.postgres_url(args.postgres_url) if not args.skip_postgres else None
+        self.sqlite: common.SqliteFiles | None = None
+        self.results: dict[str, Any] = {"variants": [], "errors": [], "notes": []}
+
+    def spec(self, **fields: Any) -> dict[str, Any]:
+        """A worker spec with what every worker shares."""
+        return {"bootstrap": self.bootstrap, "consumer_config": {
+            "session_timeout_ms": self.args.session_timeout_ms,
+            "heartbeat_interval_ms": max(100, min(1000, self.args.session_timeout_ms // 3))}, **fields}
+
+    def name(self, what: str) -> str:
+        self.serial += 1
+        return f"bench-{self.run_id}-{self.serial:02d}-{what}"
+
+    # -- databases --
+
+    def databases(self) -> list[str]:
+        dbs = []
+        if self.pg_url:
+            dbs.append("postgresql")
+        if not self.args.skip_sqlite:
+            dbs.append("sqlite")
+        return dbs
+
+    def prepare(self) -> None:
+        if self.pg_url:
+            say(f"PostgreSQL: {sa.make_url(self.pg_url).render_as_string(hide_password=True)}")
+            common.ensure_postgres_database(self.pg_url)
+            common.prepare_schema(self.pg_url)
+        if not self.args.skip_sqlite:
+            self.sqlite = common.SqliteFiles(self.workdir, self.args.accounts)
+
+    @contextlib.contextmanager
+    def fresh_database(self, db: str | None, label: str) -> Iterator[str | None]:
+        """A database in its initial state (seeded accounts, empty tables) for one run."""
+        if db is None:
+            yield None
+        elif db == "postgresql":
+            assert self.pg_url
+            common.reset_postgres(self.pg_url, self.args.accounts)
+            yield self.pg_url
+        else:
+            assert self.sqlite
+            url = self.sqlite.fresh(label)
+            try:
+                yield url
+            finally:
+                self.sqlite.remove(url)
+
+    # -- topics --
+
+    def produce(self, what: str, count: int, partitions: int) -> str:
+        topic = self.name(what)
+        seconds = common.produce_transfers(self.bootstrap, topic, count, prefix=what, n_accounts=self.args.accounts,
+                                           partitions=partitions)
+        say(f"produced {count:,} records to {topic} ({partitions} partitions) in {seconds:.1f} s "
+            f"({count / seconds:,.0f}/s)")
+        return topic
+
+    # -- one variant, two phases --
+
+    def two_phase(self, key: str, label: str, mode: str, db: str | None, topic: str, *,
+                  handler: str | None = None, batch_size: int | None = None, latency: bool = True,
+                  record: bool = True) -> dict[str, Any] | None:
+        for attempt in (1, 2):
+            try:
+                row = self._attempt(key, label, mode, db, topic, handler=handler, batch_size=batch_size,
+                                    latency=latency)
+            except (BenchError, sa.exc.SQLAlchemyError) as exc:
+                message = f"{label} on {report.DB_NAMES[db]} (attempt {attempt}): {type(exc).__name__}: {exc}"
+                say(f"FAILED {message}")
+                if attempt == 2:
+                    self.results["errors"].append(message)
+                continue
+            latency_text = f"  p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms" if "p50_ms" in row else ""
+            say(f"  {label:<55} {report.DB_NAMES[db]:<10} {row['count']:>8,} records "
+                f"{row['rate']:>9,.0f} msgs/s  peak RSS {row['peak_rss_kb'] / 1024:4.0f} MiB{latency_text}")
+            if record:
+                self.results["variants"].append(row)
+            return row
+        return None
+
+    def _attempt(self, key: str, label: str, mode: str, db: str | None, topic: str, *, handler: str | None,
+                 batch_size: int | None, latency: bool) -> dict[str, Any]:
+        args = self.args
+        with self.fresh_database(db, key) as url:
+            spec = self.spec(mode=mode, topic=topic, group=self.name(f"g-{key}"), messages=args.messages,
+                             max_seconds=args.max_seconds, database_url=url, handler=handler,
+                             batch_size=batch_size)
+            if latency and args.latency_messages:
+                spec["latency_topic"] = self.name(f"lat-{key}")
+                spec["latency_messages"] = args.latency_messages
+                common.create_topic(self.bootstrap, spec["latency_topic"], 1)
+            child = Child(spec, self.logs / f"{spec['group']}.log")
+            try:
+                row = self._two_phase(child, spec, key, label, db)
+            except BaseException:
+                child.kill()
+                raise
+            child.close()
+            return row
+
+    def _two_phase(self, child: Child, spec: dict[str, Any], key: str, label: str,
+                   db: str | None) -> dict[str, Any]:
+        args = self.args
+        # The time cap starts at the first record: allow for start-up, the group join and the tail.
+        throughput = child.wait("throughput", (args.max_seconds or 600) + 120)
+        row: dict[str, Any] = {"key": key, "label": label, "db": db, "count": throughput["count"],
+                               "rate": throughput["rate"], "elapsed": throughput["elapsed"],
+                               "batch_size": spec["batch_size"]}
+        if throughput["count"] < args.messages and not args.max_seconds:
+            raise BenchError(f"only {throughput['count']} of {args.messages} records done")
+        if "latency_topic" in spec:
+            child.wait("ready", 90)
+            common.paced_produce(self.bootstrap, spec["latency_topic"], args.latency_messages,
+                                 args.latency_rate, prefix=f"lat{self.serial}", n_accounts=args.accounts)
+            latency = child.wait("latency", 120)
+            row.update(p50_ms=latency["p50_ms"], p99_ms=latency["p99_ms"], max_ms=latency["max_ms"])
+        done = child.wait("done", 60)
+        row.update(peak_rss_kb=done["peak_rss_kb"], retries=done["retries"])
+        return row
+
+    # -- sections --
+
+    def section(self, name: str, fn: Callable[..., None], *fn_args: Any) -> None:
+        """Run one section; an unexpected failure is reported and the next section still runs."""
+        try:
+            fn(*fn_args)
+        except Exception as exc:
+            say(f"FAILED section {name}: {type(exc).__name__}: {exc}")
+            self.results["errors"].append(f"section {name}: {type(exc).__name__}: {exc}")
+
+    def variants(self, topic: str) -> None:
+        say("throughput, memory and latency: (a) raw, (b) hand-written, (c1)/(c) ordinary, (d)/(d0) batch handler")
+        self.two_phase("a", "(a) raw kafka-python consumer, no database", "raw", None, topic)
+        for db in self.databases():
+            self.two_phase("b", "(b) hand-written loop, 1 txn/record", "naive", db, topic)
+            self.two_phase("c1", "(c1) exactlyonce ordinary handler, batch_size=1", "eo", db, topic,
+                           handler="message", batch_size=1)
+            self.two_phase("c", "(c) exactlyonce ordinary handler, batch_size=100", "eo", db, topic,
+                           handler="message", batch_size=100)
+            self.two_phase("d", "(d) exactlyonce batch handler, batch_size=500", "eo", db, topic,
+                           handler="batch", batch_size=500)
+            self.two_phase("d0", "(d0) as (d), the handler writing nothing (dedup only)", "eo", db, topic,
+                           handler="dedup-only", batch_size=500)
+
+    def batch_sizes(self, topic: str) -> None:
+        say("(f) throughput against batch size, ordinary handler, PostgreSQL")
+        rows = []
+        for size in self.args.batch_sizes:
+            reuse = {1: "c1", 100: "c"}.get(size)
+            row = report.find(self.results, reuse, "postgresql") if reuse else None
+            if row is None:
+                row = self.two_phase(f"f{size}", f"(f) ordinary handler, batch_size={size}", "eo", "postgresql",
+                                     topic, handler="message", batch_size=size, latency=False, record=False)
+            if row is not None:
+                rows.append({"batch_size": size, "count": row["count"], "rate": row["rate"]})
+        self.results["batch_sizes"] = rows
+
+    def scaling(self, topic: str) -> None:
+        say(f"(e) scaling over 1..{self.args.max_workers} worker processes, PostgreSQL, 8 partitions")
+        rows = []
+        for handler, batch_size in (("batch", 500), ("message", 100)):
+            for workers in range(1, self.args.max_workers + 1):
+                for attempt in (1, 2):
+                    try:
+                        row = self._scale(topic, handler, batch_size, workers)
+                    except (BenchError, sa.exc.SQLAlchemyError) as exc:
+                        message = f"scaling {handler} x{workers} (attempt {attempt}): {exc}"
+                        say(f"FAILED {message}")
+                        if attempt == 2:
+                            self.results["errors"].append(message)
+                        continue
+                    rows.append(row)
+                    say(f"  {handler:<8} handler x{workers}: {row['rate']:>9,.0f} msgs/s "
+                        f"(steady {row['steady_rate']:,.0f}), per worker {row['per_worker']}, "
+                        f"retries {row['retries']}, rebalances {row['rebalances']}")
+                    break
+        self.results["scaling"] = rows
+
+    def _scale(self, topic: str, handler: str, batch_size: int, workers: int) -> dict[str, Any]:
+        assert self.pg_url
+        total = self.args.scaling_messages
+        common.reset_postgres(self.pg_url, self.args.accounts)
+        group = self.name(f"scale-{handler}-{workers}")
+        spec = self.spec(mode="scale", topic=topic, group=group, database_url=self.pg_url, handler=handler,
+                         batch_size=batch_size)
+        children = [Child(spec, self.logs / f"{group}-{n}.log") for n in range(workers)]
+        engine = _db.create_engine(self.pg_url)
+        samples: list[tuple[float, int]] = []
+        try:
+            deadline = time.monotonic() + self.args.scaling_timeout
+            while True:
+                count = common.count_processed(engine)
+                samples.append((time.time(), count))
+                if count >= total:
+                    break
+                dead = [c for c in children if c.proc.poll() is not None]
+                if dead:
+                    raise BenchError(f"a worker exited with {dead[0].proc.returncode}; see {dead[0].log_path}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{count} of {total} records after {self.args.scaling_timeout} s")
+                time.sleep(0.25)
+            for child in children:
+                child.terminate()
+            done = [child.wait("done", 60) for child in children]
+            for child in children:
+                child.close()
+        except BaseException:
+            for child in children:
+                child.kill()
+            raise
+        finally:
+            engine.dispose()
+        active = [d for d in done if d["count"]]
+        first = min(d["first_wall"] for d in active)
+        last = max(d["last_wall"] for d in active)
+        return {"handler": handler, "workers": workers, "count": total, "rate": total / (last - first),
+                "steady_rate": _steady_rate(samples, total), "per_worker": [d["count"] for d in done],
+                "retries": sum(d["retries"] for d in done),
+                "rebalances": max(d["assignments"] for d in done) - 1,
+                "peak_rss_kb": max(d["peak_rss_kb"] for d in done)}
+
+    def soak(self) -> None:
+        args = self.args
+        say(f"(h) RSS over {args.soak_messages:,} records, batch handler, PostgreSQL")
+        topic = self.produce("soak", args.soak_messages, 4)
+        assert self.pg_url
+        common.reset_postgres(self.pg_url, args.accounts)
+        spec = self.spec(mode="soak", topic=topic, group=self.name("g-soak"), messages=args.soak_messages,
+                         database_url=self.pg_url, handler="batch", batch_size=500, sample_every=args.soak_every)
+        child = Child(spec, self.logs / f"{spec['group']}.log")
+        try:
+            done = child.wait("done", args.soak_messages / 500 + 600)
+            child.close()
+        except BenchError as exc:
+            child.kill()
+            say(f"FAILED soak: {exc}")
+            self.results["errors"].append(f"soak: {exc}")
+            return
+        self.results["soak"] = done
+        if not done["samples"]:
+            return
+        first = done["samples"][0]
+        say(f"  {done['count']:,} records at {done['rate']:,.0f} msgs/s; RSS {first['rss_kb'] / 1024:.1f} MiB "
+            f"after {first['messages']:,} -> {done['samples'][-1]['rss_kb'] / 1024:.1f} MiB "
+            f"after {done['samples'][-1]['messages']:,}")
+
+    def claims(self) -> None:
+        args = self.args
+        results: dict[str, Any] = {}
+        for db in self.databases():
+            rows = args.dedup_rows if db == "postgresql" else args.sqlite_dedup_rows
+            say(f"(g) claim latency, {report.DB_NAMES[db]}: empty table vs {rows:,} rows")
+            for attempt in (1, 2):
+                try:
+                    with self.fresh_database(db, "claims") as url:
+                        assert url
+                        results[db] = claims.bench_claims(url, rows, reps=args.claim_reps,
+                                                          singles=args.claim_singles, progress=say)
+                    break
+                except sa.exc.SQLAlchemyError as exc:
+                    message = f"claims on {db} (attempt {attempt}): {type(exc).__name__}: {exc}"
+                    say(f"FAILED {message}")
+                    if attempt == 2:
+                        self.results["errors"].append(message)
+        self.results["claims"] = results
+
+
+def _steady_rate(samples: Sequence[tuple[float, int]], total: int) -> float:
+    """Records/s between the samples where 10% and 90% of ``total`` were done."""
+    lo = next(((t, n) for t, n in samples if n >= total * 0.1), None)
+    hi = next(((t, n) for t, n in samples if n >= total * 0.9), None)
+    if lo is None or hi is None or hi[0] <= lo[0]:
+        return float("nan")
+    return (hi[1] - lo[1]) / (hi[0] - lo[0])
+
+
+# -- command line ---------------------------------------------------------------
+
+
+QUICK = {"messages": 2000, "max_seconds": 10.0, "latency_messages": 50, "latency_rate": 100.0,
+         "scaling_messages": 2000, "max_workers": 2, "dedup_rows": 20_000, "sqlite_dedup_rows": None,
+         "soak_messages": 10_000, "soak_every": 2_500, "claim_reps": 5, "claim_singles": 50,
+         "accounts": 100_000, "batch_sizes": "1,10,100,500", "session_timeout_ms": 2000}
+FULL = {"messages": 100_000, "max_seconds": 30.0, "latency_messages": 1000, "latency_rate": 100.0,
+        "scaling_messages": 30_000, "max_workers": 4, "dedup_rows": 10_000_000, "sqlite_dedup_rows": None,
+        "soak_messages": 1_000_000, "soak_every": 100_000, "claim_reps": 30, "claim_singles": 300,
+        "accounts": 100_000, "batch_sizes": "1,10,50,100,250,500", "session_timeout_ms": 6000}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes everywhere: a smoke run under 2 minutes")
+    parser.add_argument("--messages", type=int, help="records in the main topic (full 100k, quick 3k)")
+    parser.add_argument("--max-seconds", type=float,
+                        help="stop a variant this long after its first record (0: never; full 30, quick 10)")
+    parser.add_argument("--latency-messages", type=int, help="records in each latency phase (0: skip)")
+    parser.add_argument("--latency-rate", type=float, help="records/s sent in the latency phase")
+    parser.add_argument("--accounts", type=int, help="accounts the transfers move money between (max 1,000,000)")
+    parser.add_argument("--batch-sizes", help="batch sizes for the plot (comma-separated; full 1,10,50,100,250,500)")
+    parser.add_argument("--session-timeout-ms", type=int,
+                        help="consumer session_timeout_ms (full 6000; quick 2000: the embedded broker's group "
+                             "join takes about half of it)")
+    parser.add_argument("--scaling-messages", type=int, help="records in the 8-partition scaling topic")
+    parser.add_argument("--max-workers", type=int, help="scale from 1 to this many worker processes")
+    parser.add_argument("--scaling-timeout", type=float, default=900.0, help="seconds allowed per scaling run")
+    parser.add_argument("--dedup-rows", type=int, default=os.environ.get("BENCH_DEDUP_ROWS"),
+                        help="rows in the big dedup table for claim latency (full 10M; env BENCH_DEDUP_ROWS)")
+    parser.add_argument("--sqlite-dedup-rows", type=int, help="the same for SQLite (default: --dedup-rows)")
+    parser.add_argument("--claim-reps", type=int, help="claim_many(500) repetitions per table size")
+    parser.add_argument("--claim-singles", type=int, help="single claim() calls per table size")
+    parser.add_argument("--soak-messages", type=int, help="records for the RSS run (full 1M)")
+    parser.add_argument("--soak-every", type=int, help="sample RSS every this many records")
+    parser.add_argument("--skip-variants", action="store_true", help="skip (a)-(d)")
+    parser.add_argument("--skip-batch-sizes", action="store_true", help="skip (f)")
+    parser.add_argument("--skip-scaling", action="store_true", help="skip (e)")
+    parser.add_argument("--skip-claims", action="store_true", help="skip (g)")
+    parser.add_argument("--skip-soak", action="store_true", help="skip (h)")
+    parser.add_argument("--skip-sqlite", action="store_true")
+    parser.add_argument("--skip-postgres", action="store_true", help="also skips (e), (f), (h) and PG claims")
+    parser.add_argument("--postgres-url", help=f"default ${common.POSTGRES_URL_ENV} or {common.DEFAULT_POSTGRES_URL}")
+    parser.add_argument("--bootstrap-servers", help="use this Kafka cluster instead of an embedded broker")
+    parser.add_argument("--out-dir", type=Path, default=BENCH_DIR, help="where results.md and the plot go")
+    parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
+    parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (worker logs, SQLite files)")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    if args.sqlite_dedup_rows is None:
+        args.sqlite_dedup_rows = args.dedup_rows
+    args.dedup_rows = int(args.dedup_rows)
+    args.batch_sizes = sorted({int(s) for s in args.batch_sizes.split(",") if s.strip()})
+    if not args.max_seconds:
+        args.max_seconds = None
+    if not 2 <= args.accounts <= 1_000_000:
+        parser.error("--accounts must be between 2 and 1,000,000")
+    return args
+
+
+def _meta(args: argparse.Namespace, bench: Bench, argv: Sequence[str] | None) -> dict[str, Any]:
+    import sqlite3
+
+    postgres = "-"
+    if bench.pg_url:
+        engine = _db.create_engine(bench.pg_url)
+        try:
+            with engine.connect() as conn:
+                postgres = str(conn.execute(sa.text("SHOW server_version")).scalar_one())
+        finally:
+            engine.dispose()
+    payload = common.transfer_payload("main", 0, args.accounts, random.Random(0))
+    return {
+        "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} Linux, {os.cpu_count()} cores",
+        "cpus": os.cpu_count(), "python": platform.python_version(),
+        "kafka_python": version("kafka-python"), "sqlalchemy": version("SQLAlchemy"),
+        "psycopg": version("psycopg"), "postgres": postgres, "sqlite": sqlite3.sqlite_version,
+        "broker": "external " + args.bootstrap_servers if args.bootstrap_servers else "embedded tansu (memory only)",
+        "command": "python -m bench.run " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "payload_bytes": len(json.dumps(payload, separators=(",", ":"))),
+        "accounts": args.accounts, "messages": args.messages, "partitions": 4,
+        "max_seconds": args.max_seconds, "latency_messages": args.latency_messages,
+        "latency_rate": args.latency_rate, "scaling_messages": args.scaling_messages,
+        "soak_every": args.soak_every, "session_timeout_ms": args.session_timeout_ms,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    workdir = Path(tempfile.mkdtemp(prefix="exactlyonce-bench-"))
+    broker = None if args.bootstrap_servers else EmbeddedBroker().start()
+    bootstrap = args.bootstrap_servers or broker.bootstrap_servers  # type: ignore[union-attr]
+    say(f"broker {bootstrap}; work dir {workdir}")
+    bench = Bench(args, bootstrap, workdir)
+    try:
+        bench.prepare()
+        bench.results["meta"] = _meta(args, bench, argv)
+        if not args.skip_variants or (bench.pg_url and not args.skip_batch_sizes):
+            topic = bench.produce("main", args.messages, 4)
+            if not args.skip_variants:
+                bench.section("variants", bench.variants, topic)
+            if bench.pg_url and not args.skip_batch_sizes:
+                bench.section("batch sizes", bench.batch_sizes, topic)
+        if bench.pg_url and not args.skip_scaling:
+            bench.section("scaling", lambda: bench.scaling(bench.produce("scale", args.scaling_messages, 8)))
+        if bench.pg_url and not args.skip_soak:
+            bench.section("soak", bench.soak)
+        if not args.skip_claims:
+            bench.section("claims", bench.claims)
+    finally:
+        if broker is not None:
+            broker.stop()
+        if args.keep_workdir or bench.results["errors"]:
+            say(f"worker logs kept in {workdir / 'logs'}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    bench.results["notes"].append(f"The whole run took {time.monotonic() - started:.0f} s.")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if report.plot(bench.results, args.out_dir / "throughput_vs_batch_size.png"):
+            say(f"wrote {args.out_dir / 'throughput_vs_batch_size.png'}")
+    except ImportError:
+        say("matplotlib is not installed (pip install matplotlib): no plot")
+        bench.results["notes"].append("No plot: matplotlib is not installed.")
+    text = report.render(bench.results)
+    (args.out_dir / "results.md").write_text(text + "\n")
+    say(f"wrote {args.out_dir / 'results.md'}")
+    if args.json:
+        args.json.write_text(json.dumps(bench.results, indent=1, default=str))
+    print()
+    print(text)
+    return 1 if bench.results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""One benchmark consumer in its own process: ``python -m bench.worker SPEC_JSON``.
+
+Modes (``spec["mode"]``):
+
+- ``raw``: kafka-python reading and JSON-decoding every record, no database (a);
+- ``naive``: a hand-written loop, one transaction per record (dedup INSERT ...
+  ON CONFLICT DO NOTHING + the transfer), offsets committed per poll (b);
+- ``eo``: an exactlyonce App, ordinary (``handler="message"``: c, c1) or batch
+  (``handler="batch"``: d) handler, or a batch handler that writes nothing
+  (``handler="dedup-only"``: d0, exactlyonce's own cost);
+- ``scale``: like ``eo`` until SIGTERM (several of these share one group);
+- ``soak``: like ``eo`` (batch handler), sampling RSS every ``sample_every`` records.
+
+``raw``/``naive``/``eo`` run two phases. The throughput phase reads the
+pre-filled ``topic`` with a fresh group until ``messages`` records are done or
+``max_seconds`` have passed since the first one. The latency phase (when
+``latency_topic`` is set) subscribes a second fresh group to an empty topic,
+reports ``ready`` once it has its partitions, and records, for each of the
+``latency_messages`` records the parent then sends at a steady rate, the time
+from the ``sent_at`` stamp to its database commit (to its decoding for raw).
+
+Progress is reported as ``BENCH {json}`` lines on stdout; logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import kafka
+
+# Only the standard library and kafka-python at the top: the raw variant's RSS
+# must not include SQLAlchemy, psycopg or exactlyonce (imported where needed).
+from bench.proc import CONSUMER_CONFIG, emit, peak_rss_kb, percentile, rss_kb
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    import exactlyonce
+
+
+
+@dataclass
+class Tracker:
+    """Counts records done and when; collects latencies.
+
+    Handlers append each record's ``sent_at`` to ``pending``; :meth:`done_now`
+    is called once they are durable (database commit; decoding for raw).
+    """
+
+    target: int | None = None
+    max_seconds: float | None = None
+    record_latency: bool = False
+    on_progress: Callable[[Tracker], None] | None = None
+    pending: list[float] = field(default_factory=list)
+    count: int = 0
+    latencies: list[float] = field(default_factory=list)
+    #: perf_counter and wall-clock times of the first record touched and the last one done.
+    first: float | None = None
+    last: float | None = None
+    first_wall: float | None = None
+    last_wall: float | None = None
+
+    def start(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+            self.first_wall = time.time()
+
+    def done_now(self) -> None:
+        if not self.pending:
+            return
+        now = time.time()
+        if self.record_latency:
+            self.latencies.extend(now - sent for sent in self.pending)
+        self.count += len(self.pending)
+        self.pending.clear()
+        self.last = time.perf_counter()
+        self.last_wall = now
+        if self.on_progress is not None:
+            self.on_progress(self)
+
+    def finished(self) -> bool:
+        if self.target is not None and self.count >= self.target:
+            return True
+        return bool(self.max_seconds and self.first is not None
+                    and time.perf_counter() - self.first >= self.max_seconds)
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = (self.last - self.first) if self.first is not None and self.last is not None else 0.0
+        return {"count": self.count, "elapsed": elapsed,
+                "rate": self.count / elapsed if elapsed > 0 else 0.0,
+                "first_wall": self.first_wall, "last_wall": self.last_wall}
+
+    def latency_summary(self) -> dict[str, Any]:
+        ms = [x * 1000 for x in self.latencies]
+        return {"count": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
+                "max_ms": max(ms) if ms else None}
+
+
+class _ExactlyonceLog(logging.Handler):
+    """Watches exactlyonce's log: partition assignment (ready) and transient retries."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.on_assigned: Callable[[], None] | None = None
+        self.retries = 0
+        #: Partition assignments received (more than one: a rebalance happened).
+        self.assignments = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith("assigned partitions:"):
+            self.assignments += 1
+        if text.startswith("assigned partitions:") and not text.endswith("none"):
+            if self.on_assigned is not None:
+                callback, self.on_assigned = self.on_assigned, None
+                callback()
+        elif "transient failure" in text or "rewinding" in text:
+            self.retries += 1
+
+
+_EO_LOG = _ExactlyonceLog()
+
+
+# -- exactlyonce --------------------------------------------------------------
+
+
+def run_exactlyonce(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
+                    on_ready: Callable[[], None] | None = None, signals: bool = False) -> None:
+    """Run an App on ``topic`` until ``tracker`` is finished (or SIGTERM when ``signals``)."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    import exactlyonce
+    from bench.common import apply_transfers_batch
+    from examples.transfer.service import apply_transfer
+
+    app = exactlyonce.App(group, bootstrap_servers=spec["bootstrap"], database_url=spec["database_url"],
+                          consumer_config=consumer_config(spec))
+    message_id = exactlyonce.ids.json_field("transfer_id")
+    if spec["handler"] == "dedup-only":
+        @app.handler(topic, message_id=message_id, batch=True, batch_size=spec["batch_size"])
+        def handle_nothing(messages: list[exactlyonce.Message], session: Session) -> None:
+            # No business writes: what is left is exactlyonce's own work (claim, commit, offsets).
+            tracker.pending.extend(m.json()["sent_at"] for m in messages)
+    elif spec["handler"] == "batch":
+        @app.handler(topic, message_id=message_id, batch=True, batch_size=spec["batch_size"])
+        def handle_batch(messages: list[exactlyonce.Message], session: Session) -> None:
+            batch = [m.json() for m in messages]
+            apply_transfers_batch(session, batch)
+            tracker.pending.extend(t["sent_at"] for t in batch)
+    else:
+        @app.handler(topic, message_id=message_id, batch_size=spec["batch_size"])
+        def handle(message: exactlyonce.Message, session: Session) -> None:
+            apply_transfer(message, session)  # the example service's handler, unchanged
+            tracker.pending.append(message.json()["sent_at"])
+
+    def after_begin(session: Session, transaction: Any, connection: Any) -> None:
+        tracker.start()
+
+    def after_commit(session: Session) -> None:
+        tracker.done_now()
+        if tracker.finished():
+            app.stop()
+
+    def after_rollback(session: Session) -> None:
+        tracker.pending.clear()  # those records are handled again
+
+    listeners = [("after_begin", after_begin), ("after_commit", after_commit),
+                 ("after_rollback", after_rollback)]
+    for name, fn in listeners:
+        event.listen(Session, name, fn)
+    _EO_LOG.on_assigned = on_ready
+    try:
+        app.run(install_signal_handlers=signals)
+    finally:
+        for name, fn in listeners:
+            event.remove(Session, name, fn)
+        app.engine.dispose()
+
+
+# -- plain kafka-python ----------------------------------------------------------
+
+
+def consumer_config(spec: dict[str, Any]) -> dict[str, Any]:
+    """The consumer settings every variant shares (``spec["consumer_config"]`` overrides them)."""
+    return {**CONSUMER_CONFIG, **spec.get("consumer_config", {})}
+
+
+def _consumer(spec: dict[str, Any], topic: str, group: str) -> kafka.KafkaConsumer:
+    return kafka.KafkaConsumer(topic, bootstrap_servers=spec["bootstrap"], group_id=group,
+                               enable_auto_commit=False, auto_offset_reset="earliest", **consumer_config(spec))
+
+
+def run_raw(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
+            on_ready: Callable[[], None] | None = None) -> None:
+    """(a) Read and JSON-decode every record; commit offsets after each poll."""
+    consumer = _consumer(spec, topic, group)
+    try:
+        while not tracker.finished():
+            batch = consumer.poll(timeout_ms=200)
+            if on_ready is not None and consumer.assignment():
+                on_ready()
+                on_ready = None
+            for records in batch.values():
+                tracker.start()
+                for record in records:
+                    tracker.pending.append(json.loads(record.value)["sent_at"])
+                    tracker.done_now()
+            if batch:
+                consumer.commit()
+    finally:
+        consumer.close(autocommit=False)
+
+
+def run_naive(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
+              on_ready: Callable[[], None] | None = None) -> None:
+    """(b) One transaction per record: dedup INSERT, the example's transfer, commit.
+
+    Offsets are committed once per poll, after the poll's transactions.
+    Same engine settings and same workload function as exactlyonce's variants.
+    """
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    import exactlyonce
+    from exactlyonce import _db
+    from examples.transfer.service import apply_transfer
+
+    claim = sa.text("INSERT INTO bench_naive_dedup (message_id) VALUES (:id) "
+                    "ON CONFLICT DO NOTHING RETURNING message_id")
+    engine = _db.create_engine(spec["database_url"])
+    consumer = _consumer(spec, topic, group)
+    try:
+        while not tracker.finished():
+            batch = consumer.poll(timeout_ms=200)
+            if on_ready is not None and consumer.assignment():
+                on_ready()
+                on_ready = None
+            for records in batch.values():
+                tracker.start()
+                for record in records:
+                    message = exactlyonce.Message(topic=record.topic, partition=record.partition,
+                                                  offset=record.offset, key=record.key, value=record.value)
+                    transfer = message.json()
+                    with Session(engine) as session, session.begin():
+                        if session.execute(claim, {"id": transfer["transfer_id"]}).first() is not None:
+                            apply_transfer(message, session)
+                    tracker.pending.append(transfer["sent_at"])
+                    tracker.done_now()
+            if batch:
+                consumer.commit()
+    finally:
+        consumer.close(autocommit=False)
+        engine.dispose()
+
+
+RUNNERS = {"raw": run_raw, "naive": run_naive, "eo": run_exactlyonce}
+
+
+# -- modes -------------------------------------------------------------------------
+
+
+def two_phases(spec: dict[str, Any]) -> None:
+    runner = RUNNERS[spec["mode"]]
+    tracker = Tracker(target=spec["messages"], max_seconds=spec.get("max_seconds"))
+    runner(spec, spec["topic"], spec["group"], tracker)
+    emit("throughput", **tracker.summary(), retries=_EO_LOG.retries, peak_rss_kb=peak_rss_kb(),
+         rss_kb=rss_kb())
+    if spec.get("latency_topic"):
+        latency = Tracker(target=spec["latency_messages"], record_latency=True)
+        runner(spec, spec["latency_topic"], spec["group"] + "-latency", latency,
+               on_ready=lambda: emit("ready"))
+        emit("latency", **latency.latency_summary())
+    emit("done", peak_rss_kb=peak_rss_kb(), retries=_EO_LOG.retries)
+
+
+def scale(spec: dict[str, Any]) -> None:
+    tracker = Tracker()
+    run_exactlyonce(spec, spec["topic"], spec["group"], tracker, signals=True)
+    emit("done", **tracker.summary(), retries=_EO_LOG.retries, assignments=_EO_LOG.assignments,
+         peak_rss_kb=peak_rss_kb())
+
+
+def soak(spec: dict[str, Any]) -> None:
+    every = spec["sample_every"]
+    samples: list[dict[str, Any]] = []
+
+    def sample(tracker: Tracker) -> None:
+        if tracker.count >= (len(samples) + 1) * every:
+            samples.append({"messages": tracker.count, "rss_kb": rss_kb(), "peak_rss_kb": peak_rss_kb()})
+
+    tracker = Tracker(target=spec["messages"], on_progress=sample)
+    run_exactlyonce(spec, spec["topic"], spec["group"], tracker)
+    emit("done", **tracker.summary(), samples=samples, retries=_EO_LOG.retries, peak_rss_kb=peak_rss_kb())
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    eo_log = logging.getLogger("exactlyonce")
+    eo_log.setLevel(logging.INFO)
+    eo_log.addHandler(_EO_LOG)
+    try:
+        {"scale": scale, "soak": soak}.get(spec["mode"], two_phases)(spec)
+    except BaseException as exc:
+        emit("error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
