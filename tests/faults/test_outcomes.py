@@ -18,6 +18,7 @@ from tests.integration.helpers import (
     dedup_rows,
     effect_counts,
     engine_for,
+    headers_of,
     insert_effect,
     make_app,
     produce,
@@ -25,19 +26,13 @@ from tests.integration.helpers import (
     rec,
     running,
     unique,
+    wait_all_committed,
     wait_until,
 )
 
 FAST = dict(backoff=timedelta(milliseconds=1), max_backoff=timedelta(milliseconds=5))
 
 
-def headers_of(record: Any) -> dict[str, str]:
-    return {k: v.decode() for k, v in record.headers}
-
-
-def all_committed(bootstrap: str, group: str, topic: str) -> bool:
-    committed, end = committed_and_end_offsets(bootstrap, group, topic)
-    return all(committed[p] == end[p] for p in end)
 
 
 def test_retryable_failures_are_retried_then_applied_once(bootstrap_servers: str, database_url: str) -> None:
@@ -82,7 +77,7 @@ def test_non_retryable_error_is_dead_lettered_after_one_attempt(bootstrap_server
     produce(bootstrap_servers, topic, [rec("m1"), rec("m2")])
     with running(app):
         wait_until(lambda: app.stats["dead_lettered"] == 2, 30, "both records dead-lettered")
-        wait_until(lambda: all_committed(bootstrap_servers, app.group_id, topic), 15, "offsets committed")
+        wait_all_committed(bootstrap_servers, app.group_id, topic, timeout=15)
     assert calls == ["try", "try"]
     letters = [headers_of(r) for r in read_topic(bootstrap_servers, f"{topic}.dlq")]
     assert sorted((h["message-id"], h["x-exactlyonce-attempts"], h["x-exactlyonce-error-type"])
@@ -138,7 +133,7 @@ def test_fingerprint_mismatch(bootstrap_servers: str, database_url: str, policy:
     produce(bootstrap_servers, topic, [rec("t1", '{"amount": 100}'), rec("t1", '{"amount": 100}'),
                                        rec("t1", '{"amount": 999}')])
     with running(app):
-        wait_until(lambda: all_committed(bootstrap_servers, app.group_id, topic), 30, "all committed")
+        wait_all_committed(bootstrap_servers, app.group_id, topic, timeout=30)
     with engine.connect() as conn:
         payloads = [r[0] for r in conn.execute(sa.text("SELECT payload FROM effects"))]
     assert payloads == ['{"amount": 100}']
@@ -166,7 +161,7 @@ def test_oversized_value_is_dead_lettered_unread(bootstrap_servers: str, databas
 
     produce(bootstrap_servers, topic, [rec("small"), rec("big", "x" * 101), rec("after")])
     with running(app):
-        wait_until(lambda: all_committed(bootstrap_servers, app.group_id, topic), 30, "all committed")
+        wait_all_committed(bootstrap_servers, app.group_id, topic, timeout=30)
     assert seen == ["small", "after"]
     (letter,) = [headers_of(r) for r in read_topic(bootstrap_servers, f"{topic}.dlq")]
     assert letter["x-exactlyonce-reason"] == "oversized-value"
@@ -218,6 +213,6 @@ def test_redelivered_dead_letter_is_not_dead_lettered_twice(bootstrap_servers: s
         wait_until(lambda: first.stats["dead_lettered"] == 2, 30, "two dead letters")
     second = build(unique("g"))
     with running(second):
-        wait_until(lambda: all_committed(bootstrap_servers, second.group_id, topic), 30, "redelivered and skipped")
+        wait_all_committed(bootstrap_servers, second.group_id, topic, timeout=30)
     assert second.stats["duplicate"] == 2 and second.stats["dead_lettered"] == 0
     assert len(read_topic(bootstrap_servers, f"{topic}.dlq")) == 2

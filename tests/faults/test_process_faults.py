@@ -39,6 +39,7 @@ from tests.integration.helpers import (
     subprocess_env,
     total_effects,
     unique,
+    wait_all_committed,
     wait_until,
 )
 
@@ -66,10 +67,6 @@ def committed_total(bootstrap: str, group: str, topic: str) -> int:
     committed, _ = committed_and_end_offsets(bootstrap, group, topic)
     return sum(offset or 0 for offset in committed.values())
 
-
-def all_committed(bootstrap: str, group: str, topic: str) -> bool:
-    committed, end = committed_and_end_offsets(bootstrap, group, topic)
-    return all(committed[p] == end[p] for p in end)
 
 
 def assert_each_once(engine_url: str, ids: list[str]) -> None:
@@ -135,7 +132,7 @@ def test_broker_connection_cuts_mid_batch(pg: str) -> None:
                 proxy.cut()
                 time.sleep(0.4)
             assert proxy.cuts == 5
-            wait_until(lambda: all_committed(bootstrap, app.group_id, topic), 120, "all committed after the cuts")
+            wait_all_committed(bootstrap, app.group_id, topic, timeout=120)
     assert_each_once(pg, ids)
 
 
@@ -157,12 +154,12 @@ def test_zombie_paused_past_session_timeout_rejoins_without_double_effects(
         a.popen.send_signal(signal.SIGSTOP)
         time.sleep(6 + 3)  # the session timeout is 6 s
         a.popen.send_signal(signal.SIGCONT)
-        wait_until(lambda: all_committed(bootstrap_servers, group, topic), 120, "all committed")
+        wait_all_committed(bootstrap_servers, group, topic, timeout=120)
         wait_until(lambda: a.log_tail(1_000_000).count("assigned partitions") > assignments_before, 60,
                    "the zombie rejoined")
         later = [f"n{i}" for i in range(100)]
         produce(bootstrap_servers, topic, [rec(i, partition=n % 4) for n, i in enumerate(later)])
-        wait_until(lambda: all_committed(bootstrap_servers, group, topic), 120, "later records committed")
+        wait_all_committed(bootstrap_servers, group, topic, timeout=120)
         workers_of_later = {r.worker for r in effect_rows(engine_for(pg)) if r.message_id.startswith("n")}
         assert str(a.popen.pid) in workers_of_later, "the resumed worker takes part again"
         assert a.terminate() == 0 and b.terminate() == 0
@@ -190,7 +187,7 @@ def test_handler_slower_than_max_poll_interval_applies_once(
                       "--consumer-config", '{"max_poll_interval_ms": 4000}')
         wait_until(lambda: f"assigned partitions: {topic}[" in slow.log_tail(100_000), 60, "slow worker assigned")
         produce(bootstrap_servers, topic, [rec(i, partition=n % 2) for n, i in enumerate(ids)])
-        wait_until(lambda: all_committed(bootstrap_servers, group, topic), 120, "all committed")
+        wait_all_committed(bootstrap_servers, group, topic, timeout=120)
         log = slow.log_tail(1_000_000)
         assert "first record: sleeping" in log and "poll timeout has expired" in log, "the slow member was evicted"
         assert steady.terminate() == 0 and slow.terminate() == 0
