@@ -147,13 +147,6 @@ def stored_fingerprints(session: Session, scope: str, message_ids: Iterable[str]
     return {message_id: fingerprint for message_id, fingerprint in rows}
 
 
-def lookup(session: Session, scope: str, message_id: str) -> sa.Row[Any] | None:
-    """Return the stored dedup row for ``(scope, message_id)``, or ``None``."""
-    return session.execute(
-        sa.select(processed).where(processed.c.scope == scope, processed.c.message_id == message_id)
-    ).first()
-
-
 #: Kafka's default log retention (``retention.ms``): a record can be read again
 #: for this long, by a consumer that rewinds or by a group whose committed
 #: offsets expired and that restarts from the earliest offset.
