@@ -139,11 +139,9 @@ class Consumer:
             self._consumer.commit(
                 {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
             )
-        except (
-            kafka.errors.CommitFailedError,
-            kafka.errors.RebalanceInProgressError,
-            kafka.errors.KafkaError,
-        ) as exc:
+        # CommitFailedError (evicted), RebalanceInProgressError, a lost
+        # connection: all KafkaErrors, all handled the same way.
+        except kafka.errors.KafkaError as exc:
             log.warning("offset commit failed (%s: %s); records will be redelivered "
                         "and skipped as duplicates", type(exc).__name__, exc)
             return False
