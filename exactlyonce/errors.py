@@ -8,7 +8,10 @@
     │   ├── MessageDecodeError     the value is not what the handler or ID strategy needs
     │   ├── InvalidMessageId       missing, empty, non-text or over-long message ID
     │   ├── OversizedValue         the value is larger than the handler accepts
-    │   └── FingerprintMismatch    a known message ID arrived with a different payload
+    │   ├── FingerprintMismatch    a known message ID arrived with a different payload
+    │   ├── BadSequence            a sequenced handler's stream/number is missing or malformed
+    │   ├── SequenceGap            parked behind a gap that stayed open too long (gap policy)
+    │   └── BadSignature           unsigned, unknown key, or a signature that does not match
     ├── TransientError         retry later: the database or broker is unavailable
     └── HandlerSignal          control flow a handler raises on purpose
         ├── Skip                   record the message as handled, keep none of its writes
@@ -66,6 +69,31 @@ class FingerprintMismatch(MessageError):
     """
 
     reason = "fingerprint-mismatch"
+
+
+class BadSequence(MessageError):
+    """A sequenced handler's ``sequence`` callable gave no usable (stream, number)."""
+
+    reason = "bad-sequence"
+
+
+class SequenceGap(MessageError):
+    """A parked message whose stream's gap stayed open past ``gap_timeout``.
+
+    Raised for the parked messages only under the ``on_gap="dead_letter"`` policy.
+    """
+
+    reason = "sequence-gap"
+
+
+class BadSignature(MessageError):
+    """The message is unsigned, signed with an unknown key, or its signature does not match.
+
+    Such a message is dead-lettered before it is claimed: it never reaches the
+    handler or the dedup table, so a forged message cannot pre-claim a real ID.
+    """
+
+    reason = "bad-signature"
 
 
 class TransientError(ExactlyOnceError):

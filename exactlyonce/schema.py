@@ -113,3 +113,66 @@ outbox = Table(
     # the key's sent rows.
     Index("ix_exactlyonce_outbox_ordering_key_sent_at_id", "ordering_key", "sent_at", "id"),
 )
+
+
+#: Stream keys returned by a handler's ``sequence`` callable must fit this column.
+MAX_STREAM_LENGTH = 255
+
+#: One row per (scope, stream) of a sequenced handler: every number up to
+#: ``watermark`` has been handled, in order. Storage is one row per stream,
+#: not one per message.
+sequence_streams = Table(
+    "exactlyonce_sequence_streams",
+    metadata,
+    Column("scope", ExactString(MAX_SCOPE_LENGTH), primary_key=True),
+    Column("stream", ExactString(MAX_STREAM_LENGTH), primary_key=True),
+    Column("watermark", BigInteger, nullable=False),
+    # How many of the stream's messages wait in exactlyonce_parked.
+    Column("parked", Integer, nullable=False),
+    # Since when the stream has waited for number watermark + 1 with messages
+    # parked behind it (NULL: no gap).
+    Column("gap_since", DateTime(timezone=False), nullable=True),
+    Column("updated_at", DateTime(timezone=False), nullable=False),
+    Index("ix_exactlyonce_sequence_streams_gap_since", "gap_since"),
+)
+
+#: Messages of a sequenced handler that arrived ahead of their turn, kept in
+#: the transaction that read them until the gap before them fills.
+parked = Table(
+    "exactlyonce_parked",
+    metadata,
+    Column("scope", ExactString(MAX_SCOPE_LENGTH), primary_key=True),
+    Column("stream", ExactString(MAX_STREAM_LENGTH), primary_key=True),
+    Column("number", BigInteger, primary_key=True),
+    Column("message_id", ExactString(MAX_MESSAGE_ID_LENGTH), nullable=False),
+    Column("topic", String(MAX_TOPIC_LENGTH), nullable=False),
+    Column("kafka_partition", Integer, nullable=False),
+    Column("kafka_offset", BigInteger, nullable=False),
+    Column("key", LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"), nullable=True),
+    Column("value", LargeBinary().with_variant(mysql.LONGBLOB(), "mysql", "mariadb"), nullable=True),
+    # JSON text: a list of [name, base64 of the value], as in the outbox.
+    Column("headers", Text().with_variant(mysql.LONGTEXT(), "mysql", "mariadb"), nullable=False),
+    Column("timestamp_ms", BigInteger, nullable=True),
+    Column("fingerprint", String(64), nullable=False),
+    Column("parked_at", DateTime(timezone=False), nullable=False),
+)
+
+#: What each handler scope decided, per partition, counted in the same
+#: transactions that made the decisions (so the counts are exact): read by
+#: ``exactlyonce status``. A partition is owned by one worker at a time, so
+#: the rows are not contended.
+counters = Table(
+    "exactlyonce_counters",
+    metadata,
+    Column("scope", ExactString(MAX_SCOPE_LENGTH), primary_key=True),
+    Column("topic", String(MAX_TOPIC_LENGTH), primary_key=True),
+    Column("kafka_partition", Integer, primary_key=True),
+    Column("group_id", String(MAX_SCOPE_LENGTH), nullable=False),
+    Column("applied", BigInteger, nullable=False),
+    Column("duplicates", BigInteger, nullable=False),
+    Column("skipped", BigInteger, nullable=False),
+    Column("dead_lettered", BigInteger, nullable=False),
+    Column("parked", BigInteger, nullable=False),
+    Column("last_offset", BigInteger, nullable=True),
+    Column("last_processed_at", DateTime(timezone=False), nullable=True),
+)
