@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -46,6 +46,7 @@ from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
 from exactlyonce.producer import Producer, encode_value, new_message_id
 from exactlyonce.retry import Retry
 from exactlyonce.schema import outbox
+from exactlyonce.signing import SigningKey, check_signing_key, signing_key_from_env
 
 log = logging.getLogger("exactlyonce")
 
@@ -53,6 +54,15 @@ log = logging.getLogger("exactlyonce")
 DEFAULT_RETENTION = timedelta(days=7)
 #: How often :meth:`Relay.run` prunes.
 PRUNE_INTERVAL = timedelta(hours=1)
+#: At most one backlog count per this interval (a COUNT is cheap, not free).
+BACKLOG_INTERVAL = timedelta(seconds=1)
+
+
+class OutboxMetrics(Protocol):
+    """What a relay reports to: anything with this method (a Prometheus gauge's owner, a test's list)."""
+
+    def outbox_backlog(self, pending: int) -> None:
+        """The number of outbox rows not yet sent, counted after a relay round."""
 
 
 def publish(
@@ -131,6 +141,15 @@ class Relay:
     ``producer_config`` is forwarded to kafka-python's ``KafkaProducer``
     (defaults ``acks="all"``, ``enable_idempotence=True``). ``batch_size``
     rows are sent per database transaction.
+
+    ``signing_key``: ``(key id, secret)`` to sign every record over its row's
+    message ID, key and value (see :mod:`exactlyonce.signing`); default
+    ``EXACTLYONCE_SIGNING_KEY`` if set, else unsigned. Signing happens when a
+    row is sent, not when it is published, so rotating the key also covers
+    rows still pending. ``metrics``: an :class:`OutboxMetrics`, told the
+    number of pending rows after each round of :meth:`run` (at most once a
+    second), so a growing backlog (broker down, a refused row holding back
+    its key) can be alerted on.
     """
 
     def __init__(
@@ -140,9 +159,14 @@ class Relay:
         *,
         producer_config: Mapping[str, Any] | None = None,
         batch_size: int = 100,
+        signing_key: SigningKey | None = None,
+        metrics: OutboxMetrics | None = None,
     ) -> None:
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1")
+        self._signing_key = check_signing_key(signing_key) if signing_key is not None else signing_key_from_env()
+        self._metrics = metrics
+        self._next_backlog = 0.0
         servers = bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
         if not servers:
             raise ConfigurationError(
@@ -219,15 +243,35 @@ class Relay:
                 else:
                     delay = max_backoff.total_seconds()
                     log.exception("outbox relay failed; retrying in %.0fs", delay)
+                self._report_backlog()
                 stop.wait(delay * random.uniform(0.8, 1.0))
                 continue
             failures = 0
+            self._report_backlog()
             if sent < self.batch_size:
                 stop.wait(idle_wait.total_seconds())
 
     def close(self) -> None:
         """Close the Kafka connection."""
         self._reset_producer()
+
+    def pending(self) -> int:
+        """The number of rows not yet sent (one COUNT over the ``sent_at`` index)."""
+        with self._engine.connect() as conn:
+            return int(conn.execute(
+                sa.select(sa.func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+            ).scalar_one())
+
+    def _report_backlog(self) -> None:
+        # After failed rounds too: a backlog growing while the broker is down
+        # is what the metric is for. A failing count only skips this report.
+        if self._metrics is None or time.monotonic() < self._next_backlog:
+            return
+        self._next_backlog = time.monotonic() + BACKLOG_INTERVAL.total_seconds()
+        try:
+            self._metrics.outbox_backlog(self.pending())
+        except Exception as exc:
+            log.debug("outbox backlog not reported: %s", exc)
 
     # -- a batch ------------------------------------------------------------
 
@@ -308,7 +352,8 @@ class Relay:
             # One round: a record that failed is not re-sent behind the later
             # records of its partition, which would break its key's order; the
             # whole batch stays pending and is sent again, in order.
-            self._producer = Producer(self._servers, config=self._producer_config, retry=Retry(attempts=1))
+            self._producer = Producer(self._servers, config=self._producer_config, retry=Retry(attempts=1),
+                                      signing_key=self._signing_key)
         return self._producer
 
     def _reset_producer(self) -> None:
@@ -326,9 +371,18 @@ class RelayThread:
     database not yet upgraded past revision 0003) it logs that and ends.
     """
 
-    def __init__(self, engine: Engine, bootstrap_servers: str, producer_config: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        bootstrap_servers: str,
+        producer_config: Mapping[str, Any],
+        *,
+        signing_key: SigningKey | None = None,
+        metrics: OutboxMetrics | None = None,
+    ) -> None:
         self._engine = engine
-        self._relay = Relay(engine, bootstrap_servers, producer_config=producer_config)
+        self._relay = Relay(engine, bootstrap_servers, producer_config=producer_config, signing_key=signing_key,
+                            metrics=metrics)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name="exactlyonce-relay", daemon=True)
 

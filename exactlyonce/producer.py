@@ -27,6 +27,14 @@ from exactlyonce.app import BOOTSTRAP_SERVERS_ENV
 from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
 from exactlyonce.retry import Retry
+from exactlyonce.signing import (
+    KEY_ID_HEADER,
+    SIGNATURE_HEADER,
+    SigningKey,
+    check_signing_key,
+    sign,
+    signing_key_from_env,
+)
 
 
 def new_message_id() -> str:
@@ -74,6 +82,12 @@ class Producer:
     kafka-python's ``KafkaProducer`` over ``acks="all"`` and
     ``enable_idempotence=True``; ``retry`` bounds the re-sends (default: 5
     rounds, backoff from 0.5 s to 10 s).
+
+    ``signing_key``: ``(key id, secret)``; every record then carries the
+    headers of :func:`exactlyonce.signing.sign` over its message ID, key and
+    value, so a consumer holding the secret can tell it from a forgery.
+    Default: ``EXACTLYONCE_SIGNING_KEY`` (``key-id:secret``) if set, else
+    records are not signed.
     """
 
     def __init__(
@@ -82,7 +96,10 @@ class Producer:
         *,
         config: Mapping[str, Any] | None = None,
         retry: Retry | None = None,
+        signing_key: SigningKey | None = None,
     ) -> None:
+        # Checked first: a bad key is a configuration error even with no broker.
+        self._signing_key = check_signing_key(signing_key) if signing_key is not None else signing_key_from_env()
         servers = bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
         if not servers:
             raise ConfigurationError(
@@ -110,12 +127,20 @@ class Producer:
         message_id = message_id or new_message_id()
         if not 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
             raise ConfigurationError(f"message_id must have 1 to {MAX_MESSAGE_ID_LENGTH} characters")
-        extra = [(name, data) for name, data in (headers or ()) if name != DEFAULT_HEADER]
+        # Ours replace the caller's: one message-id (and signature) per record,
+        # so the consumer never has to guess which copy counts.
+        ours = {DEFAULT_HEADER, SIGNATURE_HEADER, KEY_ID_HEADER} if self._signing_key else {DEFAULT_HEADER}
+        extra = [(name, data) for name, data in (headers or ()) if name not in ours]
+        raw_key = key.encode("utf-8") if isinstance(key, str) else key
+        raw_value = encode_value(value)
+        stamped = [*extra, (DEFAULT_HEADER, message_id.encode("utf-8"))]
+        if self._signing_key is not None:
+            stamped += sign(message_id, raw_key, raw_value, self._signing_key)
         record = _Outgoing(
             topic=topic,
-            key=key.encode("utf-8") if isinstance(key, str) else key,
-            value=encode_value(value),
-            headers=[*extra, (DEFAULT_HEADER, message_id.encode("utf-8"))],
+            key=raw_key,
+            value=raw_value,
+            headers=stamped,
             partition=partition,
             message_id=message_id,
         )
