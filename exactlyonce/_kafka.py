@@ -122,6 +122,11 @@ class Consumer:
         """The partitions this member owns now."""
         return set(self._consumer.assignment())
 
+    def highwater(self, partition: TopicPartition) -> int | None:
+        """The partition's end offset as of the last fetch (no network call), if known."""
+        value = self._consumer.highwater(partition)
+        return int(value) if value is not None else None
+
     def seek(self, partition: TopicPartition, offset: int) -> None:
         """Make the next poll return ``partition`` from ``offset`` again."""
         self._consumer.seek(partition, offset)

@@ -17,8 +17,9 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db, ids
+from exactlyonce import _db, ids, signing
 from exactlyonce.errors import ConfigurationError
+from exactlyonce.metrics import Metrics
 from exactlyonce.retry import Retry
 from exactlyonce.schema import MAX_SCOPE_LENGTH
 
@@ -41,13 +42,29 @@ class OnMismatch(enum.StrEnum):
     SKIP = "skip"
 
 
+class OnGap(enum.StrEnum):
+    """What a sequenced handler does when a stream's gap stays open past ``gap_timeout``."""
+
+    #: Report it (log and metric) and keep the parked messages waiting (default).
+    WAIT = "wait"
+    #: Report it and dead-letter the parked messages (reason ``sequence-gap``);
+    #: the stream still waits for the missing number.
+    DEAD_LETTER = "dead_letter"
+
+
+#: ``sequence(message) -> (stream, number)`` for a sequenced handler.
+SequenceFunc = Callable[[Any], tuple[str, int]]
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Handler:
     """A registered handler and the settings it runs with."""
 
     topic: str
     func: HandlerFunc
-    message_id: ids.MessageIdStrategy
+    #: ``None`` only for a sequenced handler: then the ``message-id`` header is
+    #: used where there is one, else ``"<stream>#<number>"`` (for dead letters).
+    message_id: ids.MessageIdStrategy | None
     #: The dedup namespace: the same message ID in two scopes is two messages.
     scope: str
     dead_letter_topic: str
@@ -59,6 +76,11 @@ class Handler:
     batch: bool
     #: Records claimed and handled per database transaction.
     batch_size: int
+    #: Per-stream in-order delivery instead of per-ID dedup (``None``: ID dedup).
+    sequence: SequenceFunc | None = None
+    #: How long a stream may wait for a missing number before it is reported.
+    gap_timeout: timedelta = timedelta(minutes=5)
+    on_gap: OnGap = OnGap.WAIT
 
 
 class App:
@@ -82,6 +104,17 @@ class App:
     ``batch_size`` (default 0: handle what each poll returns at once).
     ``outbox``: :meth:`run` also relays what :func:`exactlyonce.publish`
     stored, in a background thread (when the database has the outbox table).
+
+    ``signing_keys`` (``{key id: secret}``, default from
+    ``EXACTLYONCE_SIGNING_KEYS``): when set, every record must carry a valid
+    HMAC-SHA256 signature by one of these keys; any other record is
+    dead-lettered with reason ``bad-signature`` before it is claimed, so it
+    never reaches a handler or the dedup table. ``signing_key`` (``(key id,
+    secret)``, default from ``EXACTLYONCE_SIGNING_KEY``) signs what the
+    app's outbox relay sends.
+
+    ``metrics``: the app's Prometheus metrics (``exactlyonce run
+    --metrics-port`` serves them).
     """
 
     def __init__(
@@ -95,6 +128,8 @@ class App:
         transient_retry_budget: timedelta = timedelta(seconds=60),
         batch_wait: timedelta = timedelta(0),
         outbox: bool = True,
+        signing_keys: Mapping[str, bytes | str] | None = None,
+        signing_key: signing.SigningKey | None = None,
     ) -> None:
         if not isinstance(group_id, str) or not group_id:
             raise ConfigurationError("group_id must be a non-empty string")
@@ -108,6 +143,16 @@ class App:
             raise ConfigurationError("batch_wait must not be negative")
         self.batch_wait = batch_wait
         self.outbox = outbox
+        keys = signing_keys if signing_keys is not None else signing.verification_keys_from_env()
+        #: Verification keys; ``None``: records are not authenticated.
+        self.signing_keys: dict[str, bytes] | None = (
+            signing.check_verification_keys(keys) if keys is not None else None
+        )
+        if self.signing_keys is not None and not self.signing_keys:
+            raise ConfigurationError("signing_keys is empty: give at least one key, or None to not verify")
+        key = signing_key if signing_key is not None else signing.signing_key_from_env()
+        self.signing_key: signing.SigningKey | None = signing.check_signing_key(key) if key is not None else None
+        self.metrics = Metrics()
         self._handlers: dict[str, Handler] = {}
         self._engine: Engine | None = None
         self._stop = threading.Event()
@@ -130,6 +175,9 @@ class App:
         on_fingerprint_mismatch: OnMismatch | str = OnMismatch.DEAD_LETTER,
         batch: bool = False,
         batch_size: int = 100,
+        sequence: SequenceFunc | None = None,
+        gap_timeout: timedelta = timedelta(minutes=5),
+        on_gap: OnGap | str = OnGap.WAIT,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register ``func(message, session)`` for the records of ``topic``.
 
@@ -153,6 +201,15 @@ class App:
         - ``batch``: call ``func(messages, session)`` once per transaction
           with the batch's new records (duplicates removed, each partition's
           in order) instead of once per record.
+        - ``sequence``: a callable ``Message -> (stream, number)`` that turns
+          on in-order delivery per stream (see README, "Sequence numbers"):
+          numbers start at 1; one watermark row per stream replaces the dedup
+          row per message; a number at or below the watermark is a duplicate,
+          the next number is handled, a later one is parked in the database
+          until the numbers before it have been handled. Not with ``batch``.
+        - ``gap_timeout`` / ``on_gap``: a stream that has waited longer than
+          this for a missing number is reported (log, metric); with
+          ``on_gap="dead_letter"`` its parked messages are dead-lettered too.
 
         The function is returned unchanged.
         """
@@ -176,6 +233,17 @@ class App:
         except ValueError as exc:
             raise ConfigurationError(f"on_fingerprint_mismatch must be one of "
                                      f"{[m.value for m in OnMismatch]}") from exc
+        try:
+            gap_policy = OnGap(on_gap)
+        except ValueError as exc:
+            raise ConfigurationError(f"on_gap must be one of {[g.value for g in OnGap]}") from exc
+        if sequence is not None:
+            if not callable(sequence):
+                raise ConfigurationError("sequence must be a callable Message -> (stream, number)")
+            if batch:
+                raise ConfigurationError("a sequenced handler cannot be a batch handler (batch=True)")
+        if gap_timeout <= timedelta(0):
+            raise ConfigurationError("gap_timeout must be positive")
         scope = name if name is not None else f"{self.group_id}:{topic}"
         if not scope or len(scope) > MAX_SCOPE_LENGTH:
             raise ConfigurationError(
@@ -190,7 +258,7 @@ class App:
             self._handlers[topic] = Handler(
                 topic=topic,
                 func=func,
-                message_id=message_id or ids.header(),
+                message_id=message_id or (None if sequence is not None else ids.header()),
                 scope=scope,
                 dead_letter_topic=dead_letter_topic,
                 retry=retry or Retry(),
@@ -198,6 +266,9 @@ class App:
                 on_fingerprint_mismatch=mismatch,
                 batch=batch,
                 batch_size=batch_size,
+                sequence=sequence,
+                gap_timeout=gap_timeout,
+                on_gap=gap_policy,
             )
             return func
 
@@ -252,7 +323,17 @@ class App:
 
         if not self._handlers:
             raise ConfigurationError("no handlers registered")
-        relay = RelayThread(self.engine, self.bootstrap_servers, self.producer_config) if self.outbox else None
+        relay = (
+            RelayThread(
+                self.engine,
+                self.bootstrap_servers,
+                self.producer_config,
+                signing_key=self.signing_key,
+                metrics=self.metrics,
+            )
+            if self.outbox
+            else None
+        )
         self._stop.clear()
         previous: dict[signal.Signals, Any] = {}
         if install_signal_handlers and threading.current_thread() is threading.main_thread():

@@ -24,22 +24,26 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from exactlyonce import _db, ids
+from exactlyonce import _db, ids, signing, store
+from exactlyonce import sequence as seq
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition, to_message
-from exactlyonce.app import OnMismatch
+from exactlyonce.app import OnGap, OnMismatch
 from exactlyonce.errors import (
+    BadSequence,
+    BadSignature,
     ConfigurationError,
     DeadLetter,
     FingerprintMismatch,
     HandlerSignal,
     MessageError,
     OversizedValue,
+    SequenceGap,
     Skip,
     TransientError,
 )
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, processed
-from exactlyonce.store import Claim, claim, claim_many, stored_fingerprints
+from exactlyonce.store import Claim, Tally, claim, claim_many, stored_fingerprints
 
 if TYPE_CHECKING:
     from exactlyonce.app import App, Handler
@@ -50,6 +54,9 @@ T = TypeVar("T")
 
 #: Header names added to a dead-lettered record (the original headers are kept).
 DLQ_HEADER_PREFIX = "x-exactlyonce-"
+
+#: How often, at most, a runner looks for sequence gaps older than their timeout.
+MAX_GAP_CHECK_INTERVAL_S = 30.0
 
 
 class _Stopped(BaseException):
@@ -81,6 +88,12 @@ class Runner:
         self._consumer: Consumer | None = None
         self._producer: RecordProducer | None = None
         self.stats = app.stats
+        self._metrics = app.metrics
+        self._signing_keys = app.signing_keys
+        self._sequenced = [h for h in self._handlers.values() if h.sequence is not None]
+        self._next_gap_check = 0.0
+        #: (scope, stream, gap_since) of the gaps already logged, to log each once.
+        self._reported_gaps: set[tuple[str, str, Any]] = set()
 
     # -- lifecycle ----------------------------------------------------------
 
@@ -107,8 +120,11 @@ class Runner:
                     self._stop.wait(1.0)
                     continue
                 if batch:
-                    self._process_batch(self._fill(batch))
+                    batch = self._fill(batch)
+                    self._process_batch(batch)
                     self._commit()
+                    self._report_lag(batch)
+                self._check_gaps()
         finally:
             self._commit()
             self._consumer.close()
@@ -166,6 +182,7 @@ class Runner:
                     chunk = messages[start : start + handler.batch_size]
                     for outcome in self._process_chunk(handler, chunk):
                         self.stats[outcome] += 1
+                        self._metrics.outcome(handler.scope, outcome)
                     # The chunk committed: everything in it is done.
                     for message in chunk:
                         tp = TopicPartition(message.topic, message.partition)
@@ -181,28 +198,37 @@ class Runner:
     def _process_chunk(self, handler: Handler, messages: list[Message]) -> list[str]:
         """Handle ``messages`` (each partition's in order); return their outcomes.
 
-        Records that cannot be handled (no usable ID, oversized) are
-        dead-lettered one by one; the others are claimed and handled together.
+        Records that cannot be handled (bad signature, no usable ID,
+        oversized) are dead-lettered one by one; the others are claimed and
+        handled together. A sequenced handler's outcomes include those of the
+        parked records its records released.
         """
+        if handler.sequence is not None:
+            return self._process_sequenced(handler, messages)
         outcomes: list[str] = []
         good: list[tuple[Message, str]] = []
         for message in messages:
             try:
-                good.append((message, self._message_id(handler, message)))
+                self._check(handler, message)
+                good.append((message, ids.resolve(handler.message_id or ids.header(), message)))
             except MessageError as exc:
                 outcomes.append(self._dead_letter_safely(handler, message, exc))
         return outcomes + (self._run(handler, good) if good else [])
 
-    def _message_id(self, handler: Handler, message: Message) -> str:
+    def _check(self, handler: Handler, message: Message) -> None:
+        """Refuse a record before anything is claimed: forged or unsigned, or too large."""
+        if self._signing_keys is not None:
+            signing.verify(message, self._signing_keys)
         if handler.max_value_bytes is not None and len(message.value or b"") > handler.max_value_bytes:
             raise OversizedValue(
                 f"{message.where()}: value has {len(message.value or b'')} bytes, "
                 f"more than max_value_bytes={handler.max_value_bytes}"
             )
-        return ids.resolve(handler.message_id, message)
 
     def _dead_letter_safely(self, handler: Handler, message: Message, exc: MessageError) -> str:
-        return self._transient_safe(message, lambda: self._dead_letter(handler, message, None, exc, attempts=0))
+        return self._transient_safe(
+            handler, message, lambda: self._dead_letter(handler, message, None, exc, attempts=0)
+        )
 
     def _run(self, handler: Handler, items: list[tuple[Message, str]]) -> list[str]:
         """Apply ``items`` in one transaction; on a handler failure, bisect.
@@ -214,9 +240,9 @@ class Runner:
         """
         if len(items) == 1:
             message, message_id = items[0]
-            return [self._transient_safe(message, lambda: self._handle(handler, message, message_id))]
+            return [self._transient_safe(handler, message, lambda: self._handle(handler, message, message_id))]
         try:
-            results = self._transient_safe(items[0][0], lambda: self._apply(handler, items))
+            results = self._transient_safe(handler, items[0][0], lambda: self._apply(handler, items))
         except TransientError:
             raise
         except Exception as exc:
@@ -230,10 +256,10 @@ class Runner:
             outcomes.append(result)
         return outcomes
 
-    def _transient_safe(self, message: Message, fn: Callable[[], T]) -> T:
+    def _transient_safe(self, handler: Handler, message: Message, fn: Callable[[], T]) -> T:
         """Run ``fn`` with transient retries; past the budget raise TransientError."""
         try:
-            return self._retry_transient(fn)
+            return self._retry_transient(fn, scope=handler.scope)
         except TransientError:
             raise
         except Exception as exc:
@@ -256,15 +282,19 @@ class Runner:
         try:
             return handler.retry.retrying(retryable=_is_handler_failure, sleep=self._sleep)(attempt)
         except Skip as signal:
+            self._count_retries(handler, attempts)
             log.info("%s: handler skipped %r: %s", message.where(), message_id, signal.reason)
             return self._record_skip(handler, message, message_id)
         except FingerprintMismatch as exc:
+            self._count_retries(handler, attempts)
             return self._mismatch(handler, message, message_id, exc)
         except (DeadLetter, MessageError) as exc:
+            self._count_retries(handler, attempts)
             return self._dead_letter(handler, message, message_id, exc, attempts)
         except Exception as exc:
             if _is_transient(exc):
                 raise
+            self._count_retries(handler, attempts)
             log.error("%s: handler for %s failed after %d attempt(s): %s: %s", message.where(),
                       handler.scope, attempts, type(exc).__name__, exc,
                       exc_info=log.isEnabledFor(logging.DEBUG))
@@ -279,6 +309,7 @@ class Runner:
         for the caller to handle after the commit.
         """
         results: list[str | FingerprintMismatch] = []
+        started = time.monotonic()
         with Session(self._engine) as session, session.begin():
             # The dedup rows go in first: the unique index decides who owns each
             # message before any effect is written. A repeated ID within the
@@ -308,24 +339,251 @@ class Runner:
                 else:
                     for message in fresh:
                         handler.func(message, session)
+            tally = Tally()
+            for (message, _), result in zip(items, results, strict=True):
+                if isinstance(result, str):
+                    tally.add(message, result)
+            store.count(session, self._app.group_id, handler.scope, tally)
+        self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
         return results
+
+    def _count_retries(self, handler: Handler, attempts: int) -> None:
+        for _ in range(attempts - 1):
+            self._metrics.retry(handler.scope, "handler")
 
     def _mismatch_safely(
         self, handler: Handler, message: Message, message_id: str, exc: FingerprintMismatch
     ) -> str:
-        return self._transient_safe(message, lambda: self._mismatch(handler, message, message_id, exc))
+        return self._transient_safe(handler, message, lambda: self._mismatch(handler, message, message_id, exc))
 
     def _mismatch(self, handler: Handler, message: Message, message_id: str, exc: FingerprintMismatch) -> str:
         self.stats["fingerprint_mismatch"] += 1
+        self._metrics.outcome(handler.scope, "fingerprint_mismatch")
         if handler.on_fingerprint_mismatch is OnMismatch.SKIP:
             log.warning("%s; skipped as a duplicate", exc)
+            with Session(self._engine) as session, session.begin():
+                self._count(session, handler, message, "duplicate")
             return "duplicate"
         return self._dead_letter(handler, message, message_id, exc, attempts=0)
 
     def _record_skip(self, handler: Handler, message: Message, message_id: str) -> str:
         with Session(self._engine) as session, session.begin():
             claimed = claim(session, handler.scope, message_id, message, outcome=Outcome.SKIPPED)
-        return "skipped" if claimed is Claim.NEW else "duplicate"
+            outcome = "skipped" if claimed is Claim.NEW else "duplicate"
+            self._count(session, handler, message, outcome)
+        return outcome
+
+    def _count(self, session: Session, handler: Handler, message: Message, outcome: str) -> None:
+        tally = Tally()
+        tally.add(message, outcome)
+        store.count(session, self._app.group_id, handler.scope, tally)
+
+    # -- sequenced handlers -------------------------------------------------
+
+    def _process_sequenced(self, handler: Handler, messages: list[Message]) -> list[str]:
+        outcomes: list[str] = []
+        items: list[tuple[Message, str, str, int]] = []
+        for message in messages:
+            try:
+                self._check(handler, message)
+                stream, number = seq.parse(self._sequence_of(handler, message), message)
+                items.append((message, self._sequenced_id(handler, message, stream, number), stream, number))
+            except MessageError as exc:
+                outcomes.append(self._dead_letter_safely(handler, message, exc))
+        if items:
+            outcomes += self._transient_safe(handler, items[0][0], lambda: self._apply_sequenced(handler, items))
+        return outcomes
+
+    @staticmethod
+    def _sequence_of(handler: Handler, message: Message) -> Any:
+        assert handler.sequence is not None
+        try:
+            return handler.sequence(message)
+        except MessageError:
+            raise
+        except Exception as exc:
+            raise BadSequence(f"{message.where()}: sequence raised {type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _sequenced_id(handler: Handler, message: Message, stream: str, number: int) -> str:
+        """The ID named in dead letters and parked rows (dedup is by number, not by ID)."""
+        if handler.message_id is not None:
+            return ids.resolve(handler.message_id, message)
+        try:
+            return ids.resolve(ids.header(), message)
+        except MessageError:
+            fallback = f"{stream}#{number}"
+            if len(fallback) <= ids.MAX_MESSAGE_ID_LENGTH:
+                return fallback
+            return "#" + hashlib.sha256(fallback.encode()).hexdigest()
+
+    def _apply_sequenced(self, handler: Handler, items: list[tuple[Message, str, str, int]]) -> list[str]:
+        """Handle ``items`` in ONE transaction, each stream in number order; return the outcomes.
+
+        Per record: a number at or below the stream's watermark is a
+        duplicate; the next number is handled, the watermark advances, and
+        the parked successors it unblocks are handled after it; a later
+        number is parked. A record whose handler keeps failing is
+        dead-lettered and its number counts as handled, so the stream moves
+        on. Dead letters are sent inside the transaction: if it rolls back,
+        they may be sent again (at least once), never lost.
+        """
+        outcomes: list[str] = []
+        dead: list[tuple[Message, BaseException]] = []
+        tally = Tally()
+        scope = handler.scope
+        with Session(self._engine) as session, session.begin():
+            now = seq.utcnow()
+            streams = seq.lock(session, scope, (name for _, _, name, _ in items), now)
+            for message, message_id, name, number in items:
+                stream = streams[name]
+                if number <= stream.watermark:
+                    outcome = "duplicate"
+                elif number > stream.watermark + 1:
+                    stored = seq.park(session, scope, name, number, message_id, message, now)
+                    if stored is None:
+                        stream.parked += 1
+                        stream.gap_since = stream.gap_since or now
+                        outcome = "parked"
+                    elif stored == message.fingerprint():
+                        outcome = "duplicate"
+                    else:
+                        outcome = self._sequenced_mismatch(handler, message, message_id, name, number, dead)
+                else:
+                    outcome = self._call_in_order(handler, session, message, message_id, dead)
+                    stream.watermark = number
+                    while stream.parked:
+                        taken = seq.take(session, scope, name, stream.watermark + 1)
+                        if taken is None:
+                            break
+                        parked_id, parked_message = taken
+                        stream.parked -= 1
+                        stream.watermark += 1
+                        released = self._call_in_order(handler, session, parked_message, parked_id, dead)
+                        tally.add(parked_message, released)
+                        outcomes.append(released)
+                    stream.gap_since = now if stream.parked else None
+                tally.add(message, outcome)
+                outcomes.append(outcome)
+            seq.save(session, scope, streams.values(), now)
+            store.count(session, self._app.group_id, scope, tally)
+        for message, exc in dead:
+            self._dead_lettered(handler, message, exc)
+        return outcomes
+
+    def _sequenced_mismatch(
+        self, handler: Handler, message: Message, message_id: str, stream: str, number: int,
+        dead: list[tuple[Message, BaseException]],
+    ) -> str:
+        exc = FingerprintMismatch(
+            f"{message.where()}: number {number} of stream {stream!r} is parked with a different payload"
+        )
+        self.stats["fingerprint_mismatch"] += 1
+        self._metrics.outcome(handler.scope, "fingerprint_mismatch")
+        if handler.on_fingerprint_mismatch is OnMismatch.SKIP:
+            log.warning("%s; skipped as a duplicate", exc)
+            return "duplicate"
+        self._publish_dead_letter(handler, message, message_id, exc, attempts=0)
+        dead.append((message, exc))
+        return "dead_lettered"
+
+    def _call_in_order(
+        self,
+        handler: Handler,
+        session: Session,
+        message: Message,
+        message_id: str,
+        dead: list[tuple[Message, BaseException]],
+    ) -> str:
+        """Run the handler for one record in a savepoint, with its retry policy; return the outcome.
+
+        A failed attempt rolls back to the savepoint only, keeping what the
+        transaction did for the records before it.
+        """
+        attempts = 0
+
+        def attempt() -> None:
+            nonlocal attempts
+            attempts += 1
+            started = time.monotonic()
+            with session.begin_nested():
+                handler.func(message, session)
+            self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
+
+        try:
+            handler.retry.retrying(retryable=_is_handler_failure, sleep=self._sleep)(attempt)
+            outcome = "applied"
+        except Skip as signal:
+            log.info("%s: handler skipped %r: %s", message.where(), message_id, signal.reason)
+            outcome = "skipped"
+        except Exception as exc:
+            if _is_transient(exc):
+                raise
+            if not isinstance(exc, DeadLetter | MessageError):
+                log.error("%s: handler for %s failed after %d attempt(s): %s: %s", message.where(),
+                          handler.scope, attempts, type(exc).__name__, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+            self._publish_dead_letter(handler, message, message_id, exc, attempts)
+            dead.append((message, exc))
+            outcome = "dead_lettered"
+        self._count_retries(handler, attempts)
+        return outcome
+
+    def _check_gaps(self) -> None:
+        """Report the streams that have waited longer than ``gap_timeout``; apply the gap policy."""
+        if not self._sequenced or time.monotonic() < self._next_gap_check:
+            return
+        interval = min(min(h.gap_timeout.total_seconds() for h in self._sequenced) / 4, MAX_GAP_CHECK_INTERVAL_S)
+        self._next_gap_check = time.monotonic() + max(interval, 0.2)
+        for handler in self._sequenced:
+            try:
+                self._handle_gaps(handler)
+            except Exception as exc:
+                if not _is_transient(exc):
+                    raise
+                log.warning("gap check for %s failed, trying again later: %s", handler.scope, exc)
+
+    def _handle_gaps(self, handler: Handler) -> None:
+        scope = handler.scope
+        now = seq.utcnow()
+        cutoff = now - handler.gap_timeout
+        if handler.on_gap is OnGap.WAIT:
+            with Session(self._engine) as session:
+                late = seq.overdue(session, scope, cutoff)
+            self._metrics.open_gaps(scope, len(late))
+            for stream in late:
+                if (scope, stream.stream, stream.gap_since) not in self._reported_gaps:
+                    self._reported_gaps.add((scope, stream.stream, stream.gap_since))
+                    log.warning(
+                        "%s: stream %r has waited for number %d since %s UTC (gap_timeout %s); "
+                        "%d message(s) parked behind it, waiting",
+                        scope, stream.stream, stream.watermark + 1, stream.gap_since, handler.gap_timeout,
+                        stream.parked, extra={"scope": scope, "stream": stream.stream},
+                    )
+            return
+        dead: list[tuple[Message, BaseException]] = []
+        tally = Tally()
+        with Session(self._engine) as session, session.begin():
+            late = seq.overdue(session, scope, cutoff, lock_rows=True)
+            for stream in late:
+                for number, message_id, message in seq.take_all(session, scope, stream.stream):
+                    exc = SequenceGap(
+                        f"stream {stream.stream!r} of {scope} waited for number {stream.watermark + 1} "
+                        f"since {stream.gap_since} UTC, longer than gap_timeout {handler.gap_timeout}: "
+                        f"parked number {number} dead-lettered"
+                    )
+                    self._publish_dead_letter(handler, message, message_id, exc, attempts=0)
+                    dead.append((message, exc))
+                    tally.add(message, "dead_lettered")
+                stream.parked = 0
+                stream.gap_since = None
+            seq.save(session, scope, late, now)
+            store.count(session, self._app.group_id, scope, tally)
+        self._metrics.open_gaps(scope, 0)
+        for message, error in dead:
+            self._dead_lettered(handler, message, error)
+            self.stats["dead_lettered"] += 1
+            self._metrics.outcome(scope, "dead_lettered")
 
     # -- dead letters -------------------------------------------------------
 
@@ -339,44 +597,60 @@ class Runner:
     ) -> str:
         # A record without a usable ID, or whose ID belongs to another payload,
         # is recorded under its coordinates, so that a redelivery of the same
-        # record is not dead-lettered twice.
+        # record is not dead-lettered twice. A record with a bad signature is
+        # not recorded at all: its ID is not to be trusted, and a forged record
+        # must not claim the ID of a genuine one.
         if message_id is None or isinstance(exc, FingerprintMismatch):
             record_id = _coordinates_id(message)
         else:
             record_id = message_id
-        reason = getattr(exc, "reason", None) or "handler-error"
+        with Session(self._engine) as session, session.begin():
+            if (
+                not isinstance(exc, BadSignature)
+                and claim(session, handler.scope, record_id, message, outcome=Outcome.DEAD_LETTERED)
+                is Claim.DUPLICATE
+            ):
+                self._count(session, handler, message, "duplicate")
+                return "duplicate"
+            self._count(session, handler, message, "dead_lettered")
+            # Publish inside the transaction: if the broker does not acknowledge,
+            # the dead-letter row rolls back and the offset does not advance.
+            self._publish_dead_letter(handler, message, message_id, exc, attempts)
+        self._dead_lettered(handler, message, exc)
+        return "dead_lettered"
+
+    def _publish_dead_letter(
+        self, handler: Handler, message: Message, message_id: str | None, exc: BaseException, attempts: int
+    ) -> None:
+        """Send ``message`` to the handler's dead-letter topic, with why; wait for the broker's ACK."""
         headers = [
             *message.headers,
             *(
                 (DLQ_HEADER_PREFIX + name, value.encode("utf-8"))
                 for name, value in (
-                    ("reason", reason),
+                    ("reason", _reason(exc)),
                     ("error-type", type(exc).__name__),
                     ("error-message", str(exc)[:1000]),
                     ("topic", message.topic),
                     ("partition", str(message.partition)),
                     ("offset", str(message.offset)),
-                    ("message-id", message_id or ""),
+                    ("message-id", "" if isinstance(exc, BadSignature) else message_id or ""),
                     ("attempts", str(attempts)),
                     ("scope", handler.scope),
                 )
             ),
         ]
-        with Session(self._engine) as session, session.begin():
-            if (
-                claim(session, handler.scope, record_id, message, outcome=Outcome.DEAD_LETTERED)
-                is Claim.DUPLICATE
-            ):
-                return "duplicate"
-            # Publish inside the transaction: if the broker does not acknowledge,
-            # the dead-letter row rolls back and the offset does not advance.
-            self._dead_letter_producer().publish(
-                handler.dead_letter_topic, key=message.key, value=message.value, headers=headers
-            )
+        self._dead_letter_producer().publish(
+            handler.dead_letter_topic, key=message.key, value=message.value, headers=headers
+        )
+
+    def _dead_lettered(self, handler: Handler, message: Message, exc: BaseException) -> None:
+        """Count and log a dead letter whose transaction committed."""
+        reason = _reason(exc)
         self.stats[f"dead_lettered:{reason}"] += 1
-        log.error("%s: dead-lettered to %s (%s: %s)", message.where(),
-                  handler.dead_letter_topic, reason, exc)
-        return "dead_lettered"
+        log.error("%s: dead-lettered to %s (%s: %s)", message.where(), handler.dead_letter_topic, reason, exc,
+                  extra={"scope": handler.scope, "topic": message.topic, "partition": message.partition,
+                         "offset": message.offset, "outcome": "dead_lettered", "reason": reason})
 
     def _dead_letter_producer(self) -> RecordProducer:
         if self._producer is None:
@@ -404,6 +678,14 @@ class Runner:
         if offsets and not lost:
             self._consumer_or_fail().commit_async(offsets)
 
+    def _report_lag(self, batch: dict[TopicPartition, list[Any]]) -> None:
+        """Publish each polled partition's lag: records behind the end as of the last fetch."""
+        consumer = self._consumer_or_fail()
+        for tp, records in batch.items():
+            end = consumer.highwater(tp)
+            if end is not None and records:
+                self._metrics.consumer_lag(tp.topic, tp.partition, max(end - records[-1].offset - 1, 0))
+
     def _consumer_or_fail(self) -> Consumer:
         if self._consumer is None:  # pragma: no cover - run() sets it first
             raise RuntimeError("consumer not started")
@@ -411,16 +693,19 @@ class Runner:
 
     # -- retries ------------------------------------------------------------
 
-    def _retry_transient(self, fn: Callable[[], T]) -> T:
+    def _retry_transient(self, fn: Callable[[], T], *, scope: str = "") -> T:
         """Retry ``fn`` on transient failures for the app's budget, then raise."""
+
+        def before_sleep(state: Any) -> None:
+            self._metrics.retry(scope, "transient")
+            log.warning("transient failure, retrying: %s", state.outcome and state.outcome.exception())
+
         return Retrying(
             retry=retry_if_exception(_is_transient),
             stop=stop_after_delay(self._app.transient_retry_budget.total_seconds()),
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             sleep=self._sleep,
-            before_sleep=lambda state: log.warning(
-                "transient failure, retrying: %s", state.outcome and state.outcome.exception()
-            ),
+            before_sleep=before_sleep,
             reraise=True,
         )(fn)
 
@@ -434,3 +719,7 @@ def _coordinates_id(message: Message) -> str:
     if len(coordinates) <= ids.MAX_MESSAGE_ID_LENGTH:
         return coordinates
     return "@" + hashlib.sha256(coordinates.encode()).hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "reason", None) or "handler-error"

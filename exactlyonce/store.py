@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import enum
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import sqlite
+from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
-from exactlyonce.schema import Outcome, processed
+from exactlyonce.schema import Outcome, counters, processed
 
 _CLAIM_COLUMNS = (
     "scope", "message_id", "topic", "kafka_partition", "kafka_offset", "fingerprint", "outcome", "processed_at",
@@ -201,3 +202,107 @@ def prune(
             return deleted
         if pause:
             time.sleep(pause.total_seconds())
+
+
+#: Runner outcomes and the ``exactlyonce_counters`` column each one adds to.
+_COUNTED = {
+    "applied": "applied",
+    "duplicate": "duplicates",
+    "skipped": "skipped",
+    "dead_lettered": "dead_lettered",
+    "parked": "parked",
+}
+
+
+class Tally:
+    """Outcomes per partition, to be added to ``exactlyonce_counters`` by :func:`count`."""
+
+    def __init__(self) -> None:
+        self._outcomes: dict[tuple[str, int], Counter[str]] = {}
+        self._last_offset: dict[tuple[str, int], int] = {}
+
+    def add(self, message: Message, outcome: str, n: int = 1) -> None:
+        """Count ``outcome`` for ``message``'s partition (outcomes not counted there are ignored)."""
+        if outcome not in _COUNTED:
+            return
+        tp = (message.topic, message.partition)
+        self._outcomes.setdefault(tp, Counter())[outcome] += n
+        self._last_offset[tp] = max(self._last_offset.get(tp, -1), message.offset)
+
+    def totals(self) -> Counter[str]:
+        """The outcomes summed over partitions."""
+        total: Counter[str] = Counter()
+        for outcomes in self._outcomes.values():
+            total.update(outcomes)
+        return total
+
+    def rows(self, group_id: str, scope: str, now: datetime) -> list[dict[str, Any]]:
+        return [
+            {
+                "scope": scope,
+                "topic": topic,
+                "kafka_partition": partition,
+                "group_id": group_id,
+                **{column: outcomes[outcome] for outcome, column in _COUNTED.items()},
+                "last_offset": self._last_offset[(topic, partition)],
+                "last_processed_at": now,
+            }
+            for (topic, partition), outcomes in sorted(self._outcomes.items())
+        ]
+
+
+def count(session: Session, group_id: str, scope: str, tally: Tally) -> None:
+    """Add ``tally`` to the scope's per-partition counters, in the session's transaction.
+
+    Called by the transaction that decided the outcomes, so a rolled-back
+    decision is never counted and a committed one always is.
+    """
+    rows = tally.rows(group_id, scope, datetime.now(UTC).replace(tzinfo=None))
+    if not rows:
+        return
+    dialect = session.get_bind().dialect.name
+    sums = list(_COUNTED.values())
+    if dialect in ("postgresql", "sqlite"):
+        insert = postgresql.insert(counters) if dialect == "postgresql" else sqlite.insert(counters)
+        upsert = insert.on_conflict_do_update(
+            index_elements=["scope", "topic", "kafka_partition"],
+            set_={
+                **{c: counters.c[c] + insert.excluded[c] for c in sums},
+                "group_id": insert.excluded.group_id,
+                "last_offset": insert.excluded.last_offset,
+                "last_processed_at": insert.excluded.last_processed_at,
+            },
+        )
+        session.execute(upsert, rows)
+    elif dialect in ("mysql", "mariadb"):
+        minsert = mysql.insert(counters)
+        session.execute(
+            minsert.on_duplicate_key_update(
+                {
+                    **{c: counters.c[c] + minsert.inserted[c] for c in sums},
+                    "group_id": minsert.inserted.group_id,
+                    "last_offset": minsert.inserted.last_offset,
+                    "last_processed_at": minsert.inserted.last_processed_at,
+                }
+            ),
+            rows,
+        )
+    else:
+        for row in rows:
+            key = (
+                counters.c.scope == row["scope"],
+                counters.c.topic == row["topic"],
+                counters.c.kafka_partition == row["kafka_partition"],
+            )
+            updated: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
+                sa.update(counters)
+                .where(*key)
+                .values(
+                    **{c: counters.c[c] + row[c] for c in sums},
+                    group_id=row["group_id"],
+                    last_offset=row["last_offset"],
+                    last_processed_at=row["last_processed_at"],
+                )
+            )
+            if not updated.rowcount:
+                session.execute(sa.insert(counters).values(row))

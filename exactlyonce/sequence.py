@@ -1,0 +1,207 @@
+"""The store of sequenced handlers: a watermark per stream, and parked messages.
+
+A sequenced handler numbers each stream's messages 1, 2, 3, ... The store
+keeps one row per stream (``exactlyonce_sequence_streams``): every number up
+to ``watermark`` has been handled, in order. A message ahead of its turn is
+parked (``exactlyonce_parked``) until the numbers before it have been handled.
+Storage is O(streams + parked), not O(messages).
+
+Every transaction that touches a stream first locks its row (``SELECT ... FOR
+UPDATE``) and ends by writing it. The lock serializes the workers that hold
+messages of one stream on different partitions; the write makes a worker that
+runs at REPEATABLE READ or SERIALIZABLE fail with a serialization error (a
+transient error: the batch is retried) instead of reading a stale set of
+parked rows. Parked rows are read with locking reads too, which see the latest
+committed rows on MySQL/MariaDB at REPEATABLE READ (their default).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from exactlyonce.errors import BadSequence
+from exactlyonce.message import Message
+from exactlyonce.schema import MAX_STREAM_LENGTH, parked, sequence_streams
+
+
+@dataclass(slots=True)
+class Stream:
+    """One stream's row, as locked by this transaction."""
+
+    stream: str
+    watermark: int
+    parked: int
+    gap_since: datetime | None
+
+
+def parse(value: Any, message: Message) -> tuple[str, int]:
+    """Check what a ``sequence`` callable returned: ``(non-empty str, int >= 1)``."""
+    if not (isinstance(value, tuple) and len(value) == 2):
+        raise BadSequence(f"{message.where()}: sequence must return (stream, number), got {value!r}")
+    stream, number = value
+    if not isinstance(stream, str) or not 0 < len(stream) <= MAX_STREAM_LENGTH:
+        raise BadSequence(
+            f"{message.where()}: stream must be a string of 1 to {MAX_STREAM_LENGTH} characters, got {stream!r}"
+        )
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise BadSequence(f"{message.where()}: sequence number must be an integer >= 1, got {number!r}")
+    if number >= 2**63:
+        raise BadSequence(f"{message.where()}: sequence number {number} does not fit a 64-bit column")
+    return stream, number
+
+
+def utcnow() -> datetime:
+    """Naive UTC, as every exactlyonce timestamp column stores it."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def lock(session: Session, scope: str, streams: Iterable[str], now: datetime) -> dict[str, Stream]:
+    """Create the missing stream rows, lock all of them, and return them by stream.
+
+    Rows are locked in stream order, so two workers locking overlapping sets
+    wait for each other instead of deadlocking (a deadlock that happens anyway
+    is a transient error and the batch is retried).
+    """
+    names = sorted(set(streams))
+    if not names:
+        return {}
+    rows = [
+        {"scope": scope, "stream": name, "watermark": 0, "parked": 0, "gap_since": None, "updated_at": now}
+        for name in names
+    ]
+    _insert_missing(session, rows)
+    table = sequence_streams
+    found = session.execute(
+        sa.select(table.c.stream, table.c.watermark, table.c.parked, table.c.gap_since)
+        .where(table.c.scope == scope, table.c.stream.in_(names))
+        .order_by(table.c.stream)
+        .with_for_update()
+    ).all()
+    return {row.stream: Stream(row.stream, row.watermark, row.parked, row.gap_since) for row in found}
+
+
+def _insert_missing(session: Session, rows: list[dict[str, Any]]) -> None:
+    dialect = session.get_bind().dialect.name
+    table = sequence_streams
+    if dialect == "postgresql":
+        session.execute(postgresql.insert(table).on_conflict_do_nothing(), rows)
+    elif dialect == "sqlite":
+        session.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
+    elif dialect in ("mysql", "mariadb"):
+        # "ON DUPLICATE KEY UPDATE scope = scope": a no-op for an existing row.
+        # (INSERT IGNORE would also swallow errors other than the duplicate.)
+        stmt = mysql.insert(table)
+        session.execute(stmt.on_duplicate_key_update(scope=table.c.scope), rows)
+    else:
+        existing = set(
+            session.execute(
+                sa.select(table.c.stream).where(
+                    table.c.scope == rows[0]["scope"], table.c.stream.in_([r["stream"] for r in rows])
+                )
+            ).scalars()
+        )
+        missing = [row for row in rows if row["stream"] not in existing]
+        if missing:
+            session.execute(sa.insert(table), missing)
+
+
+def save(session: Session, scope: str, streams: Iterable[Stream], now: datetime) -> None:
+    """Write back every locked stream (always, even unchanged: see the module docstring)."""
+    table = sequence_streams
+    params = [
+        {"s": scope, "n": s.stream, "w": s.watermark, "p": s.parked, "g": s.gap_since, "u": now} for s in streams
+    ]
+    if params:
+        session.execute(
+            sa.update(table)
+            .where(table.c.scope == sa.bindparam("s"), table.c.stream == sa.bindparam("n"))
+            .values(watermark=sa.bindparam("w"), parked=sa.bindparam("p"), gap_since=sa.bindparam("g"),
+                    updated_at=sa.bindparam("u")),
+            params,
+        )
+
+
+def park(
+    session: Session, scope: str, stream: str, number: int, message_id: str, message: Message, now: datetime
+) -> str | None:
+    """Park ``message`` as number ``number``; return ``None``, or the fingerprint already parked there."""
+    key = (parked.c.scope == scope, parked.c.stream == stream, parked.c.number == number)
+    existing = session.execute(sa.select(parked.c.fingerprint).where(*key).with_for_update()).scalar()
+    if existing is not None:
+        return str(existing)
+    session.execute(
+        sa.insert(parked).values(
+            scope=scope,
+            stream=stream,
+            number=number,
+            message_id=message_id,
+            topic=message.topic,
+            kafka_partition=message.partition,
+            kafka_offset=message.offset,
+            key=message.key,
+            value=message.value,
+            headers=_encode_headers(message.headers),
+            timestamp_ms=message.timestamp_ms,
+            fingerprint=message.fingerprint(),
+            parked_at=now,
+        )
+    )
+    return None
+
+
+def take(session: Session, scope: str, stream: str, number: int) -> tuple[str, Message] | None:
+    """Remove and return the message parked as ``number`` (its ID and the message), if any."""
+    key = (parked.c.scope == scope, parked.c.stream == stream, parked.c.number == number)
+    row = session.execute(sa.select(parked).where(*key).with_for_update()).first()
+    if row is None:
+        return None
+    session.execute(sa.delete(parked).where(*key))
+    return row.message_id, _message(row)
+
+
+def take_all(session: Session, scope: str, stream: str) -> list[tuple[int, str, Message]]:
+    """Remove and return every message parked for ``stream``, in number order."""
+    where = (parked.c.scope == scope, parked.c.stream == stream)
+    rows = session.execute(sa.select(parked).where(*where).order_by(parked.c.number).with_for_update()).all()
+    if rows:
+        session.execute(sa.delete(parked).where(*where))
+    return [(row.number, row.message_id, _message(row)) for row in rows]
+
+
+def overdue(session: Session, scope: str, cutoff: datetime, *, lock_rows: bool = False) -> Sequence[Stream]:
+    """The streams of ``scope`` whose gap opened before ``cutoff`` (oldest first)."""
+    table = sequence_streams
+    stmt = (
+        sa.select(table.c.stream, table.c.watermark, table.c.parked, table.c.gap_since)
+        .where(table.c.scope == scope, table.c.gap_since < cutoff, table.c.parked > 0)
+        .order_by(table.c.stream)
+    )
+    if lock_rows:
+        stmt = stmt.with_for_update()
+    return [Stream(r.stream, r.watermark, r.parked, r.gap_since) for r in session.execute(stmt)]
+
+
+def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
+    return json.dumps([[name, base64.b64encode(value).decode("ascii")] for name, value in headers])
+
+
+def _message(row: Any) -> Message:
+    headers = tuple((name, base64.b64decode(data)) for name, data in json.loads(row.headers))
+    return Message(
+        topic=row.topic,
+        partition=row.kafka_partition,
+        offset=row.kafka_offset,
+        key=row.key,
+        value=row.value,
+        headers=headers,
+        timestamp_ms=row.timestamp_ms,
+    )
