@@ -2,35 +2,63 @@
 
 ::
 
-    exactlyonce run MODULE:ATTR         run an App until SIGTERM/SIGINT
-    exactlyonce db upgrade [REVISION]   apply the framework's migrations
-    exactlyonce db downgrade REVISION   revert them (``base`` drops the tables)
-    exactlyonce db current              print the applied revision
-    exactlyonce prune --older-than 14d  delete old dedup rows, in small batches
-    exactlyonce relay [--once]          send the outbox's pending messages until SIGTERM/SIGINT
+    exactlyonce run MODULE:ATTR [--metrics-port P]   run an App until SIGTERM/SIGINT
+    exactlyonce db upgrade [REVISION]                apply the framework's migrations
+    exactlyonce db downgrade REVISION                revert them (``base`` drops the tables)
+    exactlyonce db current                           print the applied revision
+    exactlyonce prune --older-than 14d               delete old dedup rows, in small batches
+    exactlyonce relay [--once]                       send the outbox's pending messages until SIGTERM/SIGINT
+    exactlyonce status                               per scope: counts, open gaps, consumer lag
+    exactlyonce inspect MESSAGE_ID                   what happened to one message
+    exactlyonce dlq list TOPIC                       the records of a dead-letter topic
+    exactlyonce dlq replay TOPIC                     send dead letters back to their original topic
 
 Connection settings come from ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
-``EXACTLYONCE_DATABASE_URL`` unless given as options.
+``EXACTLYONCE_DATABASE_URL`` unless given as options. Every command prints
+tables on a terminal and JSON with ``--json``; an error is one line on stderr
+and a non-zero exit status. Secrets (URL passwords, SASL and signing
+secrets) are masked in everything printed and logged.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
+import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
-from collections.abc import Sequence
-from datetime import timedelta
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from sqlalchemy.engine import make_url
 
-from exactlyonce import _db, migrate, outbox, schema, store
-from exactlyonce.app import DATABASE_URL_ENV, App
-from exactlyonce.errors import ExactlyOnceError
+from exactlyonce import _db, admin, logs, migrate, outbox, schema, signing, store
+from exactlyonce.app import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV, App
+from exactlyonce.errors import ConfigurationError, ExactlyOnceError
+from exactlyonce.metrics import Metrics
+from exactlyonce.producer import Producer
+
+log = logging.getLogger("exactlyonce.cli")
+
+#: Default of ``--log-format``.
+LOG_FORMAT_ENV = "EXACTLYONCE_LOG_FORMAT"
+
+#: Exit status of ``inspect`` for an unknown message ID (errors exit 2).
+EXIT_UNKNOWN = 1
+EXIT_ERROR = 2
 
 
 def load_app(spec: str) -> App:
@@ -50,44 +78,7 @@ def load_app(spec: str) -> App:
     return app
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exactlyonce", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default=os.environ.get("EXACTLYONCE_LOG_LEVEL", "INFO"))
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    run = commands.add_parser("run", help="run an App until SIGTERM/SIGINT")
-    run.add_argument("app", metavar="MODULE:ATTR")
-
-    db = commands.add_parser("db", help="manage the framework's tables")
-    db.add_argument("--database-url", default=None,
-                    help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
-    db_commands = db.add_subparsers(dest="db_command", required=True)
-    upgrade = db_commands.add_parser("upgrade", help="apply migrations")
-    upgrade.add_argument("revision", nargs="?", default="head")
-    downgrade = db_commands.add_parser("downgrade", help="revert migrations")
-    downgrade.add_argument("revision")
-    db_commands.add_parser("current", help="print the applied revision")
-
-    prune = commands.add_parser("prune", help="delete dedup rows (or sent outbox rows) older than a "
-                                "retention window")
-    prune.add_argument("--database-url", default=None, help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
-    prune.add_argument("--older-than", required=True, type=parse_duration, metavar="DURATION",
-                       help="e.g. 14d, 36h, 90m")
-    prune.add_argument("--horizon", type=parse_duration, default=store.DEFAULT_REDELIVERY_HORIZON,
-                       metavar="DURATION", help="the topics' Kafka log retention (default 7d)")
-    prune.add_argument("--force", action="store_true", help="prune inside the redelivery horizon anyway")
-    prune.add_argument("--batch-size", type=int, default=1000)
-    prune.add_argument("--outbox", action="store_true",
-                       help="prune the outbox's sent rows instead (never pending ones; no horizon applies)")
-
-    relay = commands.add_parser("relay", help="send the outbox's pending messages until SIGTERM/SIGINT")
-    relay.add_argument("--database-url", default=None, help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
-    relay.add_argument("--once", action="store_true", help="send what is pending now, then exit")
-    relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default 100)")
-    relay.add_argument("--retention", type=parse_duration, default=outbox.DEFAULT_RETENTION,
-                       metavar="DURATION", help="prune rows sent longer ago than this, hourly (default 7d)")
-    return parser
-
+# -- argument types ---------------------------------------------------------
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -100,11 +91,228 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match[2]]: int(match[1])})
 
 
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """An aware UTC datetime from ISO-8601 (naive means UTC) or a duration ago (``2h``: two hours ago)."""
+    text = text.strip()
+    if re.fullmatch(r"\d+[smhdw]", text):
+        return (now or datetime.now(UTC)) - parse_duration(text)
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid time {text!r}: use ISO-8601 (2026-11-29T14:00:00Z) or a duration ago (90m, 2h, 1d)"
+        ) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def parse_kafka_setting(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` for kafka-python; integers and true/false are converted."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {logs.redact(text)!r}")
+    value: Any = raw
+    if re.fullmatch(r"-?\d+", raw):
+        value = int(raw)
+    elif raw.lower() in ("true", "false"):
+        value = raw.lower() == "true"
+    if re.search(r"password|secret", key, re.IGNORECASE):
+        logs.register_secret(raw)
+    return key.strip(), value
+
+
+# -- parser -----------------------------------------------------------------
+
+
+def _database_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--database-url", default=None, help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+
+
+def _kafka_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap-servers", default=None,
+                        help=f"Kafka bootstrap servers (default: ${BOOTSTRAP_SERVERS_ENV})")
+    parser.add_argument("--kafka-config", action="append", default=[], type=parse_kafka_setting,
+                        metavar="KEY=VALUE", help="a kafka-python client setting (TLS, SASL); repeatable")
+
+
+def _json_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exactlyonce", description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--log-level", default=os.environ.get("EXACTLYONCE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get(LOG_FORMAT_ENV, "text"),
+                        help=f"log lines as text or one JSON object each (default: ${LOG_FORMAT_ENV} or text)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run an App until SIGTERM/SIGINT")
+    run.add_argument("app", metavar="MODULE:ATTR")
+    run.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                     help="serve Prometheus metrics at http://ADDR:PORT/metrics")
+    run.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR", help="(default 0.0.0.0)")
+    # Also accepted after the subcommand; SUPPRESS keeps the global value when absent.
+    run.add_argument("--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS)
+
+    db = commands.add_parser("db", help="manage the framework's tables")
+    _database_option(db)
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    upgrade = db_commands.add_parser("upgrade", help="apply migrations")
+    upgrade.add_argument("revision", nargs="?", default="head")
+    downgrade = db_commands.add_parser("downgrade", help="revert migrations")
+    downgrade.add_argument("revision")
+    db_commands.add_parser("current", help="print the applied revision")
+
+    prune = commands.add_parser("prune", help="delete dedup rows (or sent outbox rows) older than a "
+                                "retention window")
+    _database_option(prune)
+    prune.add_argument("--older-than", required=True, type=parse_duration, metavar="DURATION",
+                       help="e.g. 14d, 36h, 90m")
+    prune.add_argument("--horizon", type=parse_duration, default=store.DEFAULT_REDELIVERY_HORIZON,
+                       metavar="DURATION", help="the topics' Kafka log retention (default 7d)")
+    prune.add_argument("--force", action="store_true", help="prune inside the redelivery horizon anyway")
+    prune.add_argument("--batch-size", type=int, default=1000)
+    prune.add_argument("--outbox", action="store_true",
+                       help="prune the outbox's sent rows instead (never pending ones; no horizon applies)")
+    _json_option(prune)
+
+    relay = commands.add_parser("relay", help="send the outbox's pending messages until SIGTERM/SIGINT")
+    _database_option(relay)
+    relay.add_argument("--once", action="store_true", help="send what is pending now, then exit")
+    relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default 100)")
+    relay.add_argument("--retention", type=parse_duration, default=outbox.DEFAULT_RETENTION,
+                       metavar="DURATION", help="prune rows sent longer ago than this, hourly (default 7d)")
+    relay.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                       help="serve the outbox backlog gauge at http://0.0.0.0:PORT/metrics")
+    relay.add_argument("--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS)
+
+    status = commands.add_parser("status", help="per handler scope: counts, open gaps, consumer lag")
+    _database_option(status)
+    _kafka_options(status)
+    _json_option(status)
+
+    inspect = commands.add_parser("inspect", help="what happened to one message ID (exit 1 if unknown)")
+    inspect.add_argument("message_id", metavar="MESSAGE_ID")
+    inspect.add_argument("--scope", default=None, help="only this handler scope")
+    inspect.add_argument("--app", default=None, metavar="MODULE:ATTR",
+                         help="the App, to name each scope's configured dead-letter topic")
+    _database_option(inspect)
+    _json_option(inspect)
+
+    dlq = commands.add_parser("dlq", help="read and replay dead-letter topics")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_commands.add_parser("list", help="the records of a dead-letter topic, oldest first")
+    dlq_list.add_argument("topic", metavar="DLQ_TOPIC")
+    dlq_list.add_argument("--limit", type=int, default=None, metavar="N", help="show at most N records")
+    _kafka_options(dlq_list)
+    _json_option(dlq_list)
+    replay = dlq_commands.add_parser("replay", help="send dead letters back to their original topic")
+    replay.add_argument("topic", metavar="DLQ_TOPIC")
+    replay.add_argument("--id", action="append", default=[], dest="ids", metavar="MESSAGE_ID",
+                        help="replay this message ID (repeatable)")
+    replay.add_argument("--since", type=parse_time, default=None, metavar="TIME",
+                        help="dead-lettered at or after TIME (ISO-8601, or a duration ago: 2h)")
+    replay.add_argument("--until", type=parse_time, default=None, metavar="TIME",
+                        help="dead-lettered before TIME")
+    replay.add_argument("--dry-run", action="store_true", help="print what would be replayed, send nothing")
+    replay.add_argument("--yes", action="store_true", help="replay everything without asking (no filter given)")
+    _database_option(replay)
+    _kafka_options(replay)
+    _json_option(replay)
+    return parser
+
+
+# -- settings ---------------------------------------------------------------
+
+
 def _database_url(args: argparse.Namespace) -> str:
     url = args.database_url or os.environ.get(DATABASE_URL_ENV)
     if not url:
         raise ExactlyOnceError(f"no database: pass --database-url or set {DATABASE_URL_ENV}")
+    # A password typed on the command line is not in the environment configure() scanned.
+    with contextlib.suppress(sa.exc.ArgumentError):
+        logs.register_secret(make_url(url).password)
     return str(url)
+
+
+def _bootstrap_servers(args: argparse.Namespace) -> str | None:
+    return args.bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV) or None
+
+
+def _reader(args: argparse.Namespace, *, required: bool) -> admin.KafkaReader | None:
+    servers = _bootstrap_servers(args)
+    if servers is None:
+        if required:
+            raise ExactlyOnceError(f"no Kafka broker: pass --bootstrap-servers or set {BOOTSTRAP_SERVERS_ENV}")
+        return None
+    return admin.KafkaReader(servers, dict(args.kafka_config))
+
+
+# -- output -----------------------------------------------------------------
+
+
+def _is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _print(*renderables: Any) -> None:
+    """Print rich renderables to stdout, secrets redacted.
+
+    Rendered into a buffer first so that :func:`logs.redact` sees the final
+    text, whatever a table cell or a value held.
+    """
+    terminal = _is_terminal()
+    buffer = io.StringIO()
+    width = shutil.get_terminal_size().columns if terminal else int(os.environ.get("COLUMNS", "200"))
+    console = Console(file=buffer, force_terminal=terminal, width=width, highlight=False, soft_wrap=False)
+    for renderable in renderables:
+        console.print(renderable)
+    sys.stdout.write(logs.redact(buffer.getvalue()))
+    sys.stdout.flush()
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(logs.redact(json.dumps(data, indent=2, ensure_ascii=False, default=str)) + "\n")
+    sys.stdout.flush()
+
+
+def _when(value: datetime | None) -> str:
+    if value is None:
+        return "-"
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _num(value: int | None) -> str:
+    return "?" if value is None else f"{value:,}"
+
+
+@contextmanager
+def _progress(description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on a terminal; elsewhere (pipes, CI logs) a no-op, so output stays parseable."""
+    if not _is_terminal():
+        yield lambda n: None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                   console=Console(file=sys.stdout), transient=True)
+    with bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+# -- commands ---------------------------------------------------------------
+
+
+def _run(args: argparse.Namespace) -> None:
+    app = load_app(args.app)
+    if args.metrics_port is not None:
+        metrics: Metrics | None = getattr(app, "metrics", None)
+        if metrics is None:
+            log.warning("this version of App has no metrics; --metrics-port is ignored")
+        else:
+            metrics.serve(args.metrics_port, args.metrics_addr)
+            log.info("serving metrics at http://%s:%d/metrics", args.metrics_addr, metrics.port or 0)
+    app.run()
 
 
 def _relay(args: argparse.Namespace) -> None:
@@ -112,8 +320,12 @@ def _relay(args: argparse.Namespace) -> None:
     engine = _db.create_engine(_database_url(args))
     if not sa.inspect(engine).has_table(schema.outbox.name):
         raise ExactlyOnceError(f"table {schema.outbox.name} is missing: run `exactlyonce db upgrade` first")
-    relay = outbox.Relay(engine, batch_size=args.batch_size)
+    metrics = Metrics() if args.metrics_port is not None else None
+    relay = outbox.Relay(engine, batch_size=args.batch_size, signing_key=signing.signing_key_from_env(),
+                         metrics=metrics)
     try:
+        if metrics is not None:
+            metrics.serve(args.metrics_port)
         if args.once:
             while relay.run_once():
                 pass
@@ -121,44 +333,259 @@ def _relay(args: argparse.Namespace) -> None:
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda signum, frame: stop.set())
-            logging.getLogger("exactlyonce").info("relaying the outbox")
+            log.info("relaying the outbox")
             relay.run(stop, retention=args.retention)
     finally:
         relay.close()
+        if metrics is not None:
+            metrics.close()
     print(f"relayed {relay.published} outbox messages")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``exactlyonce`` console script."""
-    args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _prune(args: argparse.Namespace) -> None:
+    """Prune in batches; a progress bar (total counted up front) on a terminal."""
+    engine = _db.create_engine(_database_url(args))
+    table = schema.outbox if args.outbox else schema.processed
+    cutoff = datetime.now(UTC).replace(tzinfo=None) - args.older_than
+    total = None
+    if _is_terminal():
+        column = schema.outbox.c.sent_at if args.outbox else schema.processed.c.processed_at
+        with engine.connect() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(table).where(column < cutoff)).scalar_one()
+    with _progress(f"pruning {table.name}", total) as advance:
+        if args.outbox:
+            deleted = outbox.prune(engine, args.older_than, batch_size=args.batch_size, progress=advance)
+        else:
+            deleted = store.prune(engine, args.older_than, horizon=args.horizon, force=args.force,
+                                  batch_size=args.batch_size, progress=advance)
+    what = "sent outbox rows" if args.outbox else "dedup rows"
+    if args.json:
+        _print_json({"table": table.name, "deleted": deleted, "older_than_seconds": args.older_than.total_seconds(),
+                     "cutoff": cutoff.replace(tzinfo=UTC).isoformat()})
+    else:
+        print(f"pruned {deleted} {what} older than {args.older_than}")
+
+
+def _status(args: argparse.Namespace) -> None:
+    engine = _db.create_engine(_database_url(args))
+    reader = _reader(args, required=False)
     try:
-        if args.command == "run":
-            load_app(args.app).run()
-        elif args.command == "prune" and args.outbox:
-            deleted = outbox.prune(_db.create_engine(_database_url(args)), args.older_than,
-                                   batch_size=args.batch_size)
-            print(f"pruned {deleted} sent outbox rows older than {args.older_than}")
-        elif args.command == "prune":
-            deleted = store.prune(_db.create_engine(_database_url(args)), args.older_than,
-                                  horizon=args.horizon, force=args.force, batch_size=args.batch_size)
-            print(f"pruned {deleted} dedup rows older than {args.older_than}")
-        elif args.command == "db":
-            engine = _db.create_engine(_database_url(args))
-            if args.db_command == "upgrade":
-                migrate.upgrade(engine, args.revision)
-            elif args.db_command == "downgrade":
-                migrate.downgrade(engine, args.revision)
-            print(migrate.current(engine) or "base")
-        elif args.command == "relay":
-            _relay(args)
-    except ExactlyOnceError as exc:
-        print(f"exactlyonce: error: {exc}", file=sys.stderr)
-        return 2
+        result = admin.status(engine, reader)
+    finally:
+        if reader is not None:
+            reader.close()
+        engine.dispose()
+    if args.json:
+        _print_json(result.to_json())
+        return
+    if not result.scopes:
+        _print("no handler scope has processed anything yet (table exactlyonce_counters is empty)")
+        return
+    summary = Table(title="handler scopes", title_justify="left")
+    for name in ("scope", "group", "applied", "duplicates", "skipped", "dead-lettered", "parked", "open gaps",
+                 "last processed", "lag"):
+        summary.add_column(name, justify="right" if name not in ("scope", "group", "last processed") else "left")
+    for scope in result.scopes:
+        summary.add_row(scope.scope, scope.group_id, _num(scope.total("applied")), _num(scope.total("duplicates")),
+                        _num(scope.total("skipped")), _num(scope.total("dead_lettered")),
+                        _num(scope.total("parked")), _num(scope.open_gaps), _when(scope.last_processed_at),
+                        _num(scope.lag))
+    partitions = Table(title="partitions", title_justify="left")
+    for name in ("scope", "topic", "partition", "applied", "last offset", "committed", "end", "lag"):
+        partitions.add_column(name, justify="left" if name in ("scope", "topic") else "right")
+    for scope in result.scopes:
+        for p in scope.partitions:
+            partitions.add_row(scope.scope, p.topic, str(p.partition), _num(p.applied), _num(p.last_offset),
+                               _num(p.committed), _num(p.end_offset), _num(p.lag))
+    renderables: list[Any] = [summary, partitions]
+    if result.lag_error:
+        renderables.append(f"consumer lag unknown: {result.lag_error}")
+    _print(*renderables)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    topics = {}
+    if args.app:
+        topics = {h.scope: h.dead_letter_topic for h in load_app(args.app).handlers.values()}
+    engine = _db.create_engine(_database_url(args))
+    try:
+        findings = admin.inspect(engine, args.message_id, scope=args.scope, dead_letter_topics=topics)
+    finally:
+        engine.dispose()
+    if args.json:
+        _print_json({"message_id": args.message_id, "known": bool(findings),
+                     "findings": [f.to_json() for f in findings]})
+    elif not findings:
+        where = f" in scope {args.scope!r}" if args.scope else ""
+        _print(f"message {args.message_id!r} is unknown{where}: never processed, not parked "
+               "(or its dedup row was pruned)")
+    else:
+        lines = []
+        for f in findings:
+            if f.state == "parked":
+                lines.append(f"{f.scope}: parked since {_when(f.at)} as number {f.number} of stream {f.stream!r}, "
+                             f"waiting for the numbers before it; from {f.topic}[{f.partition}]@{f.offset}")
+                continue
+            lines.append(f"{f.scope}: {f.state.replace('_', '-')} at {_when(f.at)}, "
+                         f"from {f.topic}[{f.partition}]@{f.offset}, payload sha256 {f.fingerprint}")
+            if f.state == schema.Outcome.DEAD_LETTERED:
+                source = "configured" if f.scope in topics else "the default; pass --app to read the configured one"
+                lines.append(f"  dead-lettered to {f.dead_letter_topic} ({source}); see `exactlyonce dlq list "
+                             f"{f.dead_letter_topic}`")
+        _print(*lines)
+    return 0 if findings else EXIT_UNKNOWN
+
+
+def _dlq_list(args: argparse.Namespace) -> None:
+    reader = _reader(args, required=True)
+    assert reader is not None
+    try:
+        records = admin.read_dead_letters(reader, args.topic, limit=args.limit)
+    finally:
+        reader.close()
+    if args.json:
+        _print_json([r.to_json() for r in records])
+        return
+    table = Table(title=f"{args.topic}: {len(records)} dead letter(s)", title_justify="left")
+    for name in ("dlq p@offset", "dead-lettered", "original", "message id", "reason", "error"):
+        table.add_column(name, overflow="fold")
+    for r in records:
+        data = r.to_json()
+        original = f"{r.topic}[{data['partition']}]@{data['offset']}" if r.topic else "(unknown)"
+        error = f"{r.meta.get('error-type', '')}: {r.meta.get('error-message', '')}".strip(": ")
+        table.add_row(f"{r.dlq_partition}@{r.dlq_offset}", _when(r.timestamp), original, r.message_id or "-",
+                      r.meta.get("reason", "-"), error or "-")
+    _print(table)
+
+
+def _dlq_replay(args: argparse.Namespace) -> None:
+    reader = _reader(args, required=True)
+    assert reader is not None
+    try:
+        records = admin.read_dead_letters(reader, args.topic)
+    finally:
+        reader.close()
+    selected = admin.select_dead_letters(records, ids=args.ids, since=args.since, until=args.until)
+    filtered = bool(args.ids or args.since or args.until)
+    if not filtered and not args.dry_run and not args.yes and selected:
+        _confirm(f"replay all {len(selected)} dead letter(s) of {args.topic} to their original topics?")
+    if args.dry_run:
+        items = admin.replay(selected, engine=None, send=None, dry_run=True)
+    else:
+        items = _replay_for_real(args, selected)
+    if args.json:
+        _print_json({"dlq_topic": args.topic, "selected": len(selected), "items": [i.to_json() for i in items]})
+        return
+    lines = []
+    for item in items:
+        where = f"{args.topic}[{item.record.dlq_partition}]@{item.record.dlq_offset}"
+        if item.action == "skipped":
+            lines.append(f"skipped {where}: {item.reason}")
+        else:
+            verb = "would replay" if item.action == "would-replay" else "replayed"
+            lines.append(f"{verb} {where} -> {item.record.topic} (message id {item.record.message_id})")
+    counts = {action: sum(i.action == action for i in items) for action in ("replayed", "would-replay", "skipped")}
+    lines.append(f"{counts['replayed']} replayed, {counts['would-replay']} would be replayed, "
+                 f"{counts['skipped']} skipped, of {len(records)} record(s) in {args.topic}")
+    _print(*lines)
+
+
+def _replay_for_real(args: argparse.Namespace, selected: list[admin.DeadLetterRecord]) -> list[admin.ReplayItem]:
+    if not selected:
+        return []
+    engine = _db.create_engine(_database_url(args))
+    producer = Producer(_bootstrap_servers(args),
+                        config=admin.producer_settings(dict(args.kafka_config)))
+
+    def send(record: admin.DeadLetterRecord, message_id: str) -> None:
+        producer.send(record.topic or "", record.value or b"", key=record.key, message_id=message_id,
+                      headers=record.headers)
+
+    try:
+        with _progress("replaying", len(selected)) as advance:
+            items = admin.replay(selected, engine=engine, send=send, progress=lambda: advance(1))
+            producer.flush()
+    finally:
+        producer.close()
+        engine.dispose()
+    return items
+
+
+def _confirm(question: str) -> None:
+    """Ask on the terminal; refuse outright when nobody can answer (a pipe, cron, CI)."""
+    if not sys.stdin.isatty():
+        raise ExactlyOnceError(f"refusing to {question.rstrip('?')} without confirmation: stdin is not a "
+                               "terminal; pass --yes, or select records with --id/--since/--until")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    if answer not in ("y", "yes"):
+        raise ExactlyOnceError("replay cancelled")
+
+
+def _db_command(args: argparse.Namespace) -> None:
+    engine = _db.create_engine(_database_url(args))
+    if args.db_command == "upgrade":
+        migrate.upgrade(engine, args.revision)
+    elif args.db_command == "downgrade":
+        migrate.downgrade(engine, args.revision)
+    print(migrate.current(engine) or "base")
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        _run(args)
+    elif args.command == "prune":
+        _prune(args)
+    elif args.command == "db":
+        _db_command(args)
+    elif args.command == "relay":
+        _relay(args)
+    elif args.command == "status":
+        _status(args)
+    elif args.command == "inspect":
+        return _inspect(args)
+    elif args.command == "dlq" and args.dlq_command == "list":
+        _dlq_list(args)
+    elif args.command == "dlq":
+        _dlq_replay(args)
     return 0
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's text (SQLAlchemy appends SQL and a help link), redacted."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return logs.redact(text)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``exactlyonce`` console script.
+
+    Exit status: 0 on success, 1 for ``inspect`` of an unknown ID, 2 for an
+    error (one line on stderr, the traceback only at ``--log-level DEBUG``),
+    130 when interrupted.
+    """
+    args = _parser().parse_args(argv)
+    try:
+        logs.configure(args.log_level, args.log_format)
+    except ValueError as exc:
+        print(f"exactlyonce: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("exactlyonce: interrupted", file=sys.stderr)
+        return 130
+    except (ExactlyOnceError, ConfigurationError) as exc:
+        log.debug("failed", exc_info=True)
+        print(f"exactlyonce: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except sa.exc.SQLAlchemyError as exc:
+        log.debug("failed", exc_info=True)
+        print(f"exactlyonce: error: database: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as exc:
+        log.debug("failed", exc_info=True)
+        print(f"exactlyonce: error: {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,602 @@
+"""The data behind the operator commands: ``status``, ``inspect``, ``dlq list``, ``dlq replay``.
+
+Everything here returns plain dataclasses; :mod:`exactlyonce.cli` renders
+them as tables or JSON. Nothing here joins a consumer group: offsets are read
+with a group-less consumer (``committed()`` and ``end_offsets()`` are plain
+requests), so running ``status`` never triggers a rebalance of the workers it
+observes.
+
+kafka-python is imported here as well as in :mod:`exactlyonce._kafka`: the
+admin reads (committed offsets of another group, a topic from its beginning
+without a group) are not something the runner's seam offers, and they stay in
+the :class:`KafkaReader` class below.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+
+import kafka
+import kafka.errors
+import sqlalchemy as sa
+from kafka.structs import TopicPartition
+from sqlalchemy.engine import Engine
+
+from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
+from exactlyonce.ids import DEFAULT_HEADER
+from exactlyonce.runner import DLQ_HEADER_PREFIX
+from exactlyonce.schema import Outcome, counters, parked, processed, sequence_streams
+
+log = logging.getLogger("exactlyonce.admin")
+
+__all__ = [
+    "DeadLetterRecord",
+    "Finding",
+    "KafkaReader",
+    "PartitionStatus",
+    "ReplayItem",
+    "ScopeStatus",
+    "Status",
+    "inspect",
+    "read_dead_letters",
+    "replay",
+    "select_dead_letters",
+    "status",
+]
+
+# The admin clients give up quickly: an operator waiting at a prompt wants
+# "lag unknown" in seconds, not kafka-python's minute-long defaults.
+_CLIENT_DEFAULTS: dict[str, Any] = {"request_timeout_ms": 10_000, "bootstrap_timeout_ms": 5_000}
+
+
+def _iso(value: datetime | None) -> str | None:
+    """Naive UTC (as stored) -> ISO-8601 with an explicit offset."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.isoformat()
+
+
+# -- Kafka ------------------------------------------------------------------
+
+
+def client_config(client: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The subset of ``config`` that kafka-python's ``client`` class accepts.
+
+    One ``--kafka-config`` (TLS, SASL, timeouts) serves the consumer and the
+    producer alike, but kafka-python refuses keys a client does not know.
+    """
+    known = getattr(client, "DEFAULT_CONFIG", {})
+    return {key: value for key, value in config.items() if key in known}
+
+
+def producer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``config`` a ``KafkaProducer`` takes (the replay's security settings)."""
+    return client_config(kafka.KafkaProducer, config)
+
+
+class KafkaReader:
+    """Group-less reads: partitions, beginning/end offsets, a group's committed offsets, whole topics.
+
+    ``config`` is extra kafka-python settings (security, timeouts), filtered
+    per client. The connection is opened lazily; an unreachable broker raises
+    :class:`~exactlyonce.TransientError`.
+    """
+
+    def __init__(self, bootstrap_servers: str, config: Mapping[str, Any] | None = None) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.config = {**_CLIENT_DEFAULTS, **dict(config or {})}
+        self._consumer: Any = None
+        self._group_consumers: dict[str, Any] = {}
+
+    def _new_consumer(self, **settings: Any) -> Any:
+        options = {**client_config(kafka.KafkaConsumer, self.config), "enable_auto_commit": False, **settings}
+        log.debug("connecting to %s with %s", self.bootstrap_servers, options)
+        try:
+            return kafka.KafkaConsumer(bootstrap_servers=self.bootstrap_servers, **options)
+        except kafka.errors.NoBrokersAvailable as exc:
+            raise TransientError(f"no Kafka broker answers at {self.bootstrap_servers}") from exc
+        except (TypeError, kafka.errors.KafkaConfigurationError) as exc:
+            raise ConfigurationError(f"invalid Kafka client settings: {exc}") from exc
+
+    @property
+    def consumer(self) -> Any:
+        """A consumer without a group (created on first use)."""
+        if self._consumer is None:
+            self._consumer = self._new_consumer()
+        return self._consumer
+
+    def partitions(self, topic: str) -> list[int]:
+        """The topic's partition numbers (empty if the topic does not exist)."""
+        return sorted(self._call(lambda: self.consumer.partitions_for_topic(topic)) or ())
+
+    def end_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        """The next offset to be written, per partition."""
+        tps = [TopicPartition(topic, p) for p in partitions]
+        return {tp.partition: int(o) for tp, o in self._call(lambda: self.consumer.end_offsets(tps)).items()}
+
+    def beginning_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
+        """The oldest offset still in the log, per partition."""
+        tps = [TopicPartition(topic, p) for p in partitions]
+        return {tp.partition: int(o) for tp, o in self._call(lambda: self.consumer.beginning_offsets(tps)).items()}
+
+    def committed(self, group_id: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
+        """``group_id``'s committed offsets (``None``: never committed), read without joining the group.
+
+        A consumer created with ``group_id`` joins only when it subscribes and
+        polls; ``committed()`` is a bare OffsetFetch to the coordinator.
+        """
+        consumer = self._group_consumers.get(group_id)
+        if consumer is None:
+            consumer = self._group_consumers[group_id] = self._new_consumer(group_id=group_id)
+        result: dict[int, int | None] = {}
+        for p in partitions:
+            offset = self._call(partial(consumer.committed, TopicPartition(topic, p)))
+            result[p] = None if offset is None else int(offset)
+        return result
+
+    def read_all(self, topic: str, *, limit: int | None = None, idle_timeout_s: float = 10.0) -> list[Any]:
+        """Every record of ``topic`` from its beginning to the end offsets seen at the start.
+
+        Partitions are assigned, not subscribed: no group, no committed
+        offsets, nothing for a worker to notice. Stops early after ``limit``
+        records, or when no record arrives for ``idle_timeout_s`` seconds
+        while some partition is still short of its end offset (a compacted or
+        transactional log can have offsets that hold no record).
+        """
+        numbers = self.partitions(topic)
+        if not numbers:
+            raise ConfigurationError(f"topic {topic!r} does not exist")
+        consumer = self._new_consumer(auto_offset_reset="earliest")
+        try:
+            tps = [TopicPartition(topic, p) for p in numbers]
+            consumer.assign(tps)
+            consumer.seek_to_beginning(*tps)
+            end = self._call(lambda: consumer.end_offsets(tps))
+            records: list[Any] = []
+            idle_rounds = 0
+            while any(consumer.position(tp) < end[tp] for tp in tps):
+                batch = self._call(lambda: consumer.poll(timeout_ms=500))
+                fetched = [record for part in batch.values() for record in part if record.offset < end[
+                    TopicPartition(record.topic, record.partition)]]
+                if not fetched:
+                    idle_rounds += 1
+                    if idle_rounds * 0.5 >= idle_timeout_s:
+                        log.warning("%s: no record for %.0fs before the end offsets %s; showing what was read",
+                                    topic, idle_timeout_s, {tp.partition: o for tp, o in end.items()})
+                        break
+                    continue
+                idle_rounds = 0
+                records.extend(fetched)
+                if limit is not None and len(records) >= limit:
+                    break
+            records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+            return records[:limit] if limit is not None else records
+        finally:
+            consumer.close(autocommit=False)
+
+    @staticmethod
+    def _call(fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except kafka.errors.KafkaError as exc:
+            raise TransientError(f"Kafka request failed: {type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close every connection opened."""
+        for consumer in [self._consumer, *self._group_consumers.values()]:
+            if consumer is not None:
+                consumer.close(autocommit=False)
+        self._consumer = None
+        self._group_consumers.clear()
+
+
+# -- status -----------------------------------------------------------------
+
+
+@dataclass
+class PartitionStatus:
+    """One partition of a scope's topic: the database's counts and the group's position."""
+
+    topic: str
+    partition: int
+    applied: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    dead_lettered: int = 0
+    parked: int = 0
+    last_offset: int | None = None
+    last_processed_at: datetime | None = None
+    committed: int | None = None
+    end_offset: int | None = None
+    #: Records between the group's committed offset (or the log's beginning,
+    #: for a group that never committed) and the end offset; None: unknown.
+    lag: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "topic": self.topic, "partition": self.partition, "applied": self.applied,
+            "duplicates": self.duplicates, "skipped": self.skipped, "dead_lettered": self.dead_lettered,
+            "parked": self.parked, "last_offset": self.last_offset,
+            "last_processed_at": _iso(self.last_processed_at), "committed": self.committed,
+            "end_offset": self.end_offset, "lag": self.lag,
+        }
+
+
+@dataclass
+class ScopeStatus:
+    """A handler scope: totals over its partitions, its open sequence gaps, and each partition."""
+
+    scope: str
+    group_id: str
+    partitions: list[PartitionStatus] = field(default_factory=list)
+    #: Sequenced streams waiting for a missing number (``exactlyonce_sequence_streams.gap_since`` set).
+    open_gaps: int = 0
+
+    def total(self, name: str) -> int:
+        """The sum of one count (``applied``, ``duplicates``, ...) over the partitions."""
+        return sum(getattr(p, name) for p in self.partitions)
+
+    @property
+    def last_processed_at(self) -> datetime | None:
+        """When the scope last decided a record."""
+        times = [p.last_processed_at for p in self.partitions if p.last_processed_at is not None]
+        return max(times) if times else None
+
+    @property
+    def lag(self) -> int | None:
+        """The total lag, or ``None`` when any partition's is unknown."""
+        lags = [p.lag for p in self.partitions]
+        return None if not lags or any(lag is None for lag in lags) else sum(lag for lag in lags if lag is not None)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "scope": self.scope, "group_id": self.group_id,
+            "applied": self.total("applied"), "duplicates": self.total("duplicates"),
+            "skipped": self.total("skipped"), "dead_lettered": self.total("dead_lettered"),
+            "parked": self.total("parked"), "open_gaps": self.open_gaps,
+            "last_processed_at": _iso(self.last_processed_at), "lag": self.lag,
+            "partitions": [p.to_json() for p in self.partitions],
+        }
+
+
+@dataclass
+class Status:
+    """What ``exactlyonce status`` shows."""
+
+    scopes: list[ScopeStatus]
+    #: Why the lag is unknown (broker unreachable, ...); ``None`` when it was read.
+    lag_error: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"scopes": [s.to_json() for s in self.scopes], "lag_error": self.lag_error}
+
+
+def _require_tables(engine: Engine, *tables: sa.Table) -> None:
+    inspector = sa.inspect(engine)
+    missing = [t.name for t in tables if not inspector.has_table(t.name)]
+    if missing:
+        raise ConfigurationError(f"table {', '.join(missing)} missing: run `exactlyonce db upgrade` first")
+
+
+def status(engine: Engine, reader: KafkaReader | None) -> Status:
+    """Per scope: the exact counts of ``exactlyonce_counters``, open gaps, and (with ``reader``) lag.
+
+    The counts come from the database alone, so they are shown even when the
+    broker is unreachable; the lag then is ``None`` and ``lag_error`` says why.
+    """
+    _require_tables(engine, counters, sequence_streams)
+    scopes: dict[str, ScopeStatus] = {}
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.select(counters).order_by(counters.c.scope, counters.c.topic, counters.c.kafka_partition)
+        ).all()
+        gaps: dict[str, int] = dict(conn.execute(
+            sa.select(sequence_streams.c.scope, sa.func.count())
+            .where(sequence_streams.c.gap_since.is_not(None))
+            .group_by(sequence_streams.c.scope)
+        ).tuples().all())
+    for row in rows:
+        scope = scopes.setdefault(row.scope, ScopeStatus(scope=row.scope, group_id=row.group_id))
+        scope.partitions.append(PartitionStatus(
+            topic=row.topic, partition=row.kafka_partition, applied=row.applied, duplicates=row.duplicates,
+            skipped=row.skipped, dead_lettered=row.dead_lettered, parked=row.parked,
+            last_offset=row.last_offset, last_processed_at=row.last_processed_at,
+        ))
+    for name, count in gaps.items():
+        scopes.setdefault(name, ScopeStatus(scope=name, group_id="")).open_gaps = int(count)
+    result = Status(scopes=[scopes[name] for name in sorted(scopes)])
+    if reader is None:
+        result.lag_error = "no Kafka bootstrap servers given"
+        return result
+    try:
+        _add_lag(result, reader)
+    except ExactlyOnceError as exc:
+        result.lag_error = str(exc)
+    return result
+
+
+def _add_lag(result: Status, reader: KafkaReader) -> None:
+    """Fill committed / end offsets and lag, adding the topic's partitions no record reached yet."""
+    for scope in result.scopes:
+        if not scope.group_id:
+            continue
+        for topic in sorted({p.topic for p in scope.partitions}):
+            numbers = reader.partitions(topic)
+            known = {p.partition for p in scope.partitions if p.topic == topic}
+            scope.partitions.extend(PartitionStatus(topic=topic, partition=n) for n in numbers if n not in known)
+            end = reader.end_offsets(topic, numbers)
+            beginning = reader.beginning_offsets(topic, numbers)
+            committed = reader.committed(scope.group_id, topic, numbers)
+            for p in scope.partitions:
+                if p.topic != topic or p.partition not in end:
+                    continue
+                p.end_offset = end[p.partition]
+                p.committed = committed.get(p.partition)
+                start = p.committed if p.committed is not None else beginning.get(p.partition, 0)
+                p.lag = max(0, p.end_offset - start)
+        scope.partitions.sort(key=lambda p: (p.topic, p.partition))
+
+
+# -- inspect ----------------------------------------------------------------
+
+
+@dataclass
+class Finding:
+    """What the database knows about one message ID in one scope."""
+
+    scope: str
+    #: ``applied``, ``skipped``, ``dead_lettered`` (from exactlyonce_processed) or ``parked``.
+    state: str
+    topic: str
+    partition: int
+    offset: int
+    fingerprint: str
+    at: datetime
+    #: For a parked message: its stream and sequence number.
+    stream: str | None = None
+    number: int | None = None
+    #: For a dead-lettered message: where the dead letter went (when known).
+    dead_letter_topic: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        data: dict[str, Any] = {
+            "scope": self.scope, "state": self.state, "topic": self.topic, "partition": self.partition,
+            "offset": self.offset, "fingerprint": self.fingerprint,
+            ("parked_at" if self.state == "parked" else "processed_at"): _iso(self.at),
+        }
+        if self.state == "parked":
+            data.update(stream=self.stream, number=self.number)
+        if self.state == Outcome.DEAD_LETTERED:
+            data["dead_letter_topic"] = self.dead_letter_topic
+        return data
+
+
+def inspect(
+    engine: Engine,
+    message_id: str,
+    *,
+    scope: str | None = None,
+    dead_letter_topics: Mapping[str, str] | None = None,
+) -> list[Finding]:
+    """Every trace of ``message_id`` (in ``scope``, or in all scopes): its dedup rows and parked rows.
+
+    ``dead_letter_topics`` maps scopes to their handlers' dead-letter topics
+    (from a loaded App); without an entry the default ``<topic>.dlq`` is given.
+    An empty list means the ID is unknown.
+    """
+    _require_tables(engine, processed, parked)
+    topics = dict(dead_letter_topics or {})
+    processed_stmt = sa.select(processed).where(processed.c.message_id == message_id)
+    parked_stmt = sa.select(parked).where(parked.c.message_id == message_id)
+    if scope is not None:
+        processed_stmt = processed_stmt.where(processed.c.scope == scope)
+        parked_stmt = parked_stmt.where(parked.c.scope == scope)
+    findings: list[Finding] = []
+    with engine.connect() as conn:
+        for row in conn.execute(processed_stmt.order_by(processed.c.scope)):
+            dead = row.outcome == Outcome.DEAD_LETTERED
+            findings.append(Finding(
+                scope=row.scope, state=row.outcome, topic=row.topic, partition=row.kafka_partition,
+                offset=row.kafka_offset, fingerprint=row.fingerprint, at=row.processed_at,
+                dead_letter_topic=topics.get(row.scope, f"{row.topic}.dlq") if dead else None,
+            ))
+        for row in conn.execute(parked_stmt.order_by(parked.c.scope, parked.c.stream, parked.c.number)):
+            findings.append(Finding(
+                scope=row.scope, state="parked", topic=row.topic, partition=row.kafka_partition,
+                offset=row.kafka_offset, fingerprint=row.fingerprint, at=row.parked_at,
+                stream=row.stream, number=row.number,
+            ))
+    return findings
+
+
+# -- dead letters -----------------------------------------------------------
+
+
+@dataclass
+class DeadLetterRecord:
+    """One record of a dead-letter topic, its ``x-exactlyonce-*`` headers decoded."""
+
+    dlq_topic: str
+    dlq_partition: int
+    dlq_offset: int
+    timestamp: datetime | None
+    key: bytes | None
+    value: bytes | None
+    #: The record's headers without the ``x-exactlyonce-*`` ones: what a replay sends.
+    headers: list[tuple[str, bytes]]
+    #: The ``x-exactlyonce-*`` headers, prefix removed (``reason``, ``topic``, ...).
+    meta: dict[str, str]
+
+    @property
+    def topic(self) -> str | None:
+        """The original topic (``None``: the header is missing, the record cannot be replayed)."""
+        return self.meta.get("topic") or None
+
+    @property
+    def message_id(self) -> str | None:
+        """The dedup ID the handler computed, else the original ``message-id`` header."""
+        return self.meta.get("message-id") or self.header_message_id
+
+    @property
+    def header_message_id(self) -> str | None:
+        """The original record's ``message-id`` header, if it had one."""
+        found = None
+        for name, value in self.headers:
+            if name == DEFAULT_HEADER:
+                found = value.decode("utf-8", "replace")
+        return found or None
+
+    def _int(self, name: str) -> int | None:
+        try:
+            return int(self.meta[name])
+        except (KeyError, ValueError):
+            return None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (key and value as UTF-8 text with replacement characters)."""
+        return {
+            "dlq_partition": self.dlq_partition, "dlq_offset": self.dlq_offset,
+            "timestamp": _iso(self.timestamp), "topic": self.topic, "partition": self._int("partition"),
+            "offset": self._int("offset"), "message_id": self.message_id, "reason": self.meta.get("reason"),
+            "error_type": self.meta.get("error-type"), "error_message": self.meta.get("error-message"),
+            "attempts": self._int("attempts"), "scope": self.meta.get("scope"),
+            "key": None if self.key is None else self.key.decode("utf-8", "replace"),
+            "value": None if self.value is None else self.value.decode("utf-8", "replace"),
+        }
+
+
+def to_dead_letter(record: Any) -> DeadLetterRecord:
+    """Decode a kafka-python ``ConsumerRecord`` of a dead-letter topic."""
+    headers: list[tuple[str, bytes]] = []
+    meta: dict[str, str] = {}
+    for name, value in record.headers or ():
+        if name.startswith(DLQ_HEADER_PREFIX):
+            meta[name[len(DLQ_HEADER_PREFIX):]] = (value or b"").decode("utf-8", "replace")
+        else:
+            headers.append((name, value or b""))
+    timestamp = None if record.timestamp is None or record.timestamp < 0 else datetime.fromtimestamp(
+        record.timestamp / 1000, UTC)
+    return DeadLetterRecord(
+        dlq_topic=record.topic, dlq_partition=record.partition, dlq_offset=record.offset, timestamp=timestamp,
+        key=record.key, value=record.value, headers=headers, meta=meta,
+    )
+
+
+def read_dead_letters(reader: KafkaReader, dlq_topic: str, *, limit: int | None = None) -> list[DeadLetterRecord]:
+    """The records of ``dlq_topic``, oldest first, read without a consumer group."""
+    if limit is not None and limit < 1:
+        raise ConfigurationError("--limit must be at least 1")
+    return [to_dead_letter(record) for record in reader.read_all(dlq_topic, limit=limit)]
+
+
+def select_dead_letters(
+    records: Sequence[DeadLetterRecord],
+    *,
+    ids: Sequence[str] = (),
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> list[DeadLetterRecord]:
+    """The records matching every given filter: a message ID in ``ids``, a timestamp in [since, until)."""
+    wanted = set(ids)
+    selected = []
+    for record in records:
+        if wanted and not ({record.message_id, record.header_message_id} & wanted):
+            continue
+        if since is not None and (record.timestamp is None or record.timestamp < since):
+            continue
+        if until is not None and (record.timestamp is None or record.timestamp >= until):
+            continue
+        selected.append(record)
+    return selected
+
+
+@dataclass
+class ReplayItem:
+    """What a replay did (or, in a dry run, would do) with one dead letter."""
+
+    record: DeadLetterRecord
+    #: ``replayed``, ``would-replay`` or ``skipped``.
+    action: str
+    #: Why it was skipped.
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {
+            "dlq_partition": self.record.dlq_partition, "dlq_offset": self.record.dlq_offset,
+            "topic": self.record.topic, "message_id": self.record.message_id, "action": self.action,
+            "reason": self.reason,
+        }
+
+
+def replay_problem(record: DeadLetterRecord) -> str | None:
+    """Why ``record`` cannot usefully be replayed, or ``None``."""
+    if not record.topic:
+        return f"no {DLQ_HEADER_PREFIX}topic header: the original topic is unknown"
+    if record.meta.get("reason") == "bad-signature":
+        # A replaying Producer signs with the operator's key (EXACTLYONCE_SIGNING_KEY):
+        # that would turn a forged record into a genuine-looking one.
+        return "bad-signature: its signature did not verify; a replay could make a forged record look genuine"
+    if record.meta.get("reason") == "fingerprint-mismatch":
+        # Its ID belongs to another payload: the consumer would dead-letter it again.
+        return "fingerprint-mismatch: its message ID belongs to another payload, a replay would be dead-lettered again"
+    if not record.header_message_id and not record.meta.get("message-id"):
+        # Producer.send would stamp a fresh ID on each replay: two replays, two applications.
+        return "no message ID: a replay could not be deduplicated"
+    return None
+
+
+def replay(
+    records: Sequence[DeadLetterRecord],
+    *,
+    engine: Engine | None,
+    send: Callable[[DeadLetterRecord, str], None] | None,
+    dry_run: bool = False,
+    progress: Callable[[], None] | None = None,
+) -> list[ReplayItem]:
+    """Re-publish ``records`` to their original topics; return what happened to each.
+
+    A dead-lettered message's dedup row (outcome ``dead_lettered``) would make
+    the consumer skip the replayed copy as a duplicate, so it is deleted
+    first, in its own transaction, and only that row: one whose outcome is
+    ``applied`` (an earlier replay got through) stays, and the copy is then
+    skipped downstream. Replaying twice therefore applies the message once.
+    Deleting before sending errs on the safe side: if the send fails, the row
+    is gone but no copy exists, and the next replay sends it.
+
+    ``send(record, message_id)`` publishes one record (the CLI passes an
+    :class:`~exactlyonce.Producer`'s ``send``; the caller flushes).
+    """
+    items: list[ReplayItem] = []
+    for record in records:
+        problem = replay_problem(record)
+        if problem is not None:
+            items.append(ReplayItem(record, "skipped", problem))
+        elif dry_run:
+            items.append(ReplayItem(record, "would-replay"))
+        else:
+            if engine is None or send is None:
+                raise ConfigurationError("a replay needs the database and the broker")
+            scope, dedup_id = record.meta.get("scope"), record.meta.get("message-id")
+            if scope and dedup_id:
+                with engine.begin() as conn:
+                    conn.execute(sa.delete(processed).where(
+                        processed.c.scope == scope, processed.c.message_id == dedup_id,
+                        processed.c.outcome == Outcome.DEAD_LETTERED.value,
+                    ))
+            send(record, record.header_message_id or dedup_id or "")
+            items.append(ReplayItem(record, "replayed"))
+        if progress is not None:
+            progress()
+    return items
