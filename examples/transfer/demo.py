@@ -1,4 +1,4 @@
-"""End-to-end demo: transfers applied exactly once through re-sends and a crash.
+"""End-to-end demo: transfers applied exactly once, statements built in order, through re-sends and crashes.
 
 ``python -m examples.transfer.demo`` (or ``make demo``):
 
@@ -6,20 +6,25 @@
    ``EXACTLYONCE_BOOTSTRAP_SERVERS`` names a Kafka cluster, and uses a fresh
    SQLite file in ``.demo/``, unless ``EXACTLYONCE_DATABASE_URL`` names a
    database;
-2. upgrades exactlyonce's tables, (re)creates the example's tables and seeds
-   the accounts, creates the topic with 3 partitions;
-3. starts two workers (``exactlyonce run examples.transfer.service:app``, in
-   subprocesses logging to ``.demo/worker-N.log``) and produces transfers, a
-   share of them twice, some copies onto another partition;
-4. SIGKILLs a worker mid-run, as a crash would, and starts a replacement;
-5. waits until every transfer is recorded and every record consumed, stops
-   the workers with SIGTERM (each must exit 0), and verifies the database
-   (:mod:`examples.transfer.verify`). The distinct transfers sent are saved
-   to ``.demo/sent.json``.
+2. upgrades exactlyonce's tables, (re)creates the examples' tables and seeds
+   the accounts, creates the topics ``transfers`` and ``transfer-applied``
+   with 3 partitions each;
+3. starts two transfer workers (``exactlyonce run examples.transfer.service:app``,
+   each also relaying the outbox to ``transfer-applied``) and two ledger
+   workers (``exactlyonce run examples.ledger.service:app``), in subprocesses
+   logging to ``.demo/<name>.log``, and produces transfers, a share of them
+   twice, some copies onto another partition;
+4. SIGKILLs a transfer worker mid-run, as a crash would, and starts a
+   replacement; later SIGKILLs a ledger worker and replaces it too;
+5. waits until every transfer is recorded and every record consumed, the
+   outbox is empty and the ledger holds two lines per applied transfer, stops
+   the workers with SIGTERM (each must exit 0), and verifies both services'
+   tables (:mod:`examples.transfer.verify`, :mod:`examples.ledger.verify`).
+   The distinct transfers sent are saved to ``.demo/sent.json``.
 
-It exits 0 only if the verification passes. With an external Kafka cluster the
-topic and consumer group get a unique suffix, so every run starts clean; on an
-external database the example's tables are dropped and recreated.
+It exits 0 only if both verifications pass. With an external Kafka cluster the
+topics and consumer groups get a unique suffix, so every run starts clean; on
+an external database the examples' tables are dropped and recreated.
 """
 
 from __future__ import annotations
@@ -45,7 +50,9 @@ from kafka.structs import TopicPartition
 
 from exactlyonce import EmbeddedBroker, migrate
 from exactlyonce.app import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
-from exactlyonce.schema import processed
+from exactlyonce.schema import outbox, parked, processed, sequence_streams
+from examples.ledger import models as ledger_models
+from examples.ledger import verify as ledger_verify
 from examples.transfer import models, producer, verify
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +60,9 @@ DEMO_DIR = ROOT / ".demo"
 
 #: Notice a killed worker after 6 s instead of exactlyonce's default 10 s.
 DEMO_CONSUMER_CONFIG = '{"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}'
+
+TRANSFER_APP = "examples.transfer.service:app"
+LEDGER_APP = "examples.ledger.service:app"
 
 PARTITIONS = 3
 ACCOUNTS = 100
@@ -62,6 +72,22 @@ BALANCE = 10_000
 def say(text: str) -> None:
     """Print one line of the demo's narration."""
     print(f"demo: {text}", flush=True)
+
+
+@dataclass(frozen=True)
+class Names:
+    """The demo's topics and consumer groups."""
+
+    transfers: str = "transfers"
+    transfer_group: str = "transfer-service"
+    applied: str = "transfer-applied"
+    ledger_group: str = "ledger-service"
+
+    @classmethod
+    def suffixed(cls, run_id: str) -> Names:
+        """Names no earlier run used, for a Kafka cluster that outlives the demo."""
+        return cls(*(f"{name}-demo-{run_id}" for name in (
+            cls.transfers, cls.transfer_group, cls.applied, cls.ledger_group)))
 
 
 @dataclass
@@ -74,11 +100,11 @@ class Worker:
     log: IO[bytes] = field(repr=False)
 
     @classmethod
-    def start(cls, name: str, env: dict[str, str]) -> Worker:
+    def start(cls, name: str, app: str, env: dict[str, str]) -> Worker:
         log_path = DEMO_DIR / f"{name}.log"
         log = log_path.open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "exactlyonce", "run", "examples.transfer.service:app"],
+            [sys.executable, "-m", "exactlyonce", "run", app],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -89,6 +115,9 @@ class Worker:
 
     def alive(self) -> bool:
         return self.process.poll() is None
+
+    def killed(self) -> bool:
+        return self.process.returncode == -signal.SIGKILL
 
     def assigned(self) -> bool:
         """Whether the worker's latest assignment holds partitions."""
@@ -125,7 +154,7 @@ class Worker:
         return self.log_path.read_text(errors="replace")
 
 
-class Producer(threading.Thread):
+class Sender(threading.Thread):
     """Runs :func:`producer.send_transfers` in the background."""
 
     def __init__(self, bootstrap: str, topic: str, transfers: list[dict[str, Any]],
@@ -157,17 +186,26 @@ def consumed_everything(admin: kafka.KafkaAdminClient, topic: str, group: str,
     return True
 
 
+def pending_events(engine: sa.Engine, topic: str) -> int:
+    """Outbox rows for ``topic`` that no relay has sent yet."""
+    with engine.connect() as connection:
+        return connection.execute(
+            sa.select(sa.func.count()).select_from(outbox)
+            .where(outbox.c.topic == topic, outbox.c.sent_at.is_(None))
+        ).scalar_one()
+
+
 @contextlib.contextmanager
-def kafka_cluster(run_id: str) -> Iterator[tuple[str, str, str]]:
-    """Yield ``(bootstrap servers, topic, group)``: the embedded broker unless one is configured."""
+def kafka_cluster(run_id: str) -> Iterator[tuple[str, Names]]:
+    """Yield the bootstrap servers and the names to use: the embedded broker unless one is configured."""
     bootstrap = os.environ.get(BOOTSTRAP_SERVERS_ENV)
     if bootstrap:
-        say(f"kafka: {bootstrap} (topic and group suffixed with {run_id})")
-        yield bootstrap, f"transfers-demo-{run_id}", f"transfer-service-demo-{run_id}"
+        say(f"kafka: {bootstrap} (topics and groups suffixed with {run_id})")
+        yield bootstrap, Names.suffixed(run_id)
         return
     with EmbeddedBroker() as broker:
         say(f"kafka: embedded broker (tansu, memory only) at {broker.bootstrap_servers}")
-        yield broker.bootstrap_servers, "transfers", "transfer-service"
+        yield broker.bootstrap_servers, Names()
 
 
 def database_url() -> str:
@@ -182,18 +220,22 @@ def database_url() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the demo; exit 0 only if every transfer was applied exactly once."""
+    """Run the demo; exit 0 only if both services' tables verify."""
     parser = argparse.ArgumentParser(prog="python -m examples.transfer.demo",
-                                     description="Transfers applied exactly once, through "
-                                                 "re-sends and a killed worker.")
+                                     description="Transfers applied exactly once and statements "
+                                                 "built in order, through re-sends and killed workers.")
     parser.add_argument("--count", type=int, default=2000, help="distinct transfers (default 2000)")
     parser.add_argument("--resend", type=float, default=0.2, help="share re-sent (default 0.2)")
     parser.add_argument("--rate", type=float, default=400.0,
                         help="transfers produced per second (default 400)")
     parser.add_argument("--kill-at", type=float, default=0.3,
-                        help="kill a worker once this share of transfers is recorded (default 0.3)")
+                        help="kill a transfer worker once this share of transfers is recorded "
+                             "(default 0.3)")
+    parser.add_argument("--kill-ledger-at", type=float, default=0.6,
+                        help="kill a ledger worker once this share of transfers is recorded "
+                             "(default 0.6)")
     parser.add_argument("--timeout", type=float, default=120.0,
-                        help="seconds to wait for all transfers (default 120)")
+                        help="seconds to wait for all transfers and statement lines (default 120)")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -202,8 +244,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     workers: list[Worker] = []
     ok = False
     try:
-        with kafka_cluster(run_id) as (bootstrap, topic, group):
-            ok = _run(args, run_id, bootstrap, topic, group, workers)
+        with kafka_cluster(run_id) as (bootstrap, names):
+            ok = _run(args, run_id, bootstrap, names, workers)
     finally:
         for worker in workers:
             if worker.alive():
@@ -213,55 +255,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if ok else 1
 
 
-def _run(args: argparse.Namespace, run_id: str, bootstrap: str, topic: str, group: str,
-         workers: list[Worker]) -> bool:
+def _run(args: argparse.Namespace, run_id: str, bootstrap: str, names: Names, workers: list[Worker]) -> bool:
     url = database_url()
-    # The service reads these when it is imported, here and in the workers.
-    os.environ["EXACTLYONCE_TRANSFER_TOPIC"] = topic
-    os.environ["EXACTLYONCE_TRANSFER_GROUP"] = group
-    from examples.transfer.service import CONSUMER_CONFIG_ENV, app
+    # The services read these when they are imported, here and in the workers.
+    os.environ["EXACTLYONCE_TRANSFER_TOPIC"] = names.transfers
+    os.environ["EXACTLYONCE_TRANSFER_GROUP"] = names.transfer_group
+    os.environ["EXACTLYONCE_TRANSFER_APPLIED_TOPIC"] = names.applied
+    os.environ["EXACTLYONCE_LEDGER_GROUP"] = names.ledger_group
+    from examples.ledger import service as ledger_service
+    from examples.transfer import service as transfer_service
 
-    scope = app.handlers[topic].scope
+    scope = transfer_service.app.handlers[names.transfers].scope
+    ledger_scope = ledger_service.app.handlers[names.applied].scope
     engine = models.create_engine(url)
     try:
         say(f"database: {engine.url.render_as_string(hide_password=True)}")
         migrate.upgrade(engine)  # what `exactlyonce db upgrade` does
+        ledger_models.drop_schema(engine)
         models.drop_schema(engine)
         models.create_schema(engine)
+        ledger_models.create_schema(engine)
         with engine.begin() as connection:
-            connection.execute(sa.delete(processed).where(processed.c.scope == scope))
+            # exactlyonce's memory of earlier runs on an external database.
+            connection.execute(sa.delete(processed).where(processed.c.scope.in_([scope, ledger_scope])))
+            connection.execute(sa.delete(sequence_streams).where(sequence_streams.c.scope == ledger_scope))
+            connection.execute(sa.delete(parked).where(parked.c.scope == ledger_scope))
+            connection.execute(sa.delete(outbox).where(outbox.c.topic == names.applied))
         initial = models.seed_accounts(engine, ACCOUNTS, BALANCE)
-        producer.ensure_topic(bootstrap, topic, PARTITIONS)
-        say(f"seeded {ACCOUNTS} accounts x {BALANCE} cents; topic {topic!r} has {PARTITIONS} "
-            f"partitions; dedup scope {scope!r}")
+        producer.ensure_topic(bootstrap, names.transfers, PARTITIONS)
+        producer.ensure_topic(bootstrap, names.applied, PARTITIONS)
+        say(f"seeded {ACCOUNTS} accounts x {BALANCE} cents; topics {names.transfers!r} and "
+            f"{names.applied!r} have {PARTITIONS} partitions each")
 
         env = {
             **os.environ,
             BOOTSTRAP_SERVERS_ENV: bootstrap,
             DATABASE_URL_ENV: url,
-            CONSUMER_CONFIG_ENV: os.environ.get(CONSUMER_CONFIG_ENV) or DEMO_CONSUMER_CONFIG,
+            transfer_service.CONSUMER_CONFIG_ENV:
+                os.environ.get(transfer_service.CONSUMER_CONFIG_ENV) or DEMO_CONSUMER_CONFIG,
+            ledger_service.CONSUMER_CONFIG_ENV:
+                os.environ.get(ledger_service.CONSUMER_CONFIG_ENV) or DEMO_CONSUMER_CONFIG,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
-        workers += [Worker.start("worker-1", env), Worker.start("worker-2", env)]
-        say(f"started worker-1 (pid {workers[0].process.pid}) and worker-2 "
-            f"(pid {workers[1].process.pid})")
+        workers += [Worker.start("transfer-1", TRANSFER_APP, env), Worker.start("transfer-2", TRANSFER_APP, env),
+                    Worker.start("ledger-1", LEDGER_APP, env), Worker.start("ledger-2", LEDGER_APP, env)]
+        say("started " + ", ".join(f"{w.name} (pid {w.process.pid})" for w in workers)
+            + "; the transfer workers also relay the outbox")
 
         transfers = producer.make_transfers(args.count, ACCOUNTS, seed=run_id)
         ids = [transfer["transfer_id"] for transfer in transfers]
-        sender = Producer(bootstrap, topic, transfers, args.resend, run_id, args.rate)
+        sender = Sender(bootstrap, names.transfers, transfers, args.resend, run_id, args.rate)
         sender.start()
         say(f"producing {len(transfers)} transfers at {args.rate:.0f}/s, "
             f"~{args.resend:.0%} of them twice")
 
-        if not _wait_and_crash(args, engine, bootstrap, topic, group, ids, sender, env, workers):
+        if not _wait_and_crash(args, engine, bootstrap, names, ids, sender, env, workers):
             _show_logs(workers)
             return False
 
-        say("every transfer recorded and every record consumed; stopping workers (SIGTERM)")
+        say("every transfer recorded and consumed, every event relayed and in the ledger; "
+            "stopping workers (SIGTERM)")
         clean = True
         for worker in workers:
-            if worker.process.returncode is not None:
-                continue  # the killed one
+            if worker.killed():
+                continue
             code = worker.stop()
             say(f"{worker.name} exited {code}: {worker.stats()}")
             clean = clean and code == 0
@@ -270,22 +327,30 @@ def _run(args: argparse.Namespace, run_id: str, bootstrap: str, topic: str, grou
         sender.report.save(DEMO_DIR / "sent.json")
         result = verify.verify(engine, sender.report.transfers, scope=scope,
                                initial_balances=initial, records=sender.report.records)
+        ledger_result = ledger_verify.verify_ledger(engine, initial_balances=initial, scope=ledger_scope)
         verify.report(result)
+        ledger_verify.report(ledger_result)
         if not clean:
             say("a worker did not exit cleanly")
             _show_logs(workers)
-        return result.ok and clean
+        return result.ok and ledger_result.ok and clean
     finally:
         engine.dispose()
 
 
-def _wait_and_crash(args: argparse.Namespace, engine: sa.Engine, bootstrap: str, topic: str,
-                    group: str, ids: list[str], sender: Producer, env: dict[str, str],
-                    workers: list[Worker]) -> bool:
-    """Kill worker-1 mid-run, start a replacement, wait for the end. False on failure."""
+def _wait_and_crash(args: argparse.Namespace, engine: sa.Engine, bootstrap: str, names: Names,
+                    ids: list[str], sender: Sender, env: dict[str, str], workers: list[Worker]) -> bool:
+    """Kill a transfer worker and a ledger worker mid-run, replace them, wait for the end.
+
+    False on failure. The end: every transfer recorded, the transfer group's
+    offsets committed to the end of its topic (so every re-sent copy was
+    consumed too), no event left in the outbox, and two statement lines per
+    applied transfer.
+    """
     deadline = time.monotonic() + args.timeout
-    kill_at = int(len(ids) * args.kill_at)
-    killed = False
+    victims = {"transfer-1": (int(len(ids) * args.kill_at), "transfer-3", TRANSFER_APP),
+               "ledger-1": (int(len(ids) * args.kill_ledger_at), "ledger-3", LEDGER_APP)}
+    end_offsets: dict[int, int] | None = None
     admin = kafka.KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
         while True:
@@ -293,27 +358,36 @@ def _wait_and_crash(args: argparse.Namespace, engine: sa.Engine, bootstrap: str,
                 say(f"producer failed: {sender.error!r}")
                 return False
             for worker in workers:
-                if worker.process.returncode is None and not worker.alive():
+                if not worker.killed() and worker.process.poll() is not None:
                     say(f"{worker.name} exited unexpectedly with {worker.process.returncode}")
                     return False
             done = verify.recorded_count(engine, ids)
-            if not killed and done >= kill_at and workers[0].assigned():
-                workers[0].kill()
-                killed = True
-                say(f"SIGKILLed worker-1 with {done}/{len(ids)} transfers recorded; "
-                    f"its uncommitted records will be redelivered")
-                workers.append(Worker.start("worker-3", env))
-                say(f"started worker-3 (pid {workers[-1].process.pid}) as its replacement")
+            for worker in list(workers):
+                kill_at, replacement, app = victims.get(worker.name, (None, "", ""))
+                if kill_at is not None and done >= kill_at and worker.alive() and worker.assigned():
+                    worker.kill()
+                    lines = ledger_verify.line_count(engine)
+                    say(f"SIGKILLed {worker.name} with {done}/{len(ids)} transfers recorded and {lines} "
+                        f"statement lines written; its uncommitted records will be redelivered")
+                    workers.append(Worker.start(replacement, app, env))
+                    say(f"started {replacement} (pid {workers[-1].process.pid}) as its replacement")
+            if end_offsets is None and sender.report is not None:
+                end_offsets = producer.end_offsets(bootstrap, names.transfers, sender.report.records)
             if (
                 done == len(ids)
-                and sender.report is not None
-                and consumed_everything(admin, topic, group, sender.report.end_offsets)
+                and end_offsets is not None
+                and consumed_everything(admin, names.transfers, names.transfer_group, end_offsets)
+                and pending_events(engine, names.applied) == 0
+                and ledger_verify.line_count(engine) == 2 * ledger_verify.applied_count(engine)
             ):
-                if not killed:
-                    say("warning: all transfers were done before a worker could be killed")
+                if sum(worker.killed() for worker in workers) < len(victims):
+                    say("warning: everything was done before both workers could be killed")
                 return True
             if time.monotonic() >= deadline:
-                say(f"timed out after {args.timeout:.0f} s with {done}/{len(ids)} transfers recorded")
+                say(f"timed out after {args.timeout:.0f} s with {done}/{len(ids)} transfers recorded, "
+                    f"{pending_events(engine, names.applied)} events in the outbox and "
+                    f"{ledger_verify.line_count(engine)} statement lines for "
+                    f"{ledger_verify.applied_count(engine)} applied transfers")
                 return False
             time.sleep(0.25)
     finally:

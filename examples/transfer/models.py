@@ -30,8 +30,15 @@ REJECTED = "rejected"
 UNKNOWN_ACCOUNT = "unknown-account"
 INSUFFICIENT_FUNDS = "insufficient-funds"
 
+#: The two sides of an applied transfer, as published on ``transfer-applied``.
+DEBIT = "debit"
+CREDIT = "credit"
+
 ACCOUNT_ID_LENGTH = 64
 TRANSFER_ID_LENGTH = 255
+#: The longest transfer ID the service accepts: its events' message IDs,
+#: ``<transfer_id>:credit``, must fit exactlyonce's 255 characters.
+MAX_TRANSFER_ID = TRANSFER_ID_LENGTH - len(":" + CREDIT)
 
 DEFAULT_ACCOUNTS = 100
 #: 100.00 in cents.
@@ -44,6 +51,11 @@ accounts = sa.Table(
     metadata,
     sa.Column("id", sa.String(ACCOUNT_ID_LENGTH), primary_key=True),
     sa.Column("balance", sa.BigInteger, nullable=False),
+    # Statement entries so far: every applied transfer adds one to each of its
+    # two accounts, in the transaction that moves the money, and publishes the
+    # new value as the entry's sequence number (see service.py). The ledger
+    # service uses it to put each account's statement lines in order.
+    sa.Column("entries", sa.BigInteger, nullable=False, default=0, server_default="0"),
     # A last line of defence: the handler never overdraws, the database agrees.
     sa.CheckConstraint("balance >= 0", name="ck_accounts_balance_not_negative"),
 )
@@ -83,6 +95,11 @@ def create_schema(engine: Engine) -> None:
     metadata.create_all(engine)
 
 
+#: Columns of the example's tables in earlier versions, which drop_schema also
+#: recognises as its own (``accounts`` had no ``entries`` before the outbox).
+_EARLIER_COLUMNS = {"accounts": {"id", "balance"}}
+
+
 def drop_schema(engine: Engine) -> None:
     """Drop the example's tables, refusing to touch same-named tables it did not create.
 
@@ -94,7 +111,7 @@ def drop_schema(engine: Engine) -> None:
         if not inspector.has_table(table.name):
             continue
         found = {column["name"] for column in inspector.get_columns(table.name)}
-        if found != set(table.columns.keys()):
+        if found != set(table.columns.keys()) and found != _EARLIER_COLUMNS.get(table.name):
             raise RuntimeError(
                 f"table {table.name!r} exists with columns {sorted(found)}, which are not the "
                 "transfer example's; refusing to drop it (use another database)"
