@@ -12,7 +12,7 @@
 3. starts two transfer workers (``exactlyonce run examples.transfer.service:app``,
    each also relaying the outbox to ``transfer-applied``) and two ledger
    workers (``exactlyonce run examples.ledger.service:app``), in subprocesses
-   logging to ``.demo/<name>.log``, and produces transfers, a share of them
+   logging to ``.demo/<name>.log`` (``--workdir``), and produces transfers, a share of them
    twice, some copies onto another partition;
 4. SIGKILLs a transfer worker mid-run, as a crash would, and starts a
    replacement; later SIGKILLs a ledger worker and replaces it too;
@@ -100,8 +100,8 @@ class Worker:
     log: IO[bytes] = field(repr=False)
 
     @classmethod
-    def start(cls, name: str, app: str, env: dict[str, str]) -> Worker:
-        log_path = DEMO_DIR / f"{name}.log"
+    def start(cls, name: str, app: str, env: dict[str, str], log_dir: Path) -> Worker:
+        log_path = log_dir / f"{name}.log"
         log = log_path.open("wb")
         process = subprocess.Popen(
             [sys.executable, "-m", "exactlyonce", "run", app],
@@ -208,12 +208,12 @@ def kafka_cluster(run_id: str) -> Iterator[tuple[str, Names]]:
         yield broker.bootstrap_servers, Names()
 
 
-def database_url() -> str:
-    """``EXACTLYONCE_DATABASE_URL``, else a fresh SQLite file in ``.demo/``."""
+def database_url(workdir: Path) -> str:
+    """``EXACTLYONCE_DATABASE_URL``, else a fresh SQLite file in ``workdir``."""
     url = os.environ.get(DATABASE_URL_ENV)
     if url:
         return url
-    path = DEMO_DIR / "transfer.db"
+    path = workdir / "transfer.db"
     for stale in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
         stale.unlink(missing_ok=True)
     return f"sqlite:///{path}"
@@ -236,10 +236,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "(default 0.6)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds to wait for all transfers and statement lines (default 120)")
+    parser.add_argument("--workdir", type=Path, default=DEMO_DIR,
+                        help="for the worker logs, sent.json and the SQLite file (default .demo/)")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    DEMO_DIR.mkdir(exist_ok=True)
+    args.workdir.mkdir(parents=True, exist_ok=True)
     run_id = secrets.token_hex(3)
     workers: list[Worker] = []
     ok = False
@@ -256,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace, run_id: str, bootstrap: str, names: Names, workers: list[Worker]) -> bool:
-    url = database_url()
+    url = database_url(args.workdir)
     # The services read these when they are imported, here and in the workers.
     os.environ["EXACTLYONCE_TRANSFER_TOPIC"] = names.transfers
     os.environ["EXACTLYONCE_TRANSFER_GROUP"] = names.transfer_group
@@ -297,8 +299,9 @@ def _run(args: argparse.Namespace, run_id: str, bootstrap: str, names: Names, wo
                 os.environ.get(ledger_service.CONSUMER_CONFIG_ENV) or DEMO_CONSUMER_CONFIG,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         }
-        workers += [Worker.start("transfer-1", TRANSFER_APP, env), Worker.start("transfer-2", TRANSFER_APP, env),
-                    Worker.start("ledger-1", LEDGER_APP, env), Worker.start("ledger-2", LEDGER_APP, env)]
+        workers += [Worker.start(name, app, env, args.workdir) for name, app in (
+            ("transfer-1", TRANSFER_APP), ("transfer-2", TRANSFER_APP),
+            ("ledger-1", LEDGER_APP), ("ledger-2", LEDGER_APP))]
         say("started " + ", ".join(f"{w.name} (pid {w.process.pid})" for w in workers)
             + "; the transfer workers also relay the outbox")
 
@@ -324,7 +327,7 @@ def _run(args: argparse.Namespace, run_id: str, bootstrap: str, names: Names, wo
             clean = clean and code == 0
 
         assert sender.report is not None
-        sender.report.save(DEMO_DIR / "sent.json")
+        sender.report.save(args.workdir / "sent.json")
         result = verify.verify(engine, sender.report.transfers, scope=scope,
                                initial_balances=initial, records=sender.report.records)
         ledger_result = ledger_verify.verify_ledger(engine, initial_balances=initial, scope=ledger_scope)
@@ -369,7 +372,7 @@ def _wait_and_crash(args: argparse.Namespace, engine: sa.Engine, bootstrap: str,
                     lines = ledger_verify.line_count(engine)
                     say(f"SIGKILLed {worker.name} with {done}/{len(ids)} transfers recorded and {lines} "
                         f"statement lines written; its uncommitted records will be redelivered")
-                    workers.append(Worker.start(replacement, app, env))
+                    workers.append(Worker.start(replacement, app, env, args.workdir))
                     say(f"started {replacement} (pid {workers[-1].process.pid}) as its replacement")
             if end_offsets is None and sender.report is not None:
                 end_offsets = producer.end_offsets(bootstrap, names.transfers, sender.report.records)
