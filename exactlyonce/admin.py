@@ -100,10 +100,11 @@ class KafkaReader:
         log.debug("connecting to %s with %s", self.bootstrap_servers, options)
         try:
             return kafka.KafkaConsumer(bootstrap_servers=self.bootstrap_servers, **options)
-        except kafka.errors.NoBrokersAvailable as exc:
-            raise TransientError(f"no Kafka broker answers at {self.bootstrap_servers}") from exc
-        except (TypeError, kafka.errors.KafkaConfigurationError) as exc:
+        except (TypeError, ValueError, kafka.errors.KafkaConfigurationError) as exc:
             raise ConfigurationError(f"invalid Kafka client settings: {exc}") from exc
+        except kafka.errors.KafkaError as exc:
+            # kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap ...") for an unreachable broker.
+            raise TransientError(f"no Kafka broker answers at {self.bootstrap_servers}: {exc}") from exc
 
     @property
     def consumer(self) -> Any:
@@ -300,11 +301,11 @@ def status(engine: Engine, reader: KafkaReader | None) -> Status:
         rows = conn.execute(
             sa.select(counters).order_by(counters.c.scope, counters.c.topic, counters.c.kafka_partition)
         ).all()
-        gaps: dict[str, int] = dict(conn.execute(
+        gaps: dict[str, int] = dict((scope, count) for scope, count in conn.execute(
             sa.select(sequence_streams.c.scope, sa.func.count())
             .where(sequence_streams.c.gap_since.is_not(None))
             .group_by(sequence_streams.c.scope)
-        ).tuples().all())
+        ).all())
     for row in rows:
         scope = scopes.setdefault(row.scope, ScopeStatus(scope=row.scope, group_id=row.group_id))
         scope.partitions.append(PartitionStatus(

@@ -231,6 +231,7 @@ def _database_url(args: argparse.Namespace) -> str:
     # A password typed on the command line is not in the environment configure() scanned.
     with contextlib.suppress(sa.exc.ArgumentError):
         logs.register_secret(make_url(url).password)
+    log.debug("database: %s", url)  # the log filter masks its password
     return str(url)
 
 
@@ -263,7 +264,8 @@ def _print(*renderables: Any) -> None:
     terminal = _is_terminal()
     buffer = io.StringIO()
     width = shutil.get_terminal_size().columns if terminal else int(os.environ.get("COLUMNS", "200"))
-    console = Console(file=buffer, force_terminal=terminal, width=width, highlight=False, soft_wrap=False)
+    console = Console(file=buffer, force_terminal=terminal, width=width, highlight=False, markup=False,
+                      emoji=False, soft_wrap=False)
     for renderable in renderables:
         console.print(renderable)
     sys.stdout.write(logs.redact(buffer.getvalue()))
@@ -306,12 +308,9 @@ def _progress(description: str, total: int | None) -> Iterator[Callable[[int], N
 def _run(args: argparse.Namespace) -> None:
     app = load_app(args.app)
     if args.metrics_port is not None:
-        metrics: Metrics | None = getattr(app, "metrics", None)
-        if metrics is None:
-            log.warning("this version of App has no metrics; --metrics-port is ignored")
-        else:
-            metrics.serve(args.metrics_port, args.metrics_addr)
-            log.info("serving metrics at http://%s:%d/metrics", args.metrics_addr, metrics.port or 0)
+        # Before run(): a taken port is a ConfigurationError, reported before anything is consumed.
+        app.metrics.serve(args.metrics_port, args.metrics_addr)
+        log.info("serving metrics at http://%s:%d/metrics", args.metrics_addr, app.metrics.port or 0)
     app.run()
 
 
@@ -367,7 +366,8 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    engine = _db.create_engine(_database_url(args))
+    url = _database_url(args)
+    engine = _db.create_engine(url)
     reader = _reader(args, required=False)
     try:
         result = admin.status(engine, reader)
@@ -375,11 +375,13 @@ def _status(args: argparse.Namespace) -> None:
         if reader is not None:
             reader.close()
         engine.dispose()
+    source = {"database": url, "bootstrap_servers": reader.bootstrap_servers if reader else None}
     if args.json:
-        _print_json(result.to_json())
+        _print_json({**source, **result.to_json()})
         return
+    header = f"database {url}, broker {source['bootstrap_servers'] or '(none)'}"
     if not result.scopes:
-        _print("no handler scope has processed anything yet (table exactlyonce_counters is empty)")
+        _print(header, "no handler scope has processed anything yet (table exactlyonce_counters is empty)")
         return
     summary = Table(title="handler scopes", title_justify="left")
     for name in ("scope", "group", "applied", "duplicates", "skipped", "dead-lettered", "parked", "open gaps",
@@ -397,7 +399,7 @@ def _status(args: argparse.Namespace) -> None:
         for p in scope.partitions:
             partitions.add_row(scope.scope, p.topic, str(p.partition), _num(p.applied), _num(p.last_offset),
                                _num(p.committed), _num(p.end_offset), _num(p.lag))
-    renderables: list[Any] = [summary, partitions]
+    renderables: list[Any] = [header, summary, partitions]
     if result.lag_error:
         renderables.append(f"consumer lag unknown: {result.lag_error}")
     _print(*renderables)
@@ -569,6 +571,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"exactlyonce: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    if args.command != "run" and logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        # kafka-python narrates every connection at INFO: noise around a one-shot command's output.
+        logging.getLogger("kafka").setLevel(logging.WARNING)
     try:
         return _dispatch(args)
     except KeyboardInterrupt:

@@ -30,7 +30,9 @@ from typing import Any, TextIO
 
 from sqlalchemy.engine import make_url
 
-__all__ = ["EXTRA_FIELDS", "MASK", "JsonFormatter", "RedactingFilter", "configure", "redact", "register_secret"]
+__all__ = [
+    "EXTRA_FIELDS", "MASK", "JsonFormatter", "RedactingFilter", "configure", "redact", "register_secret", "reset",
+]
 
 #: What a secret is replaced with.
 MASK = "***"
@@ -222,3 +224,11 @@ def configure(level: str, fmt: str = "text", *, stream: TextIO | None = None) ->
     root.setLevel(numeric)
     _installed = handler
     return handler
+
+
+def reset() -> None:
+    """Remove the handler :func:`configure` installed (tests whose captured stream is about to close)."""
+    global _installed
+    if _installed is not None:
+        logging.getLogger().removeHandler(_installed)
+        _installed = None
