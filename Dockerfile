@@ -4,9 +4,10 @@
 #   docker build -t exactlyonce .
 #   docker run --rm -e EXACTLYONCE_DATABASE_URL=... exactlyonce exactlyonce db upgrade
 #   docker run --rm -e EXACTLYONCE_BOOTSTRAP_SERVERS=... -e EXACTLYONCE_DATABASE_URL=... \
-#       exactlyonce exactlyonce run examples.transfer.service:app
+#       exactlyonce exactlyonce run examples.transfer.service:app    # or examples.ledger.service:app
+#   docker run --rm -e ... exactlyonce exactlyonce relay                 # the outbox relay alone
 #
-# docker-compose.yml builds it for the transfer example.
+# docker-compose.yml builds it for the examples (transfer service, relay, ledger, producer).
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \

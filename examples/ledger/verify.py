@@ -15,7 +15,7 @@ Given the seeded balances, the statements are right when:
 
 ::
 
-    python -m examples.ledger.verify --initial-balance 10000
+    python -m examples.ledger.verify --initial-balance 10000 --wait 120
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from exactlyonce.app import DATABASE_URL_ENV
-from exactlyonce.schema import Outcome, parked, processed, sequence_streams
+from exactlyonce.schema import Outcome, outbox, parked, processed, sequence_streams
 from examples.ledger.models import statement_lines
 from examples.transfer.models import APPLIED, CREDIT, DEBIT, DEFAULT_BALANCE, accounts, create_engine, transfers
 
@@ -69,6 +70,21 @@ def applied_count(engine: Engine) -> int:
         return connection.execute(
             sa.select(sa.func.count()).select_from(transfers).where(transfers.c.status == APPLIED)
         ).scalar_one()
+
+
+def wait_until_complete(engine: Engine, timeout_s: float) -> bool:
+    """Poll until the outbox is empty and every applied transfer has its two lines, or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with engine.connect() as connection:
+            pending = connection.execute(
+                sa.select(sa.func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+            ).scalar_one()
+        if pending == 0 and line_count(engine) >= 2 * applied_count(engine):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
 
 
 def verify_ledger(
@@ -205,12 +221,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m examples.ledger.verify", description=main.__doc__)
     parser.add_argument("--initial-balance", type=int, default=DEFAULT_BALANCE,
                         help="cents each account was seeded with")
+    parser.add_argument("--wait", type=float, default=0,
+                        help="seconds to wait first for the outbox to empty and every line to arrive")
     parser.add_argument("--database-url", default=os.environ.get(DATABASE_URL_ENV))
     args = parser.parse_args(argv)
     if not args.database_url:
         parser.error(f"pass --database-url or set {DATABASE_URL_ENV}")
     engine = create_engine(args.database_url)
     try:
+        if args.wait:
+            wait_until_complete(engine, args.wait)
         with engine.connect() as connection:
             initial = {account: args.initial_balance
                        for account in connection.execute(sa.select(accounts.c.id)).scalars()}

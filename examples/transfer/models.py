@@ -5,8 +5,8 @@ They live on their own ``MetaData``, apart from exactlyonce's tables
 would manage them with its own migrations. Money is an integer number of cents.
 
 ``python -m examples.transfer.models --accounts 100 --balance 10000`` creates
-the tables if they are missing and seeds the accounts if there are none (it is
-what the docker-compose ``producer`` service runs first).
+the tables if they are missing and seeds the accounts if there are none (the
+docker-compose ``migrate`` service runs it).
 """
 
 from __future__ import annotations

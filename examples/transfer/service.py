@@ -27,6 +27,9 @@ Settings (environment):
 - ``EXACTLYONCE_BOOTSTRAP_SERVERS``, ``EXACTLYONCE_DATABASE_URL``: read by exactlyonce;
 - ``EXACTLYONCE_TRANSFER_APPLIED_TOPIC``: where the events go (default
   ``transfer-applied``; the ledger service reads the same variable);
+- ``EXACTLYONCE_TRANSFER_RELAY``: ``0`` when a standalone ``exactlyonce relay``
+  sends the outbox; by default each worker runs a relay thread (several relays
+  at once are safe: they take different rows and keep each key's order);
 - ``EXACTLYONCE_TRANSFER_TOPIC`` (default ``transfers``) and
   ``EXACTLYONCE_TRANSFER_GROUP`` (default ``transfer-service``). The dedup
   scope is derived from both (``<group>:<topic>``): use ``app.handlers[TOPIC].scope``;
@@ -63,6 +66,7 @@ TOPIC_ENV = "EXACTLYONCE_TRANSFER_TOPIC"
 GROUP_ENV = "EXACTLYONCE_TRANSFER_GROUP"
 CONSUMER_CONFIG_ENV = "EXACTLYONCE_TRANSFER_CONSUMER_CONFIG"
 APPLIED_TOPIC_ENV = "EXACTLYONCE_TRANSFER_APPLIED_TOPIC"
+RELAY_ENV = "EXACTLYONCE_TRANSFER_RELAY"
 
 TOPIC = os.environ.get(TOPIC_ENV) or "transfers"
 APPLIED_TOPIC = os.environ.get(APPLIED_TOPIC_ENV) or "transfer-applied"
@@ -73,7 +77,10 @@ GROUP = os.environ.get(GROUP_ENV) or "transfer-service"
 MAX_AMOUNT = 10**15
 
 
-app = exactlyonce.App(group_id=GROUP, consumer_config=consumer_config_from_env(CONSUMER_CONFIG_ENV))
+# App.run() relays the outbox in a background thread, unless RELAY_ENV is "0"
+# because a standalone `exactlyonce relay` does it (as in docker-compose.yml).
+app = exactlyonce.App(group_id=GROUP, consumer_config=consumer_config_from_env(CONSUMER_CONFIG_ENV),
+                      outbox=os.environ.get(RELAY_ENV, "1") != "0")
 
 
 class InvalidTransfer(exactlyonce.MessageError):
