@@ -11,7 +11,7 @@ migrations in :mod:`exactlyonce.migrate`.
 """
 
 from exactlyonce import ids
-from exactlyonce.app import App, Handler, OnMismatch
+from exactlyonce.app import App, Handler, OnGap, OnMismatch
 from exactlyonce.embedded import EmbeddedBroker
 from exactlyonce.errors import (
     ConfigurationError,
@@ -39,6 +39,7 @@ __all__ = [
     "Message",
     "MessageDecodeError",
     "MessageError",
+    "OnGap",
     "OnMismatch",
     "Producer",
     "Retry",

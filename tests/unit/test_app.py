@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
-from exactlyonce import App, ConfigurationError, ids
+from exactlyonce import App, ConfigurationError, OnGap, ids
 from exactlyonce.app import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
 
 
@@ -49,7 +50,9 @@ def test_duplicate_topic_or_scope_is_refused() -> None:
 
 @pytest.mark.parametrize("kwargs", [{"retry": "3"}, {"name": "x" * 201}, {"name": ""},
                                     {"dead_letter_topic": "no such topic!"}, {"max_value_bytes": 0},
-                                    {"on_fingerprint_mismatch": "apply"}])
+                                    {"on_fingerprint_mismatch": "apply"},
+                                    {"sequence": "stream"}, {"sequence": lambda m: ("s", 1), "batch": True},
+                                    {"on_gap": "ignore"}, {"gap_timeout": timedelta(0)}])
 def test_bad_handler_settings_are_refused(kwargs: dict[str, Any]) -> None:
     """Out-of-range handler settings are configuration errors."""
     with pytest.raises(ConfigurationError):
@@ -104,3 +107,13 @@ def test_illegal_topic_names_are_refused(topic: str) -> None:
     """Topic names Kafka would reject are configuration errors at registration."""
     with pytest.raises(ConfigurationError, match="illegal topic"):
         App(group_id="g").handler(topic)
+
+
+def test_a_sequenced_handler_needs_no_message_id() -> None:
+    """Sequenced handlers dedup by number; the message ID is optional (used in dead letters)."""
+    app = App(group_id="g")
+    app.handler("t", sequence=lambda m: ("s", 1), gap_timeout=timedelta(seconds=5), on_gap="dead_letter")(noop)
+    handler = app.handlers["t"]
+    assert handler.message_id is None
+    assert handler.on_gap is OnGap.DEAD_LETTER
+    assert handler.gap_timeout == timedelta(seconds=5)

@@ -8,7 +8,7 @@ def test_public_names_are_pinned() -> None:
     assert exactlyonce.__all__ == sorted(exactlyonce.__all__)
     assert exactlyonce.__all__ == [
         "App", "Claim", "ConfigurationError", "DeadLetter", "EmbeddedBroker", "ExactlyOnceError",
-        "Handler", "Message", "MessageDecodeError", "MessageError", "OnMismatch", "Producer", "Retry", "Skip",
+        "Handler", "Message", "MessageDecodeError", "MessageError", "OnGap", "OnMismatch", "Producer", "Retry", "Skip",
         "TransientError", "claim", "ids", "publish",
     ]
     for name in exactlyonce.__all__:
@@ -20,7 +20,7 @@ def test_error_tree() -> None:
     from exactlyonce import errors
 
     for exc in (errors.MessageDecodeError, errors.InvalidMessageId, errors.OversizedValue,
-                errors.FingerprintMismatch):
+                errors.FingerprintMismatch, errors.BadSequence, errors.SequenceGap, errors.BadSignature):
         assert issubclass(exc, errors.MessageError)
     assert issubclass(errors.Skip, errors.HandlerSignal)
     assert issubclass(errors.DeadLetter, errors.HandlerSignal)
