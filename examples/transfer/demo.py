@@ -98,6 +98,7 @@ class Worker:
     log_path: Path
     process: subprocess.Popen[bytes]
     log: IO[bytes] = field(repr=False)
+    terminating: bool = False
 
     @classmethod
     def start(cls, name: str, app: str, env: dict[str, str], log_dir: Path) -> Worker:
@@ -137,10 +138,16 @@ class Worker:
         self.process.wait()
         self.log.close()
 
+    def terminate(self) -> None:
+        """SIGTERM: finish the record in hand, commit, leave the group, exit 0."""
+        if self.alive() and not self.terminating:
+            self.process.send_signal(signal.SIGTERM)
+            self.terminating = True
+
     def stop(self, timeout_s: float = 30.0) -> int:
         """SIGTERM and wait; SIGKILL if it does not exit in time. Returns the exit code."""
+        self.terminate()
         if self.alive():
-            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -231,9 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kill-at", type=float, default=0.3,
                         help="kill a transfer worker once this share of transfers is recorded "
                              "(default 0.3)")
-    parser.add_argument("--kill-ledger-at", type=float, default=0.6,
-                        help="kill a ledger worker once this share of transfers is recorded "
-                             "(default 0.6)")
+    parser.add_argument("--kill-ledger-at", type=float, default=0.3,
+                        help="kill a ledger worker once the ledger holds this share of two lines per "
+                             "transfer sent (default 0.3; rejected transfers get none)")
     parser.add_argument("--timeout", type=float, default=120.0,
                         help="seconds to wait for all transfers and statement lines (default 120)")
     parser.add_argument("--workdir", type=Path, default=DEMO_DIR,
@@ -319,9 +326,10 @@ def _run(args: argparse.Namespace, run_id: str, bootstrap: str, names: Names, wo
         say("every transfer recorded and consumed, every event relayed and in the ledger; "
             "stopping workers (SIGTERM)")
         clean = True
-        for worker in workers:
-            if worker.killed():
-                continue
+        stopping = [worker for worker in workers if not worker.killed()]
+        for worker in stopping:  # all at once: they leave their groups in parallel
+            worker.terminate()
+        for worker in stopping:
             code = worker.stop()
             say(f"{worker.name} exited {code}: {worker.stats()}")
             clean = clean and code == 0
@@ -351,8 +359,9 @@ def _wait_and_crash(args: argparse.Namespace, engine: sa.Engine, bootstrap: str,
     applied transfer.
     """
     deadline = time.monotonic() + args.timeout
-    victims = {"transfer-1": (int(len(ids) * args.kill_at), "transfer-3", TRANSFER_APP),
-               "ledger-1": (int(len(ids) * args.kill_ledger_at), "ledger-3", LEDGER_APP)}
+    # Who is killed, when its service's progress reaches what, and who replaces it.
+    victims = {"transfer-1": ("transfers", int(len(ids) * args.kill_at), "transfer-3", TRANSFER_APP),
+               "ledger-1": ("lines", int(2 * len(ids) * args.kill_ledger_at), "ledger-3", LEDGER_APP)}
     end_offsets: dict[int, int] | None = None
     admin = kafka.KafkaAdminClient(bootstrap_servers=bootstrap)
     try:
@@ -365,13 +374,16 @@ def _wait_and_crash(args: argparse.Namespace, engine: sa.Engine, bootstrap: str,
                     say(f"{worker.name} exited unexpectedly with {worker.process.returncode}")
                     return False
             done = verify.recorded_count(engine, ids)
+            progress = {"transfers": done, "lines": ledger_verify.line_count(engine)}
             for worker in list(workers):
-                kill_at, replacement, app = victims.get(worker.name, (None, "", ""))
-                if kill_at is not None and done >= kill_at and worker.alive() and worker.assigned():
+                if worker.name not in victims or not worker.alive():
+                    continue
+                measure, kill_at, replacement, app = victims[worker.name]
+                if progress[measure] >= kill_at and worker.assigned():
                     worker.kill()
-                    lines = ledger_verify.line_count(engine)
-                    say(f"SIGKILLed {worker.name} with {done}/{len(ids)} transfers recorded and {lines} "
-                        f"statement lines written; its uncommitted records will be redelivered")
+                    say(f"SIGKILLed {worker.name} with {done}/{len(ids)} transfers recorded and "
+                        f"{progress['lines']} statement lines written; its uncommitted records will be "
+                        f"redelivered")
                     workers.append(Worker.start(replacement, app, env, args.workdir))
                     say(f"started {replacement} (pid {workers[-1].process.pid}) as its replacement")
             if end_offsets is None and sender.report is not None:
