@@ -283,7 +283,7 @@ class Runner:
             return handler.retry.retrying(retryable=_is_handler_failure, sleep=self._sleep)(attempt)
         except Skip as signal:
             self._count_retries(handler, attempts)
-            log.info("%s: handler skipped %r: %s", message.where(), message_id, signal.reason)
+            _log_skip(handler, message, message_id, signal)
             return self._record_skip(handler, message, message_id)
         except FingerprintMismatch as exc:
             self._count_retries(handler, attempts)
@@ -295,9 +295,7 @@ class Runner:
             if _is_transient(exc):
                 raise
             self._count_retries(handler, attempts)
-            log.error("%s: handler for %s failed after %d attempt(s): %s: %s", message.where(),
-                      handler.scope, attempts, type(exc).__name__, exc,
-                      exc_info=log.isEnabledFor(logging.DEBUG))
+            _log_failure(handler, message, message_id, attempts, exc)
             return self._dead_letter(handler, message, message_id, exc, attempts)
 
     def _apply(self, handler: Handler, items: list[tuple[Message, str]]) -> list[str | FingerprintMismatch]:
@@ -340,9 +338,10 @@ class Runner:
                     for message in fresh:
                         handler.func(message, session)
             tally = Tally()
-            for (message, _), result in zip(items, results, strict=True):
+            for (message, message_id), result in zip(items, results, strict=True):
                 if isinstance(result, str):
                     tally.add(message, result)
+                    _log_decision(handler, message, message_id, result)
             store.count(session, self._app.group_id, handler.scope, tally)
         self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
         return results
@@ -360,7 +359,8 @@ class Runner:
         self.stats["fingerprint_mismatch"] += 1
         self._metrics.outcome(handler.scope, "fingerprint_mismatch")
         if handler.on_fingerprint_mismatch is OnMismatch.SKIP:
-            log.warning("%s; skipped as a duplicate", exc)
+            log.warning("%s; skipped as a duplicate", exc,
+                        extra=_fields(handler, message, message_id, "duplicate", reason=exc.reason))
             with Session(self._engine) as session, session.begin():
                 self._count(session, handler, message, "duplicate")
             return "duplicate"
@@ -465,6 +465,7 @@ class Runner:
                     stream.gap_since = now if stream.parked else None
                 tally.add(message, outcome)
                 outcomes.append(outcome)
+                _log_decision(handler, message, message_id, outcome, stream=name, number=number)
             seq.save(session, scope, streams.values(), now)
             store.count(session, self._app.group_id, scope, tally)
         for message, exc in dead:
@@ -481,7 +482,8 @@ class Runner:
         self.stats["fingerprint_mismatch"] += 1
         self._metrics.outcome(handler.scope, "fingerprint_mismatch")
         if handler.on_fingerprint_mismatch is OnMismatch.SKIP:
-            log.warning("%s; skipped as a duplicate", exc)
+            log.warning("%s; skipped as a duplicate", exc,
+                        extra=_fields(handler, message, message_id, "duplicate", reason=exc.reason))
             return "duplicate"
         self._publish_dead_letter(handler, message, message_id, exc, attempts=0)
         dead.append((message, exc))
@@ -514,15 +516,13 @@ class Runner:
             handler.retry.retrying(retryable=_is_handler_failure, sleep=self._sleep)(attempt)
             outcome = "applied"
         except Skip as signal:
-            log.info("%s: handler skipped %r: %s", message.where(), message_id, signal.reason)
+            _log_skip(handler, message, message_id, signal)
             outcome = "skipped"
         except Exception as exc:
             if _is_transient(exc):
                 raise
             if not isinstance(exc, DeadLetter | MessageError):
-                log.error("%s: handler for %s failed after %d attempt(s): %s: %s", message.where(),
-                          handler.scope, attempts, type(exc).__name__, exc,
-                          exc_info=log.isEnabledFor(logging.DEBUG))
+                _log_failure(handler, message, message_id, attempts, exc)
             self._publish_dead_letter(handler, message, message_id, exc, attempts)
             dead.append((message, exc))
             outcome = "dead_lettered"
@@ -558,7 +558,8 @@ class Runner:
                         "%s: stream %r has waited for number %d since %s UTC (gap_timeout %s); "
                         "%d message(s) parked behind it, waiting",
                         scope, stream.stream, stream.watermark + 1, stream.gap_since, handler.gap_timeout,
-                        stream.parked, extra={"scope": scope, "stream": stream.stream},
+                        stream.parked, extra={"scope": scope, "stream": stream.stream,
+                                              "number": stream.watermark + 1, "outcome": "gap"},
                     )
             return
         dead: list[tuple[Message, BaseException]] = []
@@ -649,8 +650,7 @@ class Runner:
         reason = _reason(exc)
         self.stats[f"dead_lettered:{reason}"] += 1
         log.error("%s: dead-lettered to %s (%s: %s)", message.where(), handler.dead_letter_topic, reason, exc,
-                  extra={"scope": handler.scope, "topic": message.topic, "partition": message.partition,
-                         "offset": message.offset, "outcome": "dead_lettered", "reason": reason})
+                  extra=_fields(handler, message, None, "dead_lettered", reason=reason))
 
     def _dead_letter_producer(self) -> RecordProducer:
         if self._producer is None:
@@ -723,3 +723,32 @@ def _coordinates_id(message: Message) -> str:
 
 def _reason(exc: BaseException) -> str:
     return getattr(exc, "reason", None) or "handler-error"
+
+
+def _fields(
+    handler: Handler, message: Message, message_id: str | None, outcome: str, **more: Any
+) -> dict[str, Any]:
+    """The structured fields of a log line about one record (``exactlyonce run --log-format json``)."""
+    fields = {"scope": handler.scope, "topic": message.topic, "partition": message.partition,
+              "offset": message.offset, "outcome": outcome, **more}
+    if message_id is not None:
+        fields["message_id"] = message_id
+    return fields
+
+
+def _log_skip(handler: Handler, message: Message, message_id: str, signal: Skip) -> None:
+    log.info("%s: handler skipped %r: %s", message.where(), message_id, signal.reason,
+             extra=_fields(handler, message, message_id, "skipped", reason=signal.reason))
+
+
+def _log_failure(handler: Handler, message: Message, message_id: str, attempts: int, exc: BaseException) -> None:
+    log.error("%s: handler for %s failed after %d attempt(s): %s: %s", message.where(), handler.scope, attempts,
+              type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG),
+              extra=_fields(handler, message, message_id, "failed"))
+
+
+def _log_decision(handler: Handler, message: Message, message_id: str, outcome: str, **more: Any) -> None:
+    """One DEBUG line per record decided (costs nothing unless DEBUG is on)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("%s: %s %r", message.where(), outcome, message_id,
+                  extra=_fields(handler, message, message_id, outcome, **more))
