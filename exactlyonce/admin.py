@@ -458,6 +458,11 @@ class DeadLetterRecord:
                 found = value.decode("utf-8", "replace")
         return found or None
 
+    @property
+    def original_partition(self) -> int | None:
+        """The partition the record was read from (``None``: header missing)."""
+        return self._int("partition")
+
     def _int(self, name: str) -> int | None:
         try:
             return int(self.meta[name])

@@ -265,7 +265,7 @@ def _print(*renderables: Any) -> None:
     buffer = io.StringIO()
     width = shutil.get_terminal_size().columns if terminal else int(os.environ.get("COLUMNS", "200"))
     console = Console(file=buffer, force_terminal=terminal, width=width, highlight=False, markup=False,
-                      emoji=False, soft_wrap=False)
+                      emoji=False, soft_wrap=True)
     for renderable in renderables:
         console.print(renderable)
     sys.stdout.write(logs.redact(buffer.getvalue()))
@@ -384,9 +384,9 @@ def _status(args: argparse.Namespace) -> None:
         _print(header, "no handler scope has processed anything yet (table exactlyonce_counters is empty)")
         return
     summary = Table(title="handler scopes", title_justify="left")
-    for name in ("scope", "group", "applied", "duplicates", "skipped", "dead-lettered", "parked", "open gaps",
-                 "last processed", "lag"):
-        summary.add_column(name, justify="right" if name not in ("scope", "group", "last processed") else "left")
+    for name in ("scope", "group", "applied", "dups", "skipped", "dead", "parked", "gaps", "last processed", "lag"):
+        summary.add_column(name, justify="right" if name not in ("scope", "group", "last processed") else "left",
+                           no_wrap=name == "last processed")
     for scope in result.scopes:
         summary.add_row(scope.scope, scope.group_id, _num(scope.total("applied")), _num(scope.total("duplicates")),
                         _num(scope.total("skipped")), _num(scope.total("dead_lettered")),
@@ -450,7 +450,7 @@ def _dlq_list(args: argparse.Namespace) -> None:
         return
     table = Table(title=f"{args.topic}: {len(records)} dead letter(s)", title_justify="left")
     for name in ("dlq p@offset", "dead-lettered", "original", "message id", "reason", "error"):
-        table.add_column(name, overflow="fold")
+        table.add_column(name, overflow="fold", no_wrap=name == "dead-lettered")
     for r in records:
         data = r.to_json()
         original = f"{r.topic}[{data['partition']}]@{data['offset']}" if r.topic else "(unknown)"
@@ -500,8 +500,10 @@ def _replay_for_real(args: argparse.Namespace, selected: list[admin.DeadLetterRe
                         config=admin.producer_settings(dict(args.kafka_config)))
 
     def send(record: admin.DeadLetterRecord, message_id: str) -> None:
+        # Back to the partition it came from: the original producer's partitioning (and so
+        # the per-partition order the handler saw) is kept even for keyless records.
         producer.send(record.topic or "", record.value or b"", key=record.key, message_id=message_id,
-                      headers=record.headers)
+                      headers=record.headers, partition=record.original_partition)
 
     try:
         with _progress("replaying", len(selected)) as advance:
