@@ -8,9 +8,9 @@ stops it, and then drives ``exactlyonce.cli.main`` in-process, reading its
 from __future__ import annotations
 
 import json
-from collections import Counter
 import subprocess
 import sys
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -266,8 +266,8 @@ def test_dlq_replay(scenario: Scenario, capsys: pytest.CaptureFixture[str]) -> N
     assert all(not name.startswith("x-exactlyonce-") for r in records for name, _ in r.headers)
     assert all(r.value == f"v:{_header(r, 'message-id')}".encode() for r in records)
     with scenario.engine.connect() as conn:
-        outcomes = dict(conn.execute(sa.select(processed.c.message_id, processed.c.outcome)
-                                     .where(processed.c.scope == scenario.scope)).tuples().all())
+        outcomes = {mid: outcome for mid, outcome in conn.execute(
+            sa.select(processed.c.message_id, processed.c.outcome).where(processed.c.scope == scenario.scope))}
     assert outcomes == {"ok-1": "applied", "dead-1": "applied", "dead-2": "applied"}
 
 
