@@ -120,6 +120,10 @@ class Worker:
     def killed(self) -> bool:
         return self.process.returncode == -signal.SIGKILL
 
+    def joined(self) -> bool:
+        """Whether the worker has joined its group (and so handles SIGTERM): it logged an assignment."""
+        return "assigned partitions: " in self._read_log()
+
     def assigned(self) -> bool:
         """Whether the worker's latest assignment holds partitions."""
         found = re.findall(r"assigned partitions: (.*)", self._read_log())
@@ -312,6 +316,16 @@ def _run(args: argparse.Namespace, run_id: str, bootstrap: str, names: Names, wo
         say("started " + ", ".join(f"{w.name} (pid {w.process.pid})" for w in workers)
             + "; the transfer workers also relay the outbox")
 
+        # Produce once every worker is in its group, so the kills land mid-run.
+        deadline = time.monotonic() + args.timeout
+        while not all(worker.joined() for worker in workers):
+            if time.monotonic() >= deadline or not all(worker.alive() for worker in workers):
+                say("the workers did not all join their groups")
+                _show_logs(workers)
+                return False
+            time.sleep(0.1)
+        say("every worker has joined its consumer group")
+
         transfers = producer.make_transfers(args.count, ACCOUNTS, seed=run_id)
         ids = [transfer["transfer_id"] for transfer in transfers]
         sender = Sender(bootstrap, names.transfers, transfers, args.resend, run_id, args.rate)
@@ -319,9 +333,13 @@ def _run(args: argparse.Namespace, run_id: str, bootstrap: str, names: Names, wo
         say(f"producing {len(transfers)} transfers at {args.rate:.0f}/s, "
             f"~{args.resend:.0%} of them twice")
 
-        if not _wait_and_crash(args, engine, bootstrap, names, ids, sender, env, workers):
-            _show_logs(workers)
-            return False
+        reader = models.create_reader(url)
+        try:
+            if not _wait_and_crash(args, reader, bootstrap, names, ids, sender, env, workers):
+                _show_logs(workers)
+                return False
+        finally:
+            reader.dispose()
 
         say("every transfer recorded and consumed, every event relayed and in the ledger; "
             "stopping workers (SIGTERM)")
@@ -355,8 +373,9 @@ def _wait_and_crash(args: argparse.Namespace, engine: sa.Engine, bootstrap: str,
 
     False on failure. The end: every transfer recorded, the transfer group's
     offsets committed to the end of its topic (so every re-sent copy was
-    consumed too), no event left in the outbox, and two statement lines per
-    applied transfer.
+    consumed too), no event left in the outbox, two statement lines per
+    applied transfer, and every replacement in its group (a worker stopped
+    before it has set up its signal handlers would not exit cleanly).
     """
     deadline = time.monotonic() + args.timeout
     # Who is killed, when its service's progress reaches what, and who replaces it.
@@ -394,6 +413,7 @@ def _wait_and_crash(args: argparse.Namespace, engine: sa.Engine, bootstrap: str,
                 and consumed_everything(admin, names.transfers, names.transfer_group, end_offsets)
                 and pending_events(engine, names.applied) == 0
                 and ledger_verify.line_count(engine) == 2 * ledger_verify.applied_count(engine)
+                and all(worker.joined() for worker in workers if worker.alive())
             ):
                 if sum(worker.killed() for worker in workers) < len(victims):
                     say("warning: everything was done before both workers could be killed")

@@ -85,6 +85,19 @@ def create_engine(url: str) -> Engine:
     return _db.create_engine(url)
 
 
+def create_reader(url: str) -> Engine:
+    """An engine for watching progress while the workers write.
+
+    exactlyonce's SQLite engines take the write lock when a transaction
+    begins, so a reader built like them queues behind every worker. A plain
+    SQLite engine reads the last commit without waiting (the workers put the
+    file in WAL mode). Other databases: the same engine as the workers'.
+    """
+    if sa.engine.make_url(url).get_backend_name() == "sqlite":
+        return sa.create_engine(url)
+    return _db.create_engine(url)
+
+
 def account_id(index: int) -> str:
     """The ID of the ``index``-th seeded account: ``acct-0000``, ``acct-0001``, ..."""
     return f"acct-{index:04d}"
