@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -15,7 +17,7 @@ import kafka
 import kafka.errors
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
-from exactlyonce.errors import ConfigurationError, TransientError
+from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.message import Message
 
 log = logging.getLogger("exactlyonce")
@@ -85,8 +87,10 @@ class Consumer:
             self._consumer = kafka.KafkaConsumer(
                 bootstrap_servers=bootstrap_servers, group_id=group_id, **settings
             )
-        except kafka.errors.NoBrokersAvailable as exc:
-            raise TransientError(f"no Kafka broker answers at {bootstrap_servers}") from exc
+        except kafka.errors.KafkaTimeoutError as exc:
+            # kafka-python 3 raises this when bootstrap_timeout_ms passes without
+            # a broker; the cause (a TLS failure, say) is only logged.
+            raise bootstrap_failure(bootstrap_servers, settings, "consumer_config", exc) from exc
         except (TypeError, kafka.errors.KafkaConfigurationError) as exc:
             raise ConfigurationError(f"invalid consumer_config: {exc}") from exc
 
@@ -186,12 +190,11 @@ class RecordProducer:
     """kafka-python's producer behind the seam: futures, flushes, and waits for acks."""
 
     def __init__(self, *, bootstrap_servers: str, config: Mapping[str, Any]) -> None:
+        settings = {**PRODUCER_DEFAULTS, **config}
         try:
-            self._producer = kafka.KafkaProducer(
-                bootstrap_servers=bootstrap_servers, **{**PRODUCER_DEFAULTS, **config}
-            )
-        except kafka.errors.NoBrokersAvailable as exc:
-            raise TransientError(f"no Kafka broker answers at {bootstrap_servers}") from exc
+            self._producer = kafka.KafkaProducer(bootstrap_servers=bootstrap_servers, **settings)
+        except kafka.errors.KafkaTimeoutError as exc:
+            raise bootstrap_failure(bootstrap_servers, settings, "producer_config", exc) from exc
         except (TypeError, kafka.errors.KafkaConfigurationError) as exc:
             raise ConfigurationError(f"invalid producer_config: {exc}") from exc
 
@@ -259,6 +262,61 @@ class _FailedSend:
 
     def get(self, timeout: float | None = None) -> None:
         raise self.exception
+
+
+_TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+def bootstrap_failure(servers: str, config: Mapping[str, Any], setting: str, exc: BaseException) -> ExactlyOnceError:
+    """The error to raise when a client could not bootstrap: say why, if TLS is the reason.
+
+    kafka-python only times out; the handshake error it met is in its log.
+    With TLS on, one handshake with the same settings finds it again: a
+    certificate that does not verify (or TLS settings that do not load) is a
+    ConfigurationError, since retrying cannot fix it; anything else stays a
+    TransientError, with a hint about a protocol mismatch.
+    """
+    problem = tls_problem(servers, config)
+    if problem is not None:
+        return ConfigurationError(
+            f"{problem}. Check {setting}: ssl_cafile must name the CA that signed the broker's certificate, "
+            "and the certificate must be issued for the address you connect to (ssl_check_hostname)"
+        )
+    protocol = config.get("security_protocol", "PLAINTEXT")
+    return TransientError(
+        f"no Kafka broker answers at {servers} with security_protocol={protocol!r} ({exc}); if the broker's "
+        "listener uses TLS, set security_protocol='SSL' (or 'SASL_SSL') in consumer_config and producer_config"
+    )
+
+
+def tls_problem(servers: str, config: Mapping[str, Any]) -> str | None:
+    """Handshake with each bootstrap server as the client would; the first TLS failure, or ``None``."""
+    if config.get("security_protocol", "PLAINTEXT") not in _TLS_PROTOCOLS:
+        return None
+    try:
+        from kafka.net.transport import KafkaSSLTransport
+
+        settings = {**KafkaSSLTransport.DEFAULT_CONFIG,
+                    **{k: v for k, v in config.items() if k in KafkaSSLTransport.DEFAULT_CONFIG}}
+        context: ssl.SSLContext = KafkaSSLTransport._build_ssl_context(settings)
+    except (ImportError, AttributeError):
+        return None  # another kafka-python layout: no diagnosis
+    except (OSError, ssl.SSLError) as exc:
+        return f"the TLS settings do not load: {exc}"
+    for server in servers.split(","):
+        host, _, port = server.strip().rpartition(":")
+        host = host.strip("[]")
+        try:
+            with socket.create_connection((host, int(port)), timeout=5) as sock, \
+                    context.wrap_socket(sock, server_hostname=host):
+                pass
+        except ssl.SSLCertVerificationError as exc:
+            return f"TLS certificate verification failed for {server.strip()}: {exc.verify_message}"
+        except ssl.SSLError as exc:
+            return f"TLS handshake with {server.strip()} failed: {exc}"
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def is_retriable(exc: BaseException) -> bool:

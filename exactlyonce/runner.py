@@ -42,7 +42,7 @@ from exactlyonce.errors import (
     TransientError,
 )
 from exactlyonce.message import Message
-from exactlyonce.schema import Outcome, processed
+from exactlyonce.schema import Outcome, counters, parked, processed, sequence_streams
 from exactlyonce.store import Claim, Tally, claim, claim_many, stored_fingerprints
 
 if TYPE_CHECKING:
@@ -155,12 +155,19 @@ class Runner:
         return {tp: records for tp, records in batch.items() if tp in assigned}
 
     def _check_schema(self) -> None:
-        def check() -> bool:
-            return sa.inspect(self._engine).has_table(processed.name)
+        needed = [processed.name, counters.name]
+        if self._sequenced:
+            needed += [sequence_streams.name, parked.name]
 
-        if not self._retry_transient(check):
+        def missing() -> list[str]:
+            inspector = sa.inspect(self._engine)
+            return [name for name in needed if not inspector.has_table(name)]
+
+        absent = self._retry_transient(missing)
+        if absent:
             raise ConfigurationError(
-                f"table {processed.name} is missing: run `exactlyonce db upgrade` first"
+                f"table(s) {', '.join(absent)} missing: the database is not at the framework's current "
+                "revision; run `exactlyonce db upgrade` first"
             )
 
     # -- the poll batch -----------------------------------------------------

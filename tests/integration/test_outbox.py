@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 import signal
 import subprocess
@@ -158,25 +157,18 @@ def test_handler_publish_is_relayed_only_if_the_handler_commits(bootstrap_server
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_app_without_the_outbox_table_runs_without_a_relay(
-    bootstrap_servers: str, database_url: str, caplog: pytest.LogCaptureFixture
+def test_app_on_a_database_at_an_old_revision_asks_for_an_upgrade(
+    bootstrap_servers: str, database_url: str
 ) -> None:
-    """On a database at revision 0002 (no outbox table) App.run() consumes as before and starts no relay."""
+    """On a database at revision 0002 (no outbox, no counters) App.run() stops with a clear error."""
     engine = engine_for(database_url)
     migrate.downgrade(engine, "0002")
-    create_effects(engine)
     topic = unique("ob-old")
     create_topic(bootstrap_servers, topic)
     app = make_app(bootstrap_servers, database_url)
-
-    @app.handler(topic)
-    def handle(message: Message, session: Session) -> None:
-        insert_effect(session, (message.header("message-id") or b"").decode())
-
-    produce(bootstrap_servers, topic, [rec("only")])
-    with caplog.at_level(logging.INFO, logger="exactlyonce"), running(app):
-        wait_until(lambda: effect_counts(engine) == {"only": 1}, 60, "the record applied")
-    assert any("the outbox relay is not started" in r.getMessage() for r in caplog.records)
+    app.handler(topic)(lambda message, session: None)
+    with pytest.raises(ConfigurationError, match=r"exactlyonce_counters.*run `exactlyonce db upgrade`"):
+        app.run(install_signal_handlers=False)
     assert not sa.inspect(engine).has_table(outbox.name)
     engine.dispose()
 
