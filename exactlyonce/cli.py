@@ -177,6 +177,7 @@ def _parser() -> argparse.ArgumentParser:
 
     relay = commands.add_parser("relay", help="send the outbox's pending messages until SIGTERM/SIGINT")
     _database_option(relay)
+    _kafka_options(relay)
     relay.add_argument("--once", action="store_true", help="send what is pending now, then exit")
     relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default 100)")
     relay.add_argument("--retention", type=parse_duration, default=outbox.DEFAULT_RETENTION,
@@ -320,8 +321,9 @@ def _relay(args: argparse.Namespace) -> None:
     if not sa.inspect(engine).has_table(schema.outbox.name):
         raise ExactlyOnceError(f"table {schema.outbox.name} is missing: run `exactlyonce db upgrade` first")
     metrics = Metrics() if args.metrics_port is not None else None
-    relay = outbox.Relay(engine, batch_size=args.batch_size, signing_key=signing.signing_key_from_env(),
-                         metrics=metrics)
+    relay = outbox.Relay(engine, _bootstrap_servers(args), batch_size=args.batch_size,
+                         producer_config=admin.producer_settings(dict(args.kafka_config)),
+                         signing_key=signing.signing_key_from_env(), metrics=metrics)
     try:
         if metrics is not None:
             metrics.serve(args.metrics_port)

@@ -26,6 +26,7 @@ from exactlyonce import App, ConfigurationError, DeadLetter, EmbeddedBroker, Mes
 from exactlyonce.embedded import free_port
 from exactlyonce.errors import TransientError
 from exactlyonce.signing import verify
+from tests.conftest import unavailable
 from tests.tlsproxy import TlsProxy
 
 from .helpers import CONSUMER_CONFIG, create_effects, effect_counts, engine_for, insert_effect, unique, wait_until
@@ -67,7 +68,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     try:
         broker = EmbeddedBroker(broker_port, advertised_port=proxy_port).start()
     except ConfigurationError as exc:
-        pytest.skip(f"no embedded broker: {exc}")
+        unavailable(f"no embedded broker: {exc}")
     try:
         with TlsProxy(broker_port, server, port=proxy_port) as proxy:
             yield TlsBroker(proxy.address, str(cafile), str(other_cafile), proxy, ca, broker_port)
@@ -229,3 +230,31 @@ def test_a_plaintext_client_on_the_tls_listener_gets_a_hint(tls_broker: TlsBroke
     """Forgetting security_protocol: the error says which protocol was tried and suggests SSL."""
     with pytest.raises(TransientError, match=r"security_protocol='PLAINTEXT'.*set security_protocol='SSL'"):
         Producer(tls_broker.address, config=FAST_FAIL)
+
+
+def test_the_standalone_relay_sends_over_verified_tls(tls_broker: TlsBroker, tmp_path: Path) -> None:
+    """`exactlyonce relay --kafka-config ...` takes the TLS settings the App takes in producer_config."""
+    import subprocess
+    import sys
+
+    from sqlalchemy.orm import Session as OrmSession
+
+    from .helpers import subprocess_env
+
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    engine = engine_for(url)
+    migrate.upgrade(engine)
+    out = unique("tls-relay")
+    _create_topic(tls_broker, out)
+    with OrmSession(engine) as session, session.begin():
+        publish(session, out, {"n": 1}, message_id="relayed-over-tls")
+    engine.dispose()
+    result = subprocess.run(
+        [sys.executable, "-m", "exactlyonce", "relay", "--once", "--database-url", url,
+         "--bootstrap-servers", tls_broker.address,
+         "--kafka-config", "security_protocol=SSL", "--kafka-config", f"ssl_cafile={tls_broker.cafile}"],
+        env=subprocess_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    (record,) = _read(tls_broker, out, 1)
+    assert dict(record.headers)["message-id"] == b"relayed-over-tls"
