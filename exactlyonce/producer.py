@@ -87,7 +87,9 @@ class Producer:
     headers of :func:`exactlyonce.signing.sign` over its message ID, key and
     value, so a consumer holding the secret can tell it from a forgery.
     Default: ``EXACTLYONCE_SIGNING_KEY`` (``key-id:secret``) if set, else
-    records are not signed.
+    records are not signed. ``sign=False`` never signs and passes the
+    caller's signature headers through unchanged (``exactlyonce dlq replay``
+    re-sends records with the signature their sender gave them).
     """
 
     def __init__(
@@ -97,9 +99,15 @@ class Producer:
         config: Mapping[str, Any] | None = None,
         retry: Retry | None = None,
         signing_key: SigningKey | None = None,
+        sign: bool = True,
     ) -> None:
         # Checked first: a bad key is a configuration error even with no broker.
-        self._signing_key = check_signing_key(signing_key) if signing_key is not None else signing_key_from_env()
+        if not sign:
+            if signing_key is not None:
+                raise ConfigurationError("signing_key and sign=False contradict each other")
+            self._signing_key: SigningKey | None = None
+        else:
+            self._signing_key = check_signing_key(signing_key) if signing_key is not None else signing_key_from_env()
         servers = bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
         if not servers:
             raise ConfigurationError(

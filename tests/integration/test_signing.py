@@ -165,3 +165,50 @@ def test_app_dead_letters_bad_signatures_before_claiming(bootstrap_servers: str,
     assert sorted(called) == ["forged-1", "genuine-0", "unknown-key-1", "unsigned-1"]
     assert effect_counts(engine) == {"genuine-0": 1, "unsigned-1": 1, "unknown-key-1": 1, "forged-1": 1}
     engine.dispose()
+
+
+def test_a_replayed_dead_letter_keeps_its_senders_signature(
+    bootstrap_servers: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dlq replay` re-sends a signed record with its original signature, even with another key in the env."""
+    from exactlyonce import DeadLetter, logs
+    from exactlyonce.cli import main
+
+    url = f"sqlite:///{tmp_path / 'replay.db'}"
+    engine = engine_for(url)
+    migrate.upgrade(engine)
+    create_effects(engine)
+    topic = unique("signed-replay")
+    create_topic(bootstrap_servers, topic)
+    refuse = threading.Event()
+    refuse.set()
+
+    def make() -> Any:
+        app = make_app(bootstrap_servers, url, signing_keys=KEYS, outbox=False)
+
+        @app.handler(topic)
+        def handle(message: Message, session: Session) -> None:
+            if refuse.is_set():
+                raise DeadLetter("not-yet")
+            insert_effect(session, "s-1")
+
+        return app
+
+    with Producer(bootstrap_servers, signing_key=KEY) as producer:
+        producer.send(topic, {"n": 1}, message_id="s-1")
+    with running(make()):
+        wait_until(lambda: read_topic(bootstrap_servers, f"{topic}.dlq", 2), 30, "the dead letter")
+    # The operator's shell holds a signing key the consumers do not know.
+    monkeypatch.setenv("EXACTLYONCE_SIGNING_KEY", "operator:operator-secret-0123456789")
+    try:
+        assert main(["dlq", "replay", f"{topic}.dlq", "--id", "s-1", "--database-url", url,
+                     "--bootstrap-servers", bootstrap_servers]) == 0
+    finally:
+        logs.reset()
+    capsys.readouterr()
+    refuse.clear()
+    app = make()
+    with running(app):
+        wait_until(lambda: effect_counts(engine) == {"s-1": 1}, 30, "the replayed record applied")
+    assert app.stats["dead_lettered"] == 0
+    engine.dispose()
