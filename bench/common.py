@@ -125,7 +125,7 @@ def reset_postgres(url: str, n_accounts: int) -> None:
     def reset() -> None:
         with engine.begin() as conn:
             conn.execute(sa.text(
-                "TRUNCATE exactlyonce_processed, transfers, accounts, bench_naive_dedup"))
+                "TRUNCATE exactlyonce_processed, exactlyonce_counters, transfers, accounts, bench_naive_dedup"))
             seed_accounts(conn, n_accounts)
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(sa.text("VACUUM ANALYZE"))
