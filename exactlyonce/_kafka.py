@@ -1,4 +1,7 @@
-"""The only module that imports kafka-python.
+"""The seam between the runtime and kafka-python (the consumer and producers).
+
+Only this module and :mod:`exactlyonce.admin` (the operator commands'
+group-less reads) import kafka-python.
 
 Durations are ``timedelta`` everywhere else and become kafka-python's ``*_ms``
 settings here; kafka-python's exceptions become exactlyonce's here.
