@@ -1,19 +1,33 @@
-"""A Jepsen-style bank test of exactlyonce under faults.
+"""A Jepsen-style bank test of exactlyonce under faults, through both example services.
 
 Accounts and thousands of transfers (a share re-sent, some onto another
-partition) flow through worker processes running :mod:`tests.chaos.service`
-against PostgreSQL, while faults are injected at random (seeded):
+partition) flow through transfer workers running :mod:`tests.chaos.service`
+against PostgreSQL. Each applied transfer stores two statement entries in
+the outbox; standalone relays (``python -m exactlyonce relay``) send them to
+the ``transfer-applied`` topic, and ledger workers (the example's
+``examples.ledger.service:app``, ``sequence=`` per account) write the
+statements. Faults are injected at random (seeded), each on a process chosen
+at random among all of them (transfer workers, relays, ledger workers):
 
-- ``kill``: SIGKILL a worker, start a replacement;
-- ``zombie``: SIGSTOP a worker past its session timeout, then SIGCONT;
+- ``kill``: SIGKILL a process, start a replacement of the same kind;
+- ``zombie``: SIGSTOP a process past the session timeout, then SIGCONT;
 - ``db-restart``: restart PostgreSQL;
 - ``cut``: cut every broker connection through the fault proxy;
 
 with bad records mixed in: non-JSON values, poison transfers the handler
 always fails on, transfer IDs re-sent with a different amount, oversized
-values. The checker then reports transfers applied once, applied twice (must
-be 0), lost (must be 0), dead letters (must be exactly the bad records sent),
-and balances against the ledger recomputed from the applied transfers.
+values; and stray copies of statement events (outbox rows, often not yet
+relayed) sent onto another partition of ``transfer-applied``, as a relay
+re-send after a repartition would, so they can arrive before their turn.
+
+The checker then reports transfers applied once, applied twice (must be 0),
+lost (must be 0), dead letters (must be exactly the bad records sent), and
+balances against the ledger recomputed from the applied transfers; and runs
+the ledger verification (:func:`examples.ledger.verify.verify_ledger`): every
+applied transfer has exactly one debit and one credit line, each account's
+lines are numbered 1..N without gaps or repeats, the running balances replay
+to the final balances, no event is left parked or dead-lettered, and the
+outbox is empty.
 
 ``python -m tests.chaos.bank --duration 600 --seed 7`` runs a soak
 (``make chaos``); ``tests/chaos/test_bank.py`` runs about a minute of it.
@@ -38,10 +52,15 @@ from typing import Any
 
 import kafka
 import sqlalchemy as sa
+from kafka.partitioner import murmur2
 from kafka.structs import TopicPartition
 
+import exactlyonce
 from exactlyonce import _db, migrate
 from exactlyonce.embedded import EmbeddedBroker, free_port
+from exactlyonce.schema import counters, outbox, parked, processed, sequence_streams
+from examples.ledger import models as ledger_models
+from examples.ledger.verify import verify_ledger
 from examples.transfer import models
 from examples.transfer.producer import ensure_topic, make_transfers, send_transfers
 from tests.faultproxy import FaultProxy
@@ -52,6 +71,17 @@ SESSION_TIMEOUT_MS = 6000
 INITIAL_BALANCE = 100_000
 #: The workers dead-letter larger values as oversized.
 MAX_VALUE_BYTES = 4096
+#: Problems of the ledger verification copied into the report; beyond that they are counted.
+MAX_LEDGER_PROBLEMS = 10
+
+#: The kinds of process, each started with ``python -m exactlyonce ...``:
+#: the transfer workers (the example's handler plus a journal), the outbox
+#: relays, and the example's ledger service.
+COMMANDS = {
+    "transfer": ["run", "tests.chaos.service:app"],
+    "relay": ["relay"],
+    "ledger": ["run", "examples.ledger.service:app"],
+}
 
 #: One row per handler run that committed, with no unique constraint: a
 #: transfer applied twice shows as two rows, although the example's own
@@ -73,6 +103,8 @@ class Report:
     seed: int
     duration_s: float
     workers: int
+    relays: int = 0
+    ledger_workers: int = 0
     transfers: int = 0
     records_sent: int = 0
     resent: int = 0
@@ -81,6 +113,7 @@ class Report:
     lost: int = 0
     phantom: int = 0
     rejected: int = 0
+    transfer_duplicates: int = 0
     bad_sent: int = 0
     dead_lettered: int = 0
     dead_letter_records: int = 0
@@ -91,53 +124,89 @@ class Report:
     money_after: int = 0
     balance_mismatches: int = 0
     negative_balances: int = 0
-    worker_exit_codes: list[int] = field(default_factory=list)
+    #: Statement events stored in the outbox, still unsent at the end, and
+    #: records on the ``transfer-applied`` topic (originals, relay re-sends
+    #: and the stray copies the test sent itself).
+    events: int = 0
+    outbox_pending: int = 0
+    event_records: int = 0
+    stray_copies: int = 0
+    relay_resends: int = 0
+    #: The ledger: statement lines, sequence streams (accounts), events parked
+    #: at some point (counted when parked) and left parked at the end,
+    #: duplicates skipped (at or below the watermark), dead-lettered.
+    ledger_lines: int = 0
+    ledger_streams: int = 0
+    ledger_parked: int = 0
+    ledger_parked_left: int = 0
+    ledger_duplicates: int = 0
+    ledger_dead_lettered: int = 0
+    ledger_missing: int = 0
+    ledger_doubled: int = 0
+    ledger_misnumbered: int = 0
+    ledger_balances_off: int = 0
+    ledger_line: str = ""
+    exit_codes: dict[str, list[int]] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
+    #: Faults aimed at a process (kill, zombie), by the kind of process hit.
+    victims: dict[str, int] = field(default_factory=dict)
     catch_up_s: float = 0.0
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """True when nothing was lost, doubled or misrouted and money is conserved."""
+        """True when nothing was lost, doubled or misrouted, money is conserved and the ledger verifies."""
         return not self.problems
 
     def summary(self) -> str:
-        """One line of figures."""
+        """Three lines of figures: the transfers, the ledger, the faults and the verdict."""
         return (
-            f"seed={self.seed} duration={self.duration_s:.0f}s workers={self.workers} "
+            f"seed={self.seed} duration={self.duration_s:.0f}s processes=transfer:{self.workers},"
+            f"relay:{self.relays},ledger:{self.ledger_workers} "
             f"transfers={self.transfers} records={self.records_sent} resent={self.resent} "
             f"applied_once={self.applied_once} applied_twice={self.applied_twice} lost={self.lost} "
-            f"rejected={self.rejected} bad_sent={self.bad_sent} dead_lettered={self.dead_lettered} "
+            f"rejected={self.rejected} duplicates_skipped={self.transfer_duplicates} "
+            f"bad_sent={self.bad_sent} dead_lettered={self.dead_lettered} "
             f"(dlq records {self.dead_letter_records}) money={self.money_before}->{self.money_after} "
-            f"balance_mismatches={self.balance_mismatches} faults={self.faults} "
-            f"catch_up={self.catch_up_s:.1f}s exit_codes={self.worker_exit_codes} "
+            f"balance_mismatches={self.balance_mismatches}\n"
+            f"ledger: events={self.events} outbox_pending={self.outbox_pending} "
+            f"event_records={self.event_records} (relay_resends={self.relay_resends} "
+            f"stray_copies={self.stray_copies}) lines={self.ledger_lines} streams={self.ledger_streams} "
+            f"missing={self.ledger_missing} doubled={self.ledger_doubled} misnumbered={self.ledger_misnumbered} "
+            f"balances_off={self.ledger_balances_off} duplicates_skipped={self.ledger_duplicates} "
+            f"parked={self.ledger_parked} parked_left={self.ledger_parked_left} "
+            f"dead_lettered={self.ledger_dead_lettered}\n"
+            f"faults={self.faults} victims={self.victims} catch_up={self.catch_up_s:.1f}s "
+            f"exit_codes={self.exit_codes} "
             f"{'OK' if self.ok else 'FAILED: ' + '; '.join(self.problems)}"
         )
 
 
-class Workers:
-    """Worker processes running ``exactlyonce run tests.chaos.service:app``."""
+class Processes:
+    """The processes under test, each ``python -m exactlyonce`` with one of :data:`COMMANDS`."""
 
     def __init__(self, env: dict[str, str], log_dir: Path) -> None:
         self._env = env
         self._log_dir = log_dir
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.kinds: dict[int, str] = {}
         self.stopped: set[int] = set()
-        self._started = 0
+        self._started: Counter[str] = Counter()
 
-    def start(self) -> subprocess.Popen[bytes]:
-        self._started += 1
-        log = open(self._log_dir / f"worker-{self._started}.log", "wb")  # noqa: SIM115
+    def start(self, kind: str) -> subprocess.Popen[bytes]:
+        self._started[kind] += 1
+        log = open(self._log_dir / f"{kind}-{self._started[kind]}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [sys.executable, "-m", "exactlyonce", "run", "tests.chaos.service:app"],
+            [sys.executable, "-m", "exactlyonce", *COMMANDS[kind]],
             env=self._env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
         )
         log.close()
         self.procs.append(proc)
+        self.kinds[proc.pid] = kind
         return proc
 
-    def alive(self) -> list[subprocess.Popen[bytes]]:
-        return [p for p in self.procs if p.poll() is None]
+    def alive(self, kind: str | None = None) -> list[subprocess.Popen[bytes]]:
+        return [p for p in self.procs if p.poll() is None and kind in (None, self.kinds[p.pid])]
 
     def kill(self, proc: subprocess.Popen[bytes]) -> None:
         proc.send_signal(signal.SIGKILL)
@@ -151,18 +220,19 @@ class Workers:
                 proc.send_signal(signal.SIGCONT)
         self.stopped.clear()
 
-    def terminate_all(self, timeout_s: float = 60) -> list[int]:
+    def terminate_all(self, timeout_s: float = 60) -> dict[str, list[int]]:
         self.resume_all()
         for proc in self.alive():
             proc.send_signal(signal.SIGTERM)
-        codes = []
+        codes: dict[str, list[int]] = {}
         deadline = time.monotonic() + timeout_s
         for proc in self.procs:
             try:
-                codes.append(proc.wait(timeout=max(0.1, deadline - time.monotonic())))
+                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
-                codes.append(proc.wait())
+                code = proc.wait()
+            codes.setdefault(self.kinds[proc.pid], []).append(code)
         return codes
 
 
@@ -187,11 +257,13 @@ def can_restart_postgres(url: str) -> bool:
 
 def _prepare_database(url: str, accounts: int) -> tuple[sa.Engine, dict[str, int]]:
     engine = _db.create_engine(url)
+    ledger_models.drop_schema(engine)
     models.drop_schema(engine)
     journal_metadata.drop_all(engine)
     migrate.downgrade(engine, "base")
     migrate.upgrade(engine)
     models.create_schema(engine)
+    ledger_models.create_schema(engine)
     journal_metadata.create_all(engine)
     return engine, models.seed_accounts(engine, accounts, INITIAL_BALANCE)
 
@@ -245,6 +317,32 @@ def _send_bad_records(bootstrap: str, topic: str, engine: sa.Engine, by_id: dict
     return expected
 
 
+def _send_stray_copies(bootstrap: str, topic: str, partitions: int, engine: sa.Engine,
+                       rng: random.Random, count: int) -> int:
+    """Send copies of ``count`` statement events onto another partition than their key's; return how many.
+
+    Mostly events still pending in the outbox, so a copy often arrives before
+    the account's earlier events and must be parked; the original, relayed
+    later, is then a duplicate. What a relay killed after sending, with the
+    topic repartitioned meanwhile, would do.
+    """
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(outbox).where(outbox.c.sent_at.is_(None))
+                                .order_by(sa.func.random()).limit(count - 1)).all()
+            rows += conn.execute(sa.select(outbox).order_by(sa.func.random()).limit(count - len(rows))).all()
+    except sa.exc.DBAPIError:  # PostgreSQL just restarted
+        return 0
+    if not rows or partitions < 2:
+        return 0
+    with exactlyonce.Producer(bootstrap) as producer:
+        for row in rows:
+            home = int(murmur2(row.key) & 0x7FFFFFFF) % partitions
+            other = rng.choice([p for p in range(partitions) if p != home])
+            producer.send(row.topic, row.value, key=row.key, message_id=row.message_id, partition=other)
+    return len(rows)
+
+
 def _read_dead_letters(bootstrap: str, topic: str) -> list[dict[str, str]]:
     consumer = kafka.KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
                                    consumer_timeout_ms=3000)
@@ -262,18 +360,44 @@ def _read_dead_letters(bootstrap: str, topic: str) -> list[dict[str, str]]:
     return letters
 
 
+def _read_event_ids(bootstrap: str, topic: str) -> Counter[str]:
+    """How many records of ``topic`` carry each message ID, read to the end.
+
+    Read, not summed from the end offsets: the embedded broker's end offsets
+    of batched records can be lower than the number of records.
+    """
+    consumer = kafka.KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                                   consumer_timeout_ms=5000, max_partition_fetch_bytes=4 << 20)
+    ids: Counter[str] = Counter()
+    try:
+        consumer.assign([TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())])
+        consumer.seek_to_beginning()
+        for record in consumer:
+            ids[dict(record.headers or ()).get("message-id", b"").decode()] += 1
+    finally:
+        consumer.close()
+    return ids
+
+
 def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAULT_DATABASE_URL,
-             workers: int = 3, accounts: int = 40, partitions: int = 6, rate: float = 150.0,
+             workers: int = 3, relays: int = 2, ledger_workers: int = 2, accounts: int = 40,
+             partitions: int = 6, applied_partitions: int = 4, rate: float = 150.0,
              faults: tuple[str, ...] = ("kill", "zombie", "cut", "db-restart"),
              log_dir: Path | None = None, out: Any = print) -> Report:
-    """Run the bank under faults for ``duration_s`` and check it."""
+    """Run the bank and its ledger under faults for ``duration_s`` and check them."""
     rng = random.Random(seed)
-    report = Report(seed=seed, duration_s=duration_s, workers=workers)
+    report = Report(seed=seed, duration_s=duration_s, workers=workers, relays=relays,
+                    ledger_workers=ledger_workers)
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"exactlyonce-chaos-{seed}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     injected: Counter[str] = Counter()
+    victims: Counter[str] = Counter()
     fault_kinds = [f for f in faults if f != "db-restart" or can_restart_postgres(database_url)]
-    topic, group = f"chaos-{seed}-{uuid.uuid4().hex[:8]}", "chaos-bank"
+    run_id = f"{seed}-{uuid.uuid4().hex[:8]}"
+    topic, group = f"chaos-{run_id}", "chaos-bank"
+    applied_topic, ledger_group = f"chaos-applied-{run_id}", "chaos-ledger"
+    scopes = Scopes(transfer=f"{group}:{topic}", ledger=f"{ledger_group}:{applied_topic}")
+    wanted = {"transfer": workers, "relay": relays, "ledger": ledger_workers}
 
     broker_port, proxy_port = free_port(), free_port()
     send_report = None
@@ -283,22 +407,29 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
         bootstrap = broker.bootstrap_servers  # through the proxy
         engine, balances_before = _prepare_database(database_url, accounts)
         report.money_before = sum(balances_before.values())
-        ensure_topic(bootstrap, topic, partitions)
-        ensure_topic(bootstrap, f"{topic}.dlq", 1)
+        for name, count in ((topic, partitions), (f"{topic}.dlq", 1),
+                            (applied_topic, applied_partitions), (f"{applied_topic}.dlq", 1)):
+            ensure_topic(bootstrap, name, count)
+        consumer_config = json.dumps({"session_timeout_ms": SESSION_TIMEOUT_MS, "heartbeat_interval_ms": 1000})
         env = {
             **os.environ,
             "EXACTLYONCE_BOOTSTRAP_SERVERS": bootstrap,
             "EXACTLYONCE_DATABASE_URL": database_url,
             "CHAOS_TOPIC": topic,
             "CHAOS_GROUP": group,
-            "CHAOS_CONSUMER_CONFIG": json.dumps({"session_timeout_ms": SESSION_TIMEOUT_MS,
-                                                 "heartbeat_interval_ms": 1000}),
+            "CHAOS_CONSUMER_CONFIG": consumer_config,
+            # Read by examples.transfer.service (where apply_transfer
+            # publishes) and by examples.ledger.service (what it consumes).
+            "EXACTLYONCE_TRANSFER_APPLIED_TOPIC": applied_topic,
+            "EXACTLYONCE_LEDGER_GROUP": ledger_group,
+            "EXACTLYONCE_LEDGER_CONSUMER_CONFIG": consumer_config,
             "PYTHONPATH": str(ROOT),
             "EXACTLYONCE_LOG_LEVEL": "INFO",
         }
-        pool = Workers(env, log_dir)
-        for _ in range(workers):
-            pool.start()
+        pool = Processes(env, log_dir)
+        for kind, count in wanted.items():
+            for _ in range(count):
+                pool.start(kind)
 
         # Valid traffic, paced over most of the run, in a thread.
         produce_s = max(5.0, duration_s * 0.75)
@@ -315,17 +446,22 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
             while time.monotonic() - started < duration_s:
                 time.sleep(rng.uniform(2.0, 5.0))
                 bad_expected.update(_send_bad_records(bootstrap, topic, engine, by_id, 2))
+                report.stray_copies += _send_stray_copies(bootstrap, applied_topic, applied_partitions,
+                                                          engine, rng, 5)
                 kind = rng.choice(fault_kinds)
                 injected[kind] += 1
                 if kind == "kill":
-                    victims = pool.alive()
-                    if victims:
-                        pool.kill(rng.choice(victims))
-                    pool.start()
+                    candidates = pool.alive()
+                    if candidates:
+                        victim = rng.choice(candidates)
+                        victims[pool.kinds[victim.pid]] += 1
+                        pool.kill(victim)
+                        pool.start(pool.kinds[victim.pid])
                 elif kind == "zombie":
                     candidates = [p for p in pool.alive() if p.pid not in pool.stopped]
                     if candidates:
                         victim = rng.choice(candidates)
+                        victims[pool.kinds[victim.pid]] += 1
                         victim.send_signal(signal.SIGSTOP)
                         pool.stopped.add(victim.pid)
                         pause = SESSION_TIMEOUT_MS / 1000 + rng.uniform(1.0, 3.0)
@@ -337,50 +473,73 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
             producer.join(timeout=300)
             if producer.is_alive():
                 report.problems.append("producer did not finish")
-            # Faults stop; let the group settle and catch up.
+            # Faults stop; let the groups settle and catch up.
             pool.resume_all()
-            while len(pool.alive()) < workers:
-                pool.start()
+            for kind, count in wanted.items():
+                while len(pool.alive(kind)) < count:
+                    pool.start(kind)
             send_report = sent.get("report")
             catch_up_started = time.monotonic()
-            deadline = catch_up_started + 240
+            # The backlog left when the faults stop grows with the run (a soak's
+            # services fall further behind than a minute's).
+            deadline = catch_up_started + max(240.0, duration_s)
             while time.monotonic() < deadline:
-                done, dead = _progress(engine)
-                if done >= len(expected_ids) and dead >= len(bad_expected):
+                if _caught_up(engine, scopes, len(expected_ids), len(bad_expected)):
                     break
                 time.sleep(1.0)
             report.catch_up_s = time.monotonic() - catch_up_started
         finally:
-            report.worker_exit_codes = pool.terminate_all()
+            report.exit_codes = pool.terminate_all()
         report.faults = dict(injected)
+        report.victims = dict(victims)
         report.transfers = len(transfers)
         if send_report is not None:
             report.records_sent = send_report.records
             report.resent = send_report.resent
+        event_ids = _read_event_ids(bootstrap, applied_topic)
         _check(report, engine, expected_ids, transfers, bad_expected, balances_before,
                _read_dead_letters(bootstrap, f"{topic}.dlq"), topic)
+        _check_ledger(report, engine, balances_before, scopes, event_ids)
         engine.dispose()
     out(report.summary())
     if not report.ok:
-        out(f"worker logs: {log_dir}")
+        out(f"process logs: {log_dir}")
     return report
 
 
-def _resume(pool: Workers, proc: subprocess.Popen[bytes]) -> None:
+@dataclass(frozen=True)
+class Scopes:
+    """The dedup scopes of the transfer handler and the ledger handler."""
+
+    transfer: str
+    ledger: str
+
+
+def _resume(pool: Processes, proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None and proc.pid in pool.stopped:
         proc.send_signal(signal.SIGCONT)
     pool.stopped.discard(proc.pid)
 
 
-def _progress(engine: sa.Engine) -> tuple[int, int]:
+def _caught_up(engine: sa.Engine, scopes: Scopes, transfers: int, bad: int) -> bool:
+    """Every transfer recorded, every bad record dead-lettered, the outbox sent and every line written."""
     try:
         with engine.connect() as conn:
-            done = conn.execute(sa.select(sa.func.count()).select_from(models.transfers)).scalar_one()
-            dead = conn.execute(sa.text(
-                "SELECT count(*) FROM exactlyonce_processed WHERE outcome = 'dead_lettered'")).scalar_one()
-        return int(done), int(dead)
+            def count(query: sa.Select[Any]) -> int:
+                return int(conn.execute(query).scalar_one())
+
+            return (
+                count(sa.select(sa.func.count()).select_from(models.transfers)) >= transfers
+                and count(sa.select(sa.func.count()).select_from(processed).where(
+                    processed.c.scope == scopes.transfer, processed.c.outcome == "dead_lettered")) >= bad
+                and count(sa.select(sa.func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))) == 0
+                and count(sa.select(sa.func.count()).select_from(parked).where(parked.c.scope == scopes.ledger)) == 0
+                and count(sa.select(sa.func.count()).select_from(ledger_models.statement_lines))
+                >= 2 * count(sa.select(sa.func.count()).select_from(models.transfers)
+                             .where(models.transfers.c.status == models.APPLIED))
+            )
     except sa.exc.OperationalError:
-        return 0, 0
+        return False
 
 
 def _check(report: Report, engine: sa.Engine, expected_ids: set[str], transfers: list[dict[str, Any]],
@@ -394,6 +553,9 @@ def _check(report: Report, engine: sa.Engine, expected_ids: set[str], transfers:
         dead_rows = conn.execute(sa.text(
             "SELECT topic, kafka_partition, kafka_offset FROM exactlyonce_processed "
             "WHERE outcome = 'dead_lettered'")).all()
+        report.transfer_duplicates = int(conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(counters.c.duplicates), 0)).where(counters.c.topic == topic)
+        ).scalar_one())
     recorded = {r["transfer_id"]: r for r in rows}
     report.applied_once = sum(1 for tid in expected_ids if journal_counts.get(tid) == 1)
     report.applied_twice = sum(1 for count in journal_counts.values() if count > 1)
@@ -442,8 +604,54 @@ def _check(report: Report, engine: sa.Engine, expected_ids: set[str], transfers:
         (report.money_after == report.money_before, "money not conserved"),
         (report.balance_mismatches == 0, f"{report.balance_mismatches} balances differ from the ledger"),
         (report.negative_balances == 0, f"{report.negative_balances} negative balances"),
-        (all(code == 0 for code in report.worker_exit_codes),
-         f"workers exited with {report.worker_exit_codes} on SIGTERM"),
+        (all(code == 0 for codes in report.exit_codes.values() for code in codes),
+         f"processes exited with {report.exit_codes} on SIGTERM"),
+    ]
+    report.problems.extend(message for ok, message in checks if not ok)
+
+
+def _check_ledger(report: Report, engine: sa.Engine, balances_before: dict[str, int], scopes: Scopes,
+                  event_ids: Counter[str]) -> None:
+    """The example's ledger verification, plus the outbox, the topic and the ledger's own counts."""
+    with engine.connect() as conn:
+        outbox_ids = set(conn.execute(sa.select(outbox.c.message_id)).scalars())
+        def count(query: sa.Select[Any]) -> int:
+            return int(conn.execute(query).scalar_one())
+
+        report.events = count(sa.select(sa.func.count()).select_from(outbox))
+        report.outbox_pending = count(sa.select(sa.func.count()).select_from(outbox)
+                                      .where(outbox.c.sent_at.is_(None)))
+        report.ledger_streams = count(sa.select(sa.func.count()).select_from(sequence_streams)
+                                      .where(sequence_streams.c.scope == scopes.ledger))
+        report.ledger_parked_left = count(sa.select(sa.func.count()).select_from(parked)
+                                          .where(parked.c.scope == scopes.ledger))
+        report.ledger_dead_lettered = count(sa.select(sa.func.count()).select_from(processed).where(
+            processed.c.scope == scopes.ledger, processed.c.outcome == "dead_lettered"))
+        totals = conn.execute(
+            sa.select(sa.func.coalesce(sa.func.sum(counters.c.duplicates), 0),
+                      sa.func.coalesce(sa.func.sum(counters.c.parked), 0))
+            .where(counters.c.scope == scopes.ledger)).one()
+    report.ledger_duplicates, report.ledger_parked = int(totals[0]), int(totals[1])
+    # Every record on the topic that is not an outbox row's first copy: a
+    # relay's re-send, or one of the test's stray copies.
+    report.event_records = sum(event_ids.values())
+    report.relay_resends = report.event_records - len(event_ids) - report.stray_copies
+    unsent = len(outbox_ids - event_ids.keys())
+    unknown = len(event_ids.keys() - outbox_ids)
+
+    result = verify_ledger(engine, initial_balances=balances_before, scope=scopes.ledger)
+    report.ledger_line = result.line
+    report.ledger_lines = result.lines
+    report.ledger_missing, report.ledger_doubled = result.missing, result.doubled
+    report.ledger_misnumbered, report.ledger_balances_off = result.misnumbered, result.balances_off
+    report.problems.extend(f"ledger: {problem}" for problem in result.problems[:MAX_LEDGER_PROBLEMS])
+    if len(result.problems) > MAX_LEDGER_PROBLEMS:
+        report.problems.append(f"ledger: ... and {len(result.problems) - MAX_LEDGER_PROBLEMS} more problems")
+    checks = [
+        (report.outbox_pending == 0, f"{report.outbox_pending} statement events never relayed"),
+        (unsent == 0, f"{unsent} statement events missing from the topic"),
+        (unknown == 0, f"{unknown} records on the topic that are no statement event"),
+        (report.ledger_lines == report.events, f"{report.ledger_lines} statement lines for {report.events} events"),
     ]
     report.problems.extend(message for ok, message in checks if not ok)
 
@@ -453,15 +661,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=float(os.environ.get("CHAOS_DURATION", 600)))
     parser.add_argument("--seed", type=int, default=int(os.environ.get("CHAOS_SEED", 1)))
-    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=3, help="transfer workers (default 3)")
+    parser.add_argument("--relays", type=int, default=2, help="standalone outbox relays (default 2)")
+    parser.add_argument("--ledger-workers", type=int, default=2, help="ledger workers (default 2)")
     parser.add_argument("--database-url", default=os.environ.get("EXACTLYONCE_TEST_POSTGRES_URL",
                                                                  DEFAULT_DATABASE_URL))
     parser.add_argument("--faults", default="kill,zombie,cut,db-restart",
                         help="comma-separated fault kinds to inject")
     parser.add_argument("--json", action="store_true", help="also print the report as JSON")
     args = parser.parse_args(argv)
-    report = run_bank(duration_s=args.duration, seed=args.seed, workers=args.workers,
-                      database_url=args.database_url, faults=tuple(args.faults.split(",")))
+    report = run_bank(duration_s=args.duration, seed=args.seed, workers=args.workers, relays=args.relays,
+                      ledger_workers=args.ledger_workers, database_url=args.database_url,
+                      faults=tuple(args.faults.split(",")))
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}))
     return 0 if report.ok else 1

@@ -1,4 +1,4 @@
-"""The chaos suite's worker: the example transfer handler plus a journal and poison.
+"""The chaos suite's transfer worker: the example transfer handler plus a journal and poison.
 
 ``exactlyonce run tests.chaos.service:app`` — settings come from the
 environment (see :mod:`tests.chaos.bank`). The journal row is written in the
@@ -27,9 +27,10 @@ app = exactlyonce.App(
     group_id=os.environ.get("CHAOS_GROUP", "chaos-bank"),
     consumer_config=json.loads(os.environ.get("CHAOS_CONSUMER_CONFIG", "{}")),
     transient_retry_budget=timedelta(seconds=30),
-    # The example handler also publishes statement entries through the outbox;
-    # they stay in the table unsent here. This test checks the transfers; the
-    # relay and the ledger are checked by tests/integration/test_example_ledger.py.
+    # The example handler stores two statement entries per applied transfer in
+    # the outbox (to $EXACTLYONCE_TRANSFER_APPLIED_TOPIC); standalone
+    # `exactlyonce relay` processes, killed and stopped like the workers, send
+    # them, so no relay thread runs here.
     outbox=False,
 )
 
