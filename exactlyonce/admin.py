@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from kafka.structs import TopicPartition
 from sqlalchemy.engine import Engine
 
+from exactlyonce import migrate
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER
 from exactlyonce.runner import DLQ_HEADER_PREFIX
@@ -282,20 +283,13 @@ class Status:
         return {"scopes": [s.to_json() for s in self.scopes], "lag_error": self.lag_error}
 
 
-def _require_tables(engine: Engine, *tables: sa.Table) -> None:
-    inspector = sa.inspect(engine)
-    missing = [t.name for t in tables if not inspector.has_table(t.name)]
-    if missing:
-        raise ConfigurationError(f"table {', '.join(missing)} missing: run `exactlyonce db upgrade` first")
-
-
 def status(engine: Engine, reader: KafkaReader | None) -> Status:
     """Per scope: the exact counts of ``exactlyonce_counters``, open gaps, and (with ``reader``) lag.
 
     The counts come from the database alone, so they are shown even when the
     broker is unreachable; the lag then is ``None`` and ``lag_error`` says why.
     """
-    _require_tables(engine, counters, sequence_streams)
+    migrate.require_tables(engine, counters, sequence_streams)
     scopes: dict[str, ScopeStatus] = {}
     with engine.connect() as conn:
         rows = conn.execute(
@@ -396,7 +390,7 @@ def inspect(
     (from a loaded App); without an entry the default ``<topic>.dlq`` is given.
     An empty list means the ID is unknown.
     """
-    _require_tables(engine, processed, parked)
+    migrate.require_tables(engine, processed, parked)
     topics = dict(dead_letter_topics or {})
     processed_stmt = sa.select(processed).where(processed.c.message_id == message_id)
     parked_stmt = sa.select(parked).where(parked.c.message_id == message_id)

@@ -318,8 +318,7 @@ def _run(args: argparse.Namespace) -> None:
 def _relay(args: argparse.Namespace) -> None:
     """Run a Relay until SIGTERM/SIGINT (or, with ``--once``, until nothing is left to send)."""
     engine = _db.create_engine(_database_url(args))
-    if not sa.inspect(engine).has_table(schema.outbox.name):
-        raise ExactlyOnceError(f"table {schema.outbox.name} is missing: run `exactlyonce db upgrade` first")
+    migrate.require_tables(engine, schema.outbox)
     metrics = Metrics() if args.metrics_port is not None else None
     relay = outbox.Relay(engine, _bootstrap_servers(args), batch_size=args.batch_size,
                          producer_config=admin.producer_settings(dict(args.kafka_config)),

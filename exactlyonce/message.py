@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,3 +62,13 @@ class Message:
     def where(self) -> str:
         """Return ``topic[partition]@offset``, for log lines and errors."""
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+def headers_to_json(headers: Iterable[tuple[str, bytes]]) -> str:
+    """Headers as JSON text for a database column: ``[[name, base64 of the value], ...]``, order kept."""
+    return json.dumps([[name, base64.b64encode(value).decode("ascii")] for name, value in headers])
+
+
+def headers_from_json(text: str) -> tuple[tuple[str, bytes], ...]:
+    """The inverse of :func:`headers_to_json`."""
+    return tuple((name, base64.b64decode(data)) for name, data in json.loads(text))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.resources
 from pathlib import Path
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.script import ScriptDirectory
@@ -65,3 +66,14 @@ def current(engine: Engine) -> str | None:
     with engine.connect() as connection:
         context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
         return context.get_current_revision()
+
+
+def require_tables(engine: Engine, *tables: sa.Table) -> None:
+    """Raise :class:`ConfigurationError` naming the ``tables`` the database lacks (run ``db upgrade``)."""
+    inspector = sa.inspect(engine)
+    missing = [table.name for table in tables if not inspector.has_table(table.name)]
+    if missing:
+        raise ConfigurationError(
+            f"table(s) {', '.join(missing)} missing: the database is not at the framework's current "
+            "revision; run `exactlyonce db upgrade` first"
+        )

@@ -22,10 +22,8 @@ sent again: delivery is at-least-once, each copy with the row's stable
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import random
@@ -43,6 +41,7 @@ from exactlyonce import _db
 from exactlyonce.app import _LEGAL_TOPIC, BOOTSTRAP_SERVERS_ENV
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
+from exactlyonce.message import headers_from_json, headers_to_json
 from exactlyonce.producer import Producer, encode_value, new_message_id
 from exactlyonce.retry import Retry
 from exactlyonce.schema import outbox
@@ -100,14 +99,14 @@ def publish(
         if not isinstance(name, str) or not isinstance(data, bytes):
             raise ConfigurationError(f"headers must be (str, bytes) pairs, got {(name, data)!r}")
         if name != DEFAULT_HEADER:
-            extra.append([name, base64.b64encode(data).decode("ascii")])
+            extra.append((name, data))
     raw_key = key.encode("utf-8") if isinstance(key, str) else key
     session.execute(
         sa.insert(outbox).values(
             topic=topic,
             key=raw_key,
             value=encode_value(value),
-            headers=json.dumps(extra),
+            headers=headers_to_json(extra),
             message_id=message_id,
             ordering_key=_ordering_key(topic, raw_key),
             created_at=_utcnow(),
@@ -124,7 +123,7 @@ def _ordering_key(topic: str, key: bytes | None) -> str:
 
 
 def _decode_headers(text: str) -> list[tuple[str, bytes]]:
-    return [(name, base64.b64decode(data)) for name, data in json.loads(text)]
+    return list(headers_from_json(text))
 
 
 def _utcnow() -> datetime:

@@ -20,18 +20,16 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from exactlyonce import _db, ids, signing, store
+from exactlyonce import _db, ids, migrate, signing, store
 from exactlyonce import sequence as seq
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition, to_message
 from exactlyonce.app import OnGap, OnMismatch
 from exactlyonce.errors import (
     BadSequence,
     BadSignature,
-    ConfigurationError,
     DeadLetter,
     FingerprintMismatch,
     HandlerSignal,
@@ -155,20 +153,10 @@ class Runner:
         return {tp: records for tp, records in batch.items() if tp in assigned}
 
     def _check_schema(self) -> None:
-        needed = [processed.name, counters.name]
+        needed = [processed, counters]
         if self._sequenced:
-            needed += [sequence_streams.name, parked.name]
-
-        def missing() -> list[str]:
-            inspector = sa.inspect(self._engine)
-            return [name for name in needed if not inspector.has_table(name)]
-
-        absent = self._retry_transient(missing)
-        if absent:
-            raise ConfigurationError(
-                f"table(s) {', '.join(absent)} missing: the database is not at the framework's current "
-                "revision; run `exactlyonce db upgrade` first"
-            )
+            needed += [sequence_streams, parked]
+        self._retry_transient(lambda: migrate.require_tables(self._engine, *needed))
 
     # -- the poll batch -----------------------------------------------------
 

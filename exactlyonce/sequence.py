@@ -17,8 +17,6 @@ committed rows on MySQL/MariaDB at REPEATABLE READ (their default).
 
 from __future__ import annotations
 
-import base64
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,7 +27,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from exactlyonce.errors import BadSequence
-from exactlyonce.message import Message
+from exactlyonce.message import Message, headers_from_json, headers_to_json
 from exactlyonce.schema import MAX_STREAM_LENGTH, parked, sequence_streams
 
 
@@ -149,7 +147,7 @@ def park(
             kafka_offset=message.offset,
             key=message.key,
             value=message.value,
-            headers=_encode_headers(message.headers),
+            headers=headers_to_json(message.headers),
             timestamp_ms=message.timestamp_ms,
             fingerprint=message.fingerprint(),
             parked_at=now,
@@ -190,18 +188,13 @@ def overdue(session: Session, scope: str, cutoff: datetime, *, lock_rows: bool =
     return [Stream(r.stream, r.watermark, r.parked, r.gap_since) for r in session.execute(stmt)]
 
 
-def _encode_headers(headers: Sequence[tuple[str, bytes]]) -> str:
-    return json.dumps([[name, base64.b64encode(value).decode("ascii")] for name, value in headers])
-
-
 def _message(row: Any) -> Message:
-    headers = tuple((name, base64.b64decode(data)) for name, data in json.loads(row.headers))
     return Message(
         topic=row.topic,
         partition=row.kafka_partition,
         offset=row.kafka_offset,
         key=row.key,
         value=row.value,
-        headers=headers,
+        headers=headers_from_json(row.headers),
         timestamp_ms=row.timestamp_ms,
     )

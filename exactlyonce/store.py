@@ -229,13 +229,6 @@ class Tally:
         self._outcomes.setdefault(tp, Counter())[outcome] += n
         self._last_offset[tp] = max(self._last_offset.get(tp, -1), message.offset)
 
-    def totals(self) -> Counter[str]:
-        """The outcomes summed over partitions."""
-        total: Counter[str] = Counter()
-        for outcomes in self._outcomes.values():
-            total.update(outcomes)
-        return total
-
     def rows(self, group_id: str, scope: str, now: datetime) -> list[dict[str, Any]]:
         return [
             {
