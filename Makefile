@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-compose test unit chaos lint bench clean
+.PHONY: demo demo-compose test unit smoke-tansu services kafka chaos cluster-chaos lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,7 +26,10 @@ demo: $(STAMP)
 demo-compose:
 	docker compose up --build
 
-## The whole test suite (real broker, PostgreSQL, MariaDB, SQLite).
+## The whole test suite: Apache Kafka (one node, and a three-node cluster for
+## the failover tests), PostgreSQL, MariaDB, SQLite. Missing services are set
+## up by the tests themselves (see `services`); EXACTLYONCE_TEST_BROKER=tansu
+## runs it on the embedded broker instead.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -ra
 
@@ -34,11 +37,31 @@ test: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
 
+## A smoke set on the embedded broker (tansu): the zero-setup path keeps working.
+SMOKE_TESTS := tests/integration/test_dedup.py tests/integration/test_crash_redelivery.py \
+	tests/integration/test_rebalance.py tests/integration/test_example_ledger.py
+smoke-tansu: $(STAMP)
+	EXACTLYONCE_TEST_BROKER=tansu $(BIN)/python -m pytest -q -ra $(SMOKE_TESTS)
+
+## Install (Debian/Ubuntu, as root) and start PostgreSQL and MariaDB for the
+## tests, idempotently; also fetch Apache Kafka's jars from Maven Central.
+services: kafka
+	bash tests/services/databases.sh
+
+## Fetch Apache Kafka's broker jars (Maven Central, cached in ~/.cache/exactlyonce).
+kafka: $(STAMP)
+	$(BIN)/python -m tests.services.kafka --fetch-only
+
 ## A longer run of the chaos bank test: make chaos DURATION=600 SEED=7
 DURATION ?= 600
 SEED ?= 1
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.bank --duration $(DURATION) --seed $(SEED)
+
+## The same on a three-node Apache Kafka cluster, with leaders, the group
+## coordinator and the whole cluster killed too: make cluster-chaos DURATION=600
+cluster-chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos.bank --cluster --duration $(DURATION) --seed $(SEED)
 
 ## The benchmarks (about 20 minutes; QUICK=1 for a smoke run); writes bench/results.md
 bench: $(STAMP)

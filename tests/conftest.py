@@ -3,15 +3,22 @@
 Broker (``bootstrap_servers``, one per session):
 
 1. ``$EXACTLYONCE_TEST_BOOTSTRAP_SERVERS`` if set;
-2. a testcontainers Kafka when a Docker engine answers;
-3. the embedded broker (tansu, :class:`exactlyonce.EmbeddedBroker`).
+2. else the kind ``$EXACTLYONCE_TEST_BROKER`` names (``kafka``, ``tansu`` or
+   ``docker``; see :mod:`tests.services.brokers`), by default a testcontainers
+   Kafka when a Docker engine answers and otherwise Apache Kafka from Maven
+   Central, started here in KRaft mode (:mod:`tests.services.kafka`).
+
+``kafka_cluster`` is a three-node Apache Kafka cluster (replication factor 3,
+``min.insync.replicas=2``) for the failover tests, one per test module.
 
 PostgreSQL / MariaDB (``postgres_url`` / ``mysql_url``, one per session):
 
 1. ``$EXACTLYONCE_TEST_POSTGRES_URL`` / ``$EXACTLYONCE_TEST_MYSQL_URL`` if set;
 2. a testcontainers container (``postgres:16-alpine`` / ``mariadb:11``) when a
    Docker engine answers;
-3. a local server on the default port when it answers ``SELECT 1``;
+3. a local server on the default port when it answers ``SELECT 1``; when it
+   does not, on Debian/Ubuntu as root ``tests/services/databases.sh`` (what
+   ``make services`` runs) installs and starts both servers, once a session;
 4. otherwise the test is skipped with the reason -- or FAILS when ``CI=true``,
    so that CI cannot pass by skipping.
 
@@ -22,10 +29,14 @@ revision; ``empty_database_url`` is the same without the upgrade.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
@@ -35,8 +46,10 @@ BROKER_ENV = "EXACTLYONCE_TEST_BOOTSTRAP_SERVERS"
 POSTGRES_ENV = "EXACTLYONCE_TEST_POSTGRES_URL"
 MYSQL_ENV = "EXACTLYONCE_TEST_MYSQL_URL"
 
-LOCAL_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-LOCAL_MYSQL_URL = "mysql://root@127.0.0.1:3306/test"
+# What tests/services/databases.sh (`make services`) sets up.
+LOCAL_POSTGRES_URL = "postgresql://postgres:postgres@127.0.0.1:5432/test"
+LOCAL_MYSQL_URL = "mysql://root:root@127.0.0.1:3306/test"
+SERVICES_SCRIPT = Path(__file__).parent / "services" / "databases.sh"
 
 POSTGRES_IMAGE = "postgres:16-alpine"
 MARIADB_IMAGE = "mariadb:11"
@@ -46,7 +59,7 @@ DATABASE_IDS = ["sqlite", "postgresql", "mariadb"]
 
 # Fixtures that need a service; tests using them get the ``service`` marker.
 _SERVICE_FIXTURES = {"bootstrap_servers", "database_url", "empty_database_url", "postgres_url",
-                     "mysql_url"}
+                     "mysql_url", "kafka_cluster"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -125,36 +138,78 @@ def _database_service(env: str, local_url: str, container: str, label: str) -> I
                 yield db.get_connection_url()
         return
     problem = _local_server_answers(local_url)
+    if problem is not None:
+        setup = _set_up_local_databases()
+        problem = _local_server_answers(local_url) if setup is None else f"{problem}; {setup}"
     if problem is None:
         yield local_url
         return
-    unavailable(f"no {label}: set {env}, run a Docker engine, or start a local server "
-                f"at {local_url} ({problem})")
+    unavailable(f"no {label}: set {env}, run a Docker engine, or run `make services` "
+                f"for a local server at {local_url} ({problem})")
+
+
+@functools.cache
+def _set_up_local_databases() -> str | None:
+    """Run tests/services/databases.sh once (Debian/Ubuntu as root); ``None`` if it succeeded, else why not."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return ("install and start PostgreSQL and MariaDB (tests/services/databases.sh does it "
+                "on Debian/Ubuntu as root)")
+    result = subprocess.run(["bash", str(SERVICES_SCRIPT)], capture_output=True, text=True,
+                            timeout=900, check=False)
+    if result.returncode != 0:
+        return f"{SERVICES_SCRIPT.name} failed: {(result.stdout + result.stderr).strip()[-300:]}"
+    return None
 
 
 @pytest.fixture(scope="session")
-def bootstrap_servers() -> Iterator[str]:
+def broker_kind() -> str:
+    """``kafka``, ``tansu``, ``docker``, or ``external`` when the tests were given bootstrap servers."""
+    from tests.services.brokers import BrokerUnavailable, selected_kind
+
+    if os.environ.get(BROKER_ENV):
+        return "external"
+    try:
+        return selected_kind()
+    except BrokerUnavailable as exc:
+        unavailable(str(exc))
+
+
+@pytest.fixture(scope="session")
+def bootstrap_servers(broker_kind: str) -> Iterator[str]:
     """Kafka bootstrap servers shared by the whole session."""
-    servers = os.environ.get(BROKER_ENV)
-    if servers:
-        yield servers
+    from tests.services.brokers import BrokerUnavailable, private_broker
+
+    if broker_kind == "external":
+        yield os.environ[BROKER_ENV]
         return
-    if docker_available():
+    if broker_kind == "docker":
         module = _testcontainers("kafka")
         with module.KafkaContainer() as kafka:
             yield kafka.get_bootstrap_server()
         return
-    from exactlyonce import ConfigurationError, EmbeddedBroker
+    stack = contextlib.ExitStack()
+    try:
+        servers = stack.enter_context(private_broker())
+    except BrokerUnavailable as exc:
+        unavailable(f"no {broker_kind} broker: {exc}")
+    with stack:
+        yield servers
 
+
+@pytest.fixture(scope="module")
+def kafka_cluster() -> Iterator[Any]:
+    """A three-node Apache Kafka cluster of this module's own (the failover tests kill its nodes)."""
+    from tests.services.kafka import KafkaCluster, KafkaUnavailable
+
+    cluster = KafkaCluster(3)
     try:
-        broker = EmbeddedBroker().start()
-    except ConfigurationError as exc:
-        unavailable(f"no Kafka broker: set {BROKER_ENV}, run a Docker engine, or install "
-                    f"the embedded broker ({exc})")
+        cluster.start()
+    except KafkaUnavailable as exc:
+        unavailable(f"no Apache Kafka cluster: {exc}")
     try:
-        yield broker.bootstrap_servers
+        yield cluster
     finally:
-        broker.stop()
+        cluster.close()
 
 
 @pytest.fixture(scope="session")

@@ -108,12 +108,13 @@ def make_transfers(
     return result
 
 
-def ensure_topic(bootstrap_servers: str, topic: str, partitions: int = DEFAULT_PARTITIONS) -> None:
-    """Create ``topic`` with ``partitions`` partitions unless it exists."""
+def ensure_topic(bootstrap_servers: str, topic: str, partitions: int = DEFAULT_PARTITIONS,
+                 replication_factor: int = 1) -> None:
+    """Create ``topic`` with ``partitions`` partitions (and ``replication_factor`` copies) unless it exists."""
     admin = kafka.KafkaAdminClient(bootstrap_servers=bootstrap_servers)
     try:
         admin.create_topics(
-            {topic: {"num_partitions": partitions, "replication_factor": 1}},
+            {topic: {"num_partitions": partitions, "replication_factor": replication_factor}},
             wait_for_metadata=True,
         )
     except kafka.errors.TopicAlreadyExistsError:

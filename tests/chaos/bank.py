@@ -14,6 +14,19 @@ at random among all of them (transfer workers, relays, ledger workers):
 - ``db-restart``: restart PostgreSQL;
 - ``cut``: cut every broker connection through the fault proxy;
 
+and, when the bank runs on a three-node Apache Kafka cluster
+(``run_bank(cluster=...)``; topics with replication factor 3 and
+``min.insync.replicas=2``), broker faults:
+
+- ``leader-kill``: SIGKILL the broker leading most partitions of the transfer
+  topic, wait until transfers are applied again without it, restart it;
+- ``coordinator-kill``: the same for the broker coordinating the transfer
+  workers' group;
+- ``cluster-restart``: stop every broker, start them again with their data;
+
+each reported with the time until transfers were applied again (``resume``).
+Faults are drawn in shuffled rounds, so every kind occurs once per round.
+
 with bad records mixed in: non-JSON values, poison transfers the handler
 always fails on, transfer IDs re-sent with a different amount, oversized
 values; and stray copies of statement events (outbox rows, often not yet
@@ -30,12 +43,14 @@ to the final balances, no event is left parked or dead-lettered, and the
 outbox is empty.
 
 ``python -m tests.chaos.bank --duration 600 --seed 7`` runs a soak
-(``make chaos``); ``tests/chaos/test_bank.py`` runs about a minute of it.
+(``make chaos``; ``--cluster`` on a three-node Kafka cluster, ``make
+cluster-chaos``); ``tests/chaos/test_bank.py`` runs about a minute of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -57,16 +72,22 @@ from kafka.structs import TopicPartition
 
 import exactlyonce
 from exactlyonce import _db, migrate
-from exactlyonce.embedded import EmbeddedBroker, free_port
+from exactlyonce.embedded import free_port
 from exactlyonce.schema import counters, outbox, parked, processed, sequence_streams
 from examples.ledger import models as ledger_models
 from examples.ledger.verify import verify_ledger
 from examples.transfer import models
 from examples.transfer.producer import ensure_topic, make_transfers, send_transfers
 from tests.faultproxy import FaultProxy
+from tests.services.brokers import private_broker
+from tests.services.kafka import KafkaCluster
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+DEFAULT_DATABASE_URL = "postgresql://postgres:postgres@127.0.0.1:5432/test"
+#: Faults that need a three-node cluster (``run_bank(cluster=...)``).
+BROKER_FAULTS = ("leader-kill", "coordinator-kill", "cluster-restart")
+#: How long transfers may stay stalled after a broker fault before the run fails.
+RESUME_LIMIT_S = 90.0
 SESSION_TIMEOUT_MS = 6000
 INITIAL_BALANCE = 100_000
 #: The workers dead-letter larger values as oversized.
@@ -148,6 +169,9 @@ class Report:
     ledger_line: str = ""
     exit_codes: dict[str, list[int]] = field(default_factory=dict)
     faults: dict[str, int] = field(default_factory=dict)
+    #: Broker faults: seconds from the fault (for a cluster restart, from the
+    #: restart) until the next transfer was applied, by kind.
+    resume: dict[str, list[float]] = field(default_factory=dict)
     #: Faults aimed at a process (kill, zombie), by the kind of process hit.
     victims: dict[str, int] = field(default_factory=dict)
     catch_up_s: float = 0.0
@@ -177,9 +201,19 @@ class Report:
             f"parked={self.ledger_parked} parked_left={self.ledger_parked_left} "
             f"dead_lettered={self.ledger_dead_lettered}\n"
             f"faults={self.faults} victims={self.victims} catch_up={self.catch_up_s:.1f}s "
+            f"{self.resume_line()}"
             f"exit_codes={self.exit_codes} "
             f"{'OK' if self.ok else 'FAILED: ' + '; '.join(self.problems)}"
         )
+
+
+    def resume_line(self) -> str:
+        """``resume: leader-kill max 4.1s mean 3.2s (3), ...`` or nothing without broker faults."""
+        if not self.resume:
+            return ""
+        parts = [f"{kind} max {max(times):.1f}s mean {sum(times) / len(times):.1f}s ({len(times)})"
+                 for kind, times in sorted(self.resume.items()) if times]
+        return "resume: " + ", ".join(parts) + " "
 
 
 class Processes:
@@ -383,8 +417,13 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
              workers: int = 3, relays: int = 2, ledger_workers: int = 2, accounts: int = 40,
              partitions: int = 6, applied_partitions: int = 4, rate: float = 150.0,
              faults: tuple[str, ...] = ("kill", "zombie", "cut", "db-restart"),
-             log_dir: Path | None = None, out: Any = print) -> Report:
-    """Run the bank and its ledger under faults for ``duration_s`` and check them."""
+             log_dir: Path | None = None, out: Any = print, cluster: KafkaCluster | None = None) -> Report:
+    """Run the bank and its ledger under faults for ``duration_s`` and check them.
+
+    Without ``cluster`` the bank runs on a broker of its own behind a fault
+    proxy; with one, on that running cluster (and may inject
+    :data:`BROKER_FAULTS`).
+    """
     rng = random.Random(seed)
     report = Report(seed=seed, duration_s=duration_s, workers=workers, relays=relays,
                     ledger_workers=ledger_workers)
@@ -393,6 +432,11 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
     injected: Counter[str] = Counter()
     victims: Counter[str] = Counter()
     fault_kinds = [f for f in faults if f != "db-restart" or can_restart_postgres(database_url)]
+    if cluster is None and set(fault_kinds) & set(BROKER_FAULTS):
+        raise ValueError(f"{sorted(set(fault_kinds) & set(BROKER_FAULTS))} need a cluster")
+    if cluster is not None:
+        fault_kinds = [f for f in fault_kinds if f != "cut"]  # no proxy in front of a cluster
+    rounds: list[str] = []
     run_id = f"{seed}-{uuid.uuid4().hex[:8]}"
     topic, group = f"chaos-{run_id}", "chaos-bank"
     applied_topic, ledger_group = f"chaos-applied-{run_id}", "chaos-ledger"
@@ -402,14 +446,20 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
     broker_port, proxy_port = free_port(), free_port()
     send_report = None
     bad_expected: dict[tuple[int, int], str] = {}
-    with EmbeddedBroker(broker_port, advertised_port=proxy_port) as broker, \
-            FaultProxy(broker_port, port=proxy_port) as proxy:
-        bootstrap = broker.bootstrap_servers  # through the proxy
+    resume: dict[str, list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        proxy: FaultProxy | None = None
+        if cluster is None:
+            bootstrap = stack.enter_context(private_broker(broker_port, advertised_port=proxy_port))
+            proxy = stack.enter_context(FaultProxy(broker_port, port=proxy_port))
+            replication = 1
+        else:
+            bootstrap, replication = cluster.bootstrap_servers, min(cluster.size, 3)
         engine, balances_before = _prepare_database(database_url, accounts)
         report.money_before = sum(balances_before.values())
         for name, count in ((topic, partitions), (f"{topic}.dlq", 1),
                             (applied_topic, applied_partitions), (f"{applied_topic}.dlq", 1)):
-            ensure_topic(bootstrap, name, count)
+            ensure_topic(bootstrap, name, count, replication)
         consumer_config = json.dumps({"session_timeout_ms": SESSION_TIMEOUT_MS, "heartbeat_interval_ms": 1000})
         env = {
             **os.environ,
@@ -448,7 +498,9 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
                 bad_expected.update(_send_bad_records(bootstrap, topic, engine, by_id, 2))
                 report.stray_copies += _send_stray_copies(bootstrap, applied_topic, applied_partitions,
                                                           engine, rng, 5)
-                kind = rng.choice(fault_kinds)
+                if not rounds:
+                    rounds = rng.sample(fault_kinds, len(fault_kinds))
+                kind = rounds.pop()
                 injected[kind] += 1
                 if kind == "kill":
                     candidates = pool.alive()
@@ -468,7 +520,16 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
                         threading.Timer(pause, _resume, args=(pool, victim)).start()
                 elif kind == "db-restart":
                     restart_postgres()
+                elif kind in BROKER_FAULTS:
+                    assert cluster is not None
+                    seconds = _broker_fault(kind, cluster, topic, group, engine, rng)
+                    if seconds is None:
+                        report.problems.append(f"{kind}: no transfer applied within {RESUME_LIMIT_S:.0f}s")
+                    else:
+                        resume.setdefault(kind, []).append(seconds)
+                        out(f"{kind}: transfers applied again after {seconds:.1f}s")
                 else:
+                    assert proxy is not None
                     proxy.cut()
             producer.join(timeout=300)
             if producer.is_alive():
@@ -492,6 +553,7 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
             report.exit_codes = pool.terminate_all()
         report.faults = dict(injected)
         report.victims = dict(victims)
+        report.resume = resume
         report.transfers = len(transfers)
         if send_report is not None:
             report.records_sent = send_report.records
@@ -505,6 +567,51 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
     if not report.ok:
         out(f"process logs: {log_dir}")
     return report
+
+
+def _applied_runs(engine: sa.Engine) -> int | None:
+    """Handler runs committed so far (journal rows), or ``None`` while the database is unreachable."""
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(journal)).scalar_one())
+    except sa.exc.DBAPIError:
+        return None
+
+
+def _wait_for_progress(engine: sa.Engine, before: int, started: float) -> float | None:
+    """Seconds from ``started`` until more than ``before`` handler runs committed; ``None`` past the limit."""
+    while time.monotonic() - started < RESUME_LIMIT_S:
+        now = _applied_runs(engine)
+        if now is not None and now > before:
+            return time.monotonic() - started
+        time.sleep(0.1)
+    return None
+
+
+def _broker_fault(kind: str, cluster: KafkaCluster, topic: str, group: str, engine: sa.Engine,
+                  rng: random.Random) -> float | None:
+    """Inject one broker fault; return the seconds until a transfer was applied again."""
+    before = _applied_runs(engine) or 0
+    if kind == "cluster-restart":
+        cluster.stop()  # SIGTERM: each broker shuts down cleanly and keeps its log
+        time.sleep(rng.uniform(0.5, 2.0))
+        for node in cluster.nodes:
+            cluster.start_node(node.node_id)
+        started = time.monotonic()
+        cluster.wait_ready()
+        return _wait_for_progress(engine, before, started)
+    if kind == "leader-kill":
+        node_id = Counter(cluster.leaders(topic).values()).most_common(1)[0][0]
+    else:
+        node_id = cluster.coordinator_of(group)
+    started = time.monotonic()
+    cluster.kill(node_id)
+    # Transfers must resume on the two brokers left (min.insync.replicas=2);
+    # the killed one comes back afterwards and catches up.
+    seconds = _wait_for_progress(engine, before, started)
+    cluster.start_node(node_id)
+    cluster.wait_ready()
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -668,11 +775,20 @@ def main(argv: list[str] | None = None) -> int:
                                                                  DEFAULT_DATABASE_URL))
     parser.add_argument("--faults", default="kill,zombie,cut,db-restart",
                         help="comma-separated fault kinds to inject")
+    parser.add_argument("--cluster", action="store_true",
+                        help="run on a three-node Apache Kafka cluster started here, with broker faults "
+                             f"({', '.join(BROKER_FAULTS)}) added to --faults")
     parser.add_argument("--json", action="store_true", help="also print the report as JSON")
     args = parser.parse_args(argv)
-    report = run_bank(duration_s=args.duration, seed=args.seed, workers=args.workers, relays=args.relays,
-                      ledger_workers=args.ledger_workers, database_url=args.database_url,
-                      faults=tuple(args.faults.split(",")))
+    faults = tuple(args.faults.split(","))
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if args.cluster:
+            cluster = stack.enter_context(KafkaCluster(3))
+            faults = tuple(f for f in faults if f != "cut") + BROKER_FAULTS
+        report = run_bank(duration_s=args.duration, seed=args.seed, workers=args.workers, relays=args.relays,
+                          ledger_workers=args.ledger_workers, database_url=args.database_url,
+                          faults=faults, cluster=cluster)
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}))
     return 0 if report.ok else 1

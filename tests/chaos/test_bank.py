@@ -2,7 +2,8 @@
 
 Transfer workers, standalone outbox relays and ledger workers are all killed,
 stopped and cut off at random; every statement must still be numbered 1..N
-with one debit and one credit line per applied transfer.
+with one debit and one credit line per applied transfer. The second test runs
+the bank on a three-node Apache Kafka cluster and kills its brokers.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.bank import can_restart_postgres, run_bank
+from tests.chaos.bank import BROKER_FAULTS, can_restart_postgres, run_bank
+from tests.services.kafka import KafkaCluster
 
 
 @pytest.mark.service
@@ -31,5 +33,28 @@ def test_bank_survives_kills_zombies_db_restarts_and_connection_cuts(
     assert report.transfers > 1000
     assert sum(report.faults.values()) >= 5
     assert report.bad_sent > 0
+    assert report.ledger_lines > 2000 and report.ledger_lines == report.events
+    assert report.ok, report.summary()
+
+
+@pytest.mark.service
+def test_bank_on_a_three_broker_cluster_survives_leader_and_coordinator_loss_and_full_restarts(
+    kafka_cluster: KafkaCluster, postgres_url: str, tmp_path: Path
+) -> None:
+    """On three Kafka brokers (RF 3, min ISR 2): leaders and the group coordinator SIGKILLed, the whole cluster
+    restarted, workers killed and paused: every transfer applied once, money conserved, no process exits."""
+    report = run_bank(
+        # Long enough for two shuffled rounds of the five fault kinds.
+        duration_s=float(os.environ.get("CLUSTER_CHAOS_DURATION", 120)),
+        seed=int(os.environ.get("CHAOS_SEED", 1)),
+        database_url=postgres_url,
+        log_dir=tmp_path,
+        cluster=kafka_cluster,
+        faults=("kill", "zombie", *BROKER_FAULTS),
+    )
+    assert all(report.faults.get(kind, 0) >= 1 for kind in BROKER_FAULTS), report.faults
+    assert report.faults["leader-kill"] >= 2, f"the busiest leader killed several times: {report.faults}"
+    assert all(report.resume.get(kind) for kind in BROKER_FAULTS), report.resume
+    assert report.transfers > 1000
     assert report.ledger_lines > 2000 and report.ledger_lines == report.events
     assert report.ok, report.summary()

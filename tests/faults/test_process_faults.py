@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from exactlyonce import EmbeddedBroker, Message, migrate
+from exactlyonce import Message, migrate
 from exactlyonce.embedded import free_port
 from tests.chaos.bank import can_restart_postgres
 from tests.conftest import drop_all_tables, unavailable
@@ -42,6 +43,7 @@ from tests.integration.helpers import (
     wait_all_committed,
     wait_until,
 )
+from tests.services.brokers import private_broker
 
 pytestmark = pytest.mark.service
 
@@ -112,9 +114,8 @@ def test_database_outage_commits_nothing_and_resumes(bootstrap_servers: str, pg:
 def test_broker_connection_cuts_mid_batch(pg: str) -> None:
     """Cutting every broker connection repeatedly while a batch is handled loses and doubles nothing."""
     broker_port, proxy_port = free_port(), free_port()
-    with EmbeddedBroker(broker_port, advertised_port=proxy_port) as broker, \
+    with private_broker(broker_port, advertised_port=proxy_port) as bootstrap, \
             FaultProxy(broker_port, port=proxy_port) as proxy:
-        bootstrap = broker.bootstrap_servers
         topic = unique("cuts")
         create_topic(bootstrap, topic, partitions=3)
         ids = [f"m{i}" for i in range(300)]
@@ -139,11 +140,17 @@ def test_broker_connection_cuts_mid_batch(pg: str) -> None:
 def test_zombie_paused_past_session_timeout_rejoins_without_double_effects(
     bootstrap_servers: str, pg: str, tmp_path: Path
 ) -> None:
-    """A worker SIGSTOPped past its session timeout loses its partitions, resumes, rejoins; nothing doubles."""
+    """A worker SIGSTOPped past its session timeout loses its partitions, resumes, rejoins; nothing doubles.
+
+    Its partitions move while it sleeps; when it wakes, the group's
+    generation fencing must refuse its stale offset commits, so no committed
+    offset ever moves backwards over the new owner's (watched throughout).
+    """
     topic, group = unique("zombie"), unique("g")
     create_topic(bootstrap_servers, topic, partitions=4)
     a = worker(tmp_path, "a", bootstrap_servers, pg, topic, group, "--sleep", "0.02")
     b = worker(tmp_path, "b", bootstrap_servers, pg, topic, group, "--sleep", "0.02")
+    watcher = CommitWatcher(bootstrap_servers, group, topic)
     try:
         wait_until(lambda: "assigned partitions: " + topic in a.log_tail(100_000)
                    and "assigned partitions: " + topic in b.log_tail(100_000), 60, "both workers assigned")
@@ -164,9 +171,43 @@ def test_zombie_paused_past_session_timeout_rejoins_without_double_effects(
         assert str(a.popen.pid) in workers_of_later, "the resumed worker takes part again"
         assert a.terminate() == 0 and b.terminate() == 0
     finally:
+        watcher.stop()
         a.close()
         b.close()
     assert_each_once(pg, ids + later)
+    assert watcher.samples > 10, "the committed offsets were watched"
+    assert not watcher.regressions, f"committed offsets moved backwards: {watcher.regressions}"
+
+
+class CommitWatcher:
+    """Reads ``group``'s committed offsets of ``topic`` every 100 ms and notes any that moved backwards."""
+
+    def __init__(self, bootstrap: str, group: str, topic: str) -> None:
+        self.regressions: list[tuple[int, int, int]] = []
+        self.samples = 0
+        self._args = (bootstrap, group, topic)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        highest: dict[int, int] = {}
+        while not self._stop.wait(0.1):
+            try:
+                committed, _ = committed_and_end_offsets(*self._args)
+            except Exception:  # a broker hiccup; the next sample will do
+                continue
+            self.samples += 1
+            for partition, offset in committed.items():
+                if offset is None:
+                    continue
+                if offset < highest.get(partition, -1):
+                    self.regressions.append((partition, highest[partition], offset))
+                highest[partition] = max(offset, highest.get(partition, -1))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
 
 
 def test_handler_slower_than_max_poll_interval_applies_once(

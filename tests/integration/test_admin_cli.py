@@ -322,8 +322,15 @@ def test_status_and_logs_never_show_secrets(
     from exactlyonce import _db, migrate
 
     db_secret, sasl_secret, signing_secret = "Db-Pa55word-9f2", "Sasl-Pa55word-4c1", "signing-secret-0123456789abcdef"
-    # The test server trusts local connections, so any password is accepted.
-    url = make_url(postgres_url).set(password=db_secret).render_as_string(hide_password=False)
+    # A login role whose password is the secret (the session's own role keeps its password).
+    admin_engine = _db.create_engine(postgres_url)
+    with admin_engine.begin() as conn:
+        exists = conn.execute(sa.text("SELECT 1 FROM pg_roles WHERE rolname = 'exactlyonce_secrets'")).first()
+        verb = "ALTER" if exists else "CREATE"
+        conn.execute(sa.text(f"{verb} ROLE exactlyonce_secrets LOGIN SUPERUSER PASSWORD '{db_secret}'"))
+    admin_engine.dispose()
+    url = (make_url(postgres_url).set(username="exactlyonce_secrets", password=db_secret)
+           .render_as_string(hide_password=False))
     engine = _db.create_engine(url)
     drop_all_tables(url)
     migrate.upgrade(engine)

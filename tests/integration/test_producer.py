@@ -7,9 +7,10 @@ import time
 
 from sqlalchemy.orm import Session
 
-from exactlyonce import EmbeddedBroker, Message, Producer
+from exactlyonce import Message, Producer
 from exactlyonce.embedded import free_port
 from tests.faultproxy import FaultProxy
+from tests.services.brokers import private_broker
 
 from .helpers import (
     create_effects,
@@ -49,9 +50,8 @@ def test_connection_cuts_during_sends_lose_nothing_and_dedup_drops_the_copies(po
     migrate.upgrade(engine)
     create_effects(engine)
     broker_port, proxy_port = free_port(), free_port()
-    with EmbeddedBroker(broker_port, advertised_port=proxy_port) as broker, \
+    with private_broker(broker_port, advertised_port=proxy_port) as bootstrap, \
             FaultProxy(broker_port, port=proxy_port) as proxy:
-        bootstrap = broker.bootstrap_servers
         topic = unique("stubborn")
         create_topic(bootstrap, topic, partitions=3)
         stop = threading.Event()

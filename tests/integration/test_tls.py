@@ -1,6 +1,7 @@
 """TLS end to end: producer, consumer, dead letters and the outbox relay over a verified TLS connection.
 
-The broker here is a separate embedded broker whose advertised address is a
+The broker here is a separate broker (Apache Kafka, or tansu when the suite
+runs on tansu; ``tests/services/brokers.py``) whose advertised address is a
 TLS-terminating proxy (``tests/tlsproxy.py``) with a certificate from a
 throwaway CA: every connection a client makes goes through TLS, and a client
 that does not trust the CA cannot connect at all.
@@ -8,6 +9,7 @@ that does not trust the CA cannot connect at all.
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import threading
 from collections.abc import Iterator
@@ -22,11 +24,12 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy.orm import Session
 
-from exactlyonce import App, ConfigurationError, DeadLetter, EmbeddedBroker, Message, Producer, migrate, publish
+from exactlyonce import App, ConfigurationError, DeadLetter, Message, Producer, migrate, publish
 from exactlyonce.embedded import free_port
 from exactlyonce.errors import TransientError
 from exactlyonce.signing import verify
 from tests.conftest import unavailable
+from tests.services.brokers import BrokerUnavailable, private_broker
 from tests.tlsproxy import TlsProxy
 
 from .helpers import CONSUMER_CONFIG, create_effects, effect_counts, engine_for, insert_effect, unique, wait_until
@@ -65,15 +68,13 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     ca.issue_cert("127.0.0.1", "localhost").configure_cert(server)
     broker_port, proxy_port = free_port(), free_port()
+    stack = contextlib.ExitStack()
     try:
-        broker = EmbeddedBroker(broker_port, advertised_port=proxy_port).start()
-    except ConfigurationError as exc:
-        unavailable(f"no embedded broker: {exc}")
-    try:
-        with TlsProxy(broker_port, server, port=proxy_port) as proxy:
-            yield TlsBroker(proxy.address, str(cafile), str(other_cafile), proxy, ca, broker_port)
-    finally:
-        broker.stop()
+        stack.enter_context(private_broker(broker_port, advertised_port=proxy_port))
+    except BrokerUnavailable as exc:
+        unavailable(f"no broker for the TLS proxy: {exc}")
+    with stack, TlsProxy(broker_port, server, port=proxy_port) as proxy:
+        yield TlsBroker(proxy.address, str(cafile), str(other_cafile), proxy, ca, broker_port)
 
 
 def _create_topic(broker: TlsBroker, name: str) -> None:

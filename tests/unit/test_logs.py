@@ -17,6 +17,19 @@ SIGNING_SECRET = "signing-secret-0123456789abcdef"
 SECRETS = (DB_SECRET, SASL_SECRET, SIGNING_SECRET)
 
 
+@pytest.fixture(autouse=True)
+def no_registered_secrets() -> Iterator[None]:
+    """Start from no registered literals: earlier tests in the process registered their own
+    (the test databases' passwords, such as ``postgres``), which would mask words here."""
+    with logs._literals_lock:
+        saved = set(logs._literals)
+        logs._literals.clear()
+    yield
+    with logs._literals_lock:
+        logs._literals.clear()
+        logs._literals.update(saved)
+
+
 @pytest.fixture
 def stream(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
     monkeypatch.setenv("EXACTLYONCE_SIGNING_KEY", f"k1:{SIGNING_SECRET}")
