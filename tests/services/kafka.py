@@ -414,13 +414,16 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--fetch-only", action="store_true", help="only fetch the jars")
     args = parser.parse_args()
-    if args.fetch_only:
-        print(jars_dir())
-        return
-    with KafkaCluster(args.nodes) as cluster:
-        print(cluster.bootstrap_servers, flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            signal.pause()
+    try:
+        if args.fetch_only:
+            print(jars_dir())
+            return
+        with KafkaCluster(args.nodes) as cluster:
+            print(cluster.bootstrap_servers, flush=True)
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.pause()
+    except KafkaUnavailable as exc:
+        raise SystemExit(f"kafka: {exc}") from None
 
 
 if __name__ == "__main__":
