@@ -8,6 +8,7 @@
 # Idempotent: run it again and it only checks. Used by `make services`, by
 # .ci/run, and by the test set-up when a server does not answer.
 set -euo pipefail
+cd /  # su postgres below must be able to enter the working directory
 
 say() { echo "services: $*" >&2; }
 die() { say "$*"; exit 1; }
