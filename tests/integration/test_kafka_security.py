@@ -73,8 +73,8 @@ class SecuredBroker:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     directory = tmp_path_factory.mktemp("kafka-pki")
-    # RSA, as Kafka's PEM keystore reads every key type but trustme's default
-    # EC key comes in SEC1 form, and Kafka wants PKCS#8.
+    # Kafka's PEM keystore wants an unencrypted PKCS#8 key; trustme's default
+    # key is EC in SEC1 form. An RSA key, rewritten as PKCS#8, is what was tried.
     ca, other_ca = trustme.CA(key_type=trustme.KeyType.RSA), trustme.CA(key_type=trustme.KeyType.RSA)
     cert = ca.issue_cert("127.0.0.1", "localhost", key_type=trustme.KeyType.RSA)
     key = serialization.load_pem_private_key(cert.private_key_pem.bytes(), password=None)
