@@ -28,6 +28,7 @@ from kafka.structs import TopicPartition
 from sqlalchemy.engine import Engine
 
 from exactlyonce import migrate
+from exactlyonce._kafka import bootstrap_failure
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER
 from exactlyonce.runner import DLQ_HEADER_PREFIX
@@ -104,7 +105,11 @@ class KafkaReader:
         except (TypeError, ValueError, kafka.errors.KafkaConfigurationError) as exc:
             raise ConfigurationError(f"invalid Kafka client settings: {exc}") from exc
         except kafka.errors.KafkaError as exc:
-            # kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap ...") for an unreachable broker.
+            # kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap ...") for an unreachable broker,
+            # and for one that refuses the client's certificate check or SASL credentials: say which.
+            failure = bootstrap_failure(self.bootstrap_servers, options, "--kafka-config", exc)
+            if isinstance(failure, ConfigurationError):
+                raise failure from exc
             raise TransientError(f"no Kafka broker answers at {self.bootstrap_servers}: {exc}") from exc
 
     @property

@@ -11,28 +11,24 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy as sa
 import trustme
-from kafka import KafkaConsumer, TopicPartition
-from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy.orm import Session
 
-from exactlyonce import App, ConfigurationError, DeadLetter, Message, Producer, migrate, publish
+from exactlyonce import App, ConfigurationError, Message, Producer, migrate
 from exactlyonce.embedded import free_port
 from exactlyonce.errors import TransientError
-from exactlyonce.signing import verify
 from tests.conftest import unavailable
 from tests.services.brokers import BrokerUnavailable, private_broker
 from tests.tlsproxy import TlsProxy
 
-from .helpers import CONSUMER_CONFIG, create_effects, effect_counts, engine_for, insert_effect, unique, wait_until
+from . import secured
+from .helpers import CONSUMER_CONFIG, unique
 
 SIGNING_KEY = ("tls", b"tls-test-secret-0123456789")
 # Fail fast: kafka-python waits bootstrap_timeout_ms (30 s by default) before
@@ -77,109 +73,16 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
         yield TlsBroker(proxy.address, str(cafile), str(other_cafile), proxy, ca, broker_port)
 
 
-def _create_topic(broker: TlsBroker, name: str) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=broker.address, **broker.config)
-    try:
-        admin.create_topics([NewTopic(name=name, num_partitions=1, replication_factor=1)])
-    finally:
-        admin.close()
-
-
-def _read(broker: TlsBroker, topic: str, count: int) -> list[Any]:
-    """The first ``count`` records of ``topic`` (partition 0), read over TLS."""
-    consumer = KafkaConsumer(bootstrap_servers=broker.address, enable_auto_commit=False, **broker.config)
-    try:
-        partition = TopicPartition(topic, 0)
-        consumer.assign([partition])
-        consumer.seek_to_beginning(partition)
-        records: list[Any] = []
-
-        def more() -> bool:
-            for batch in consumer.poll(timeout_ms=200).values():
-                records.extend(batch)
-            return len(records) >= count
-
-        wait_until(more, 30, f"{count} records in {topic}")
-        return records
-    finally:
-        consumer.close()
-
-
-def _committed(broker: TlsBroker, group: str, topic: str) -> int | None:
-    consumer = KafkaConsumer(bootstrap_servers=broker.address, group_id=group, enable_auto_commit=False,
-                             **broker.config)
-    try:
-        offset: int | None = consumer.committed(TopicPartition(topic, 0))
-        return offset
-    finally:
-        consumer.close(autocommit=False)
-
-
 def test_effectively_once_over_verified_tls(tls_broker: TlsBroker, postgres_url: str) -> None:
     """Producer -> App (handler, duplicate, dead letter, outbox relay) all over TLS with verification on."""
     from tests.conftest import drop_all_tables
 
     drop_all_tables(postgres_url)
-    engine = engine_for(postgres_url)
-    migrate.upgrade(engine)
-    create_effects(engine)
-    topic, out = unique("tls-in"), unique("tls-out")
-    for name in (topic, out, f"{topic}.dlq"):
-        _create_topic(tls_broker, name)
     handshakes_before, refused_before = tls_broker.proxy.connections, tls_broker.proxy.refused
-
-    with Producer(tls_broker.address, config=tls_broker.config, signing_key=SIGNING_KEY) as producer:
-        # One record per request: the embedded broker's end offsets are only right that way.
-        for message_id in ["t-1", "t-2", "t-1", "poison", "t-3"]:  # t-1 re-sent: a lost acknowledgement
-            producer.send(topic, {"id": message_id}, message_id=message_id)
-            producer.flush()
-
-    app = App(unique("tls-group"), bootstrap_servers=tls_broker.address, database_url=postgres_url,
-              consumer_config={**CONSUMER_CONFIG, **tls_broker.config}, producer_config=tls_broker.config,
-              signing_keys=dict([SIGNING_KEY]), signing_key=SIGNING_KEY)
-
-    @app.handler(topic)
-    def handle(message: Message, session: Session) -> None:
-        message_id = message.json()["id"]
-        if message_id == "poison":
-            raise DeadLetter("poison")
-        insert_effect(session, message_id)
-        publish(session, out, {"done": message_id}, message_id=f"done-{message_id}")
-
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            app.run(install_signal_handlers=False)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: errors or _committed(tls_broker, app.group_id, topic) == 5, 60,
-                   "the App to commit all five records")
-        relayed = _read(tls_broker, out, 3)
-        dead = _read(tls_broker, f"{topic}.dlq", 1)
-    finally:
-        app.stop()
-        thread.join(30)
-        if app._engine is not None:
-            app._engine.dispose()
-    assert not errors and not thread.is_alive()
-    assert effect_counts(engine) == {"t-1": 1, "t-2": 1, "t-3": 1}
-    assert app.stats["applied"] == 3 and app.stats["duplicate"] == 1 and app.stats["dead_lettered"] == 1
-    assert dict(dead[0].headers)["x-exactlyonce-reason"] == b"poison"
-    assert sorted(dict(r.headers)["message-id"] for r in relayed) == [b"done-t-1", b"done-t-2", b"done-t-3"]
-    for record in relayed:  # the relay signed them, over TLS
-        verify(Message(topic=out, partition=0, offset=record.offset, key=record.key, value=record.value,
-                       headers=tuple(record.headers)), dict([SIGNING_KEY]))
+    secured.effectively_once(tls_broker.address, tls_broker.config, postgres_url, SIGNING_KEY, "tls")
     # Everything went through the TLS proxy, and every handshake there succeeded.
     assert tls_broker.proxy.connections > handshakes_before
     assert tls_broker.proxy.refused == refused_before
-    with engine.connect() as conn:
-        assert conn.execute(sa.text("SELECT count(*) FROM exactlyonce_outbox WHERE sent_at IS NULL")).scalar() == 0
-    engine.dispose()
 
 
 # The clear errors below need the bootstrap diagnosis in exactlyonce/_kafka.py
@@ -235,27 +138,4 @@ def test_a_plaintext_client_on_the_tls_listener_gets_a_hint(tls_broker: TlsBroke
 
 def test_the_standalone_relay_sends_over_verified_tls(tls_broker: TlsBroker, tmp_path: Path) -> None:
     """`exactlyonce relay --kafka-config ...` takes the TLS settings the App takes in producer_config."""
-    import subprocess
-    import sys
-
-    from sqlalchemy.orm import Session as OrmSession
-
-    from .helpers import subprocess_env
-
-    url = f"sqlite:///{tmp_path / 'relay.db'}"
-    engine = engine_for(url)
-    migrate.upgrade(engine)
-    out = unique("tls-relay")
-    _create_topic(tls_broker, out)
-    with OrmSession(engine) as session, session.begin():
-        publish(session, out, {"n": 1}, message_id="relayed-over-tls")
-    engine.dispose()
-    result = subprocess.run(
-        [sys.executable, "-m", "exactlyonce", "relay", "--once", "--database-url", url,
-         "--bootstrap-servers", tls_broker.address,
-         "--kafka-config", "security_protocol=SSL", "--kafka-config", f"ssl_cafile={tls_broker.cafile}"],
-        env=subprocess_env(), capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    (record,) = _read(tls_broker, out, 1)
-    assert dict(record.headers)["message-id"] == b"relayed-over-tls"
+    secured.relay_command(tls_broker.address, tls_broker.config, f"sqlite:///{tmp_path / 'relay.db'}", "tls")

@@ -12,6 +12,11 @@ told about; its advertised port may be a test's fault-injecting proxy) and
 ``INTERNAL`` (broker-to-broker traffic and the harness's own checks, never
 behind a proxy). Logs go to ``<node dir>/server.log``.
 
+A :class:`ClientListener` secures the first one instead (a single node's
+``SSL``, ``SASL_PLAINTEXT`` or ``SASL_SSL`` listener, named after its
+protocol); ``INTERNAL`` and ``CONTROLLER`` stay plaintext, so the harness's
+own checks need no credentials.
+
 Used as a module it starts a cluster in the foreground::
 
     python -m tests.services.kafka --nodes 1     # prints the bootstrap servers
@@ -32,7 +37,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +109,72 @@ def _cluster_id() -> str:
     return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
 
 
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256")
+
+
+@dataclass(frozen=True, slots=True)
+class ClientListener:
+    """How the client-facing listener is secured.
+
+    ``keystore`` (``SSL``, ``SASL_SSL``) is a PEM file holding the server's
+    private key (unencrypted PKCS#8) and then its certificate chain. ``users``
+    (``SASL_*``) maps user names to passwords; each is a ``PLAIN`` user and,
+    when ``SCRAM-SHA-256`` is among ``mechanisms``, also a SCRAM user, whose
+    credentials are written into the metadata log when the storage is formatted.
+    """
+
+    protocol: str = "PLAINTEXT"
+    keystore: Path | None = None
+    users: Mapping[str, str] = field(default_factory=dict)
+    mechanisms: tuple[str, ...] = ("PLAIN",)
+
+    def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, not {self.protocol!r}")
+        if self.protocol.endswith("SSL") and self.keystore is None:
+            raise ValueError(f"{self.protocol} needs a keystore (PEM: private key and certificate chain)")
+        if self.protocol.startswith("SASL_"):
+            if not self.users:
+                raise ValueError(f"{self.protocol} needs at least one user")
+            unknown = set(self.mechanisms) - set(SASL_MECHANISMS)
+            if unknown or not self.mechanisms:
+                raise ValueError(f"mechanisms must be among {', '.join(SASL_MECHANISMS)}")
+        for text in [*self.users, *self.users.values()]:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
+                raise ValueError(f"SASL user names and passwords here are [A-Za-z0-9_.-]+, not {text!r}")
+
+    @property
+    def name(self) -> str:
+        """The listener's name: its protocol."""
+        return self.protocol
+
+    def properties(self) -> dict[str, str]:
+        """The broker settings for this listener (besides its place in ``listeners``)."""
+        prefix = f"listener.name.{self.name.lower()}."
+        props: dict[str, str] = {}
+        if self.protocol.endswith("SSL"):
+            props[prefix + "ssl.keystore.type"] = "PEM"
+            props[prefix + "ssl.keystore.location"] = str(self.keystore)
+        if self.protocol.startswith("SASL_"):
+            props["sasl.enabled.mechanisms"] = ",".join(self.mechanisms)
+            if "PLAIN" in self.mechanisms:
+                users = " ".join(f'user_{name}="{password}"' for name, password in self.users.items())
+                props[prefix + "plain.sasl.jaas.config"] = (
+                    f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};")
+            if "SCRAM-SHA-256" in self.mechanisms:
+                props[prefix + "scram-sha-256.sasl.jaas.config"] = (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;")
+        return props
+
+    def format_arguments(self) -> list[str]:
+        """``kafka-storage format`` arguments creating the SCRAM users."""
+        if not self.protocol.startswith("SASL_") or "SCRAM-SHA-256" not in self.mechanisms:
+            return []
+        return [argument for name, password in self.users.items()
+                for argument in ("--add-scram", f"SCRAM-SHA-256=[name={name},password={password}]")]
+
+
 @dataclass(slots=True)
 class KafkaNode:
     """One combined broker+controller process."""
@@ -140,7 +211,8 @@ class KafkaCluster:
     ``bootstrap_servers`` lists every node's advertised address. With one node,
     ``port``/``advertised_port`` choose its ports (a test puts a proxy on the
     advertised one). Replication settings follow the size: factor ``size`` and
-    ``min.insync.replicas=2`` for three nodes, 1 for one.
+    ``min.insync.replicas=2`` for three nodes, 1 for one. ``client_listener``
+    secures a single node's client-facing listener (see :class:`ClientListener`).
     """
 
     def __init__(
@@ -152,11 +224,13 @@ class KafkaCluster:
         workdir: Path | None = None,
         startup_timeout_s: float = 90.0,
         extra_properties: dict[str, str] | None = None,
+        client_listener: ClientListener | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("size must be at least 1")
-        if size > 1 and (port or advertised_port):
-            raise ValueError("port/advertised_port are for a single node")
+        if size > 1 and (port or advertised_port or client_listener):
+            raise ValueError("port/advertised_port/client_listener are for a single node")
+        self.client_listener = client_listener or ClientListener()
         self.size = size
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="kafka-"))
         self._owns_workdir = workdir is None
@@ -192,15 +266,17 @@ class KafkaCluster:
         voters = ",".join(f"{n.node_id}@127.0.0.1:{n.controller_port}" for n in self.nodes)
         replication = str(min(self.size, 3))
         min_isr = "2" if self.size >= 3 else "1"
+        client = self.client_listener
         props = {
             "process.roles": "broker,controller",
             "node.id": str(node.node_id),
             "controller.quorum.voters": voters,
-            "listeners": (f"PLAINTEXT://127.0.0.1:{node.port},INTERNAL://127.0.0.1:{node.internal_port},"
+            "listeners": (f"{client.name}://127.0.0.1:{node.port},INTERNAL://127.0.0.1:{node.internal_port},"
                           f"CONTROLLER://127.0.0.1:{node.controller_port}"),
-            "advertised.listeners": (f"PLAINTEXT://127.0.0.1:{node.advertised_port},"
+            "advertised.listeners": (f"{client.name}://127.0.0.1:{node.advertised_port},"
                                      f"INTERNAL://127.0.0.1:{node.internal_port}"),
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,INTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listener.security.protocol.map": (f"{client.name}:{client.protocol},INTERNAL:PLAINTEXT,"
+                                               "CONTROLLER:PLAINTEXT"),
             "inter.broker.listener.name": "INTERNAL",
             "controller.listener.names": "CONTROLLER",
             "log.dirs": str(node.directory / "data"),
@@ -230,6 +306,7 @@ class KafkaCluster:
             "replica.lag.time.max.ms": "5000",
             "share.coordinator.state.topic.replication.factor": replication,
             "share.coordinator.state.topic.min.isr": min_isr,
+            **client.properties(),
             **self._extra,
         }
         return "".join(f"{key}={value}\n" for key, value in props.items())
@@ -265,7 +342,8 @@ class KafkaCluster:
             (node.directory / "log4j2.properties").write_text(self._log4j(node))
             result = subprocess.run(
                 self._java("kafka.tools.StorageTool", "format", "--ignore-formatted",
-                           "-t", self.cluster_id, "-c", str(node.directory / "server.properties"), node=node),
+                           "-t", self.cluster_id, "-c", str(node.directory / "server.properties"),
+                           *self.client_listener.format_arguments(), node=node),
                 capture_output=True, text=True, timeout=120, check=False)
             if result.returncode != 0:
                 raise KafkaUnavailable(f"formatting Kafka storage failed: {result.stderr.strip()[-400:]}")
