@@ -105,8 +105,14 @@ def jars_dir() -> Path:
 
 
 def _cluster_id() -> str:
-    """A random KRaft cluster ID (a UUID in URL-safe base64, as Kafka's own tool makes)."""
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+    """A random KRaft cluster ID (a UUID in URL-safe base64, as Kafka's own tool makes).
+
+    Never one that starts with ``-``: the storage tool would read it as an option.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
