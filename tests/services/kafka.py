@@ -37,9 +37,12 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 POM = Path(__file__).with_name("pom.xml")
 JARS_ENV = "EXACTLYONCE_KAFKA_JARS"
@@ -453,13 +456,17 @@ class KafkaCluster:
 
     def leader_of(self, topic: str, partition: int) -> int:
         """The node ID leading ``topic``'s ``partition`` (asked over the internal listener)."""
-        return int(self._describe_partitions(topic)[partition]["leader_id"])
+        return self.leaders(topic)[partition]
 
-    def leaders(self, topic: str) -> dict[int, int]:
-        """Partition -> leader node ID for ``topic``."""
-        return {p: int(info["leader_id"]) for p, info in self._describe_partitions(topic).items()}
+    def leaders(self, topic: str, timeout_s: float = 60.0) -> dict[int, int]:
+        """Partition -> leader node ID for ``topic``, once every partition has a leader."""
+        def ask() -> dict[int, int] | None:
+            leaders = {p: int(info["leader_id"]) for p, info in self._describe_partitions(topic).items()}
+            return leaders if leaders and min(leaders.values()) >= 0 else None
 
-    def _describe_partitions(self, topic: str) -> dict[int, dict[str, object]]:
+        return self._retry(ask, timeout_s, f"leaders of {topic}")
+
+    def _describe_partitions(self, topic: str) -> dict[int, dict[str, Any]]:
         from kafka import KafkaAdminClient
 
         admin = KafkaAdminClient(bootstrap_servers=self._live_internal(), request_timeout_ms=10000)
@@ -469,16 +476,35 @@ class KafkaCluster:
             admin.close()
         return {int(p["partition_index"]): p for p in described[0]["partitions"]}
 
-    def coordinator_of(self, group: str) -> int:
-        """The node ID coordinating consumer group ``group``."""
+    def coordinator_of(self, group: str, timeout_s: float = 60.0) -> int:
+        """The node ID coordinating consumer group ``group`` (retried while a new one is elected)."""
         from kafka import KafkaAdminClient
 
-        admin = KafkaAdminClient(bootstrap_servers=self._live_internal(), request_timeout_ms=10000)
-        try:
-            # kafka-python has no public "find coordinator"; its admin client does it internally.
-            return int(admin._manager.run(admin._find_coordinator_ids, [group])[group])
-        finally:
-            admin.close()
+        def ask() -> int | None:
+            admin = KafkaAdminClient(bootstrap_servers=self._live_internal(), request_timeout_ms=10000)
+            try:
+                # kafka-python has no public "find coordinator"; its admin client does it internally.
+                return int(admin._manager.run(admin._find_coordinator_ids, [group])[group])
+            finally:
+                admin.close()
+
+        return self._retry(ask, timeout_s, f"the coordinator of {group}")
+
+    @staticmethod
+    def _retry(ask: Callable[[], T | None], timeout_s: float, what: str) -> T:
+        """``ask()`` until it answers (not ``None``, no exception), for up to ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        last = "no answer"
+        while True:
+            try:
+                answer = ask()
+                if answer is not None:
+                    return answer
+            except Exception as exc:  # a broker just died or came back: ask again
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise KafkaUnavailable(f"could not learn {what} in {timeout_s:.0f}s ({last})")
+            time.sleep(0.3)
 
     def _live_internal(self) -> str:
         live = [n for n in self.nodes if n.running] or self.nodes
