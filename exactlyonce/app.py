@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 import os
 import re
 import signal
@@ -255,6 +257,7 @@ class App:
         def register(func: HandlerFunc) -> HandlerFunc:
             if not callable(func):
                 raise ConfigurationError("handler must be callable")
+            _refuse_unrunnable(func)
             self._handlers[topic] = Handler(
                 topic=topic,
                 func=func,
@@ -355,3 +358,35 @@ class App:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop()
+
+
+def _refuse_unrunnable(func: Callable[..., Any]) -> None:
+    """Refuse a handler whose body would not run when the runner calls it.
+
+    Calling an ``async def`` function (or an async generator function) only
+    creates a coroutine (or an async generator): nothing of the body runs, yet
+    the record would be recorded as applied. Looks through
+    ``functools.partial`` and at a callable object's ``__call__``; a sync
+    wrapper around an ``async def`` function (``functools.wraps``) is not
+    refused here, since it may run the coroutine itself, but if it returns
+    one, the runner stops with a ConfigurationError.
+    """
+    target: Any = func
+    while isinstance(target, functools.partial):
+        target = target.func
+    if not (inspect.isfunction(target) or inspect.ismethod(target)):
+        target = type(target).__call__  # a callable object: what calling it runs
+    name = getattr(func, "__qualname__", None) or repr(func)
+    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
+        kind, made = (("an async generator function", "an async generator") if inspect.isasyncgenfunction(target)
+                      else ("an async def function", "a coroutine"))
+        raise ConfigurationError(
+            f"handler {name} is {kind}: native async handlers are not supported yet (calling it only "
+            f"creates {made}; none of its body would run). Register a plain "
+            "def handler(message, session); call async code from it with asyncio.run(...) if you must"
+        )
+    if inspect.isgeneratorfunction(target):
+        raise ConfigurationError(
+            f"handler {name} is a generator function: calling it runs none of its body. "
+            "Register a plain def handler(message, session) that does its work before it returns"
+        )

@@ -30,7 +30,11 @@ class ExactlyOnceError(Exception):
 
 
 class ConfigurationError(ExactlyOnceError):
-    """The application is configured wrongly (missing URL, duplicate handler, ...)."""
+    """The application is configured wrongly (missing URL, duplicate handler, async handler, ...).
+
+    Also raised inside a handler that tries to end the runner's transaction
+    (``session.commit()``, ``rollback()``, ``close()``): that handler fails.
+    """
 
 
 class MessageError(ExactlyOnceError):

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from exactlyonce import _db, ids, migrate, signing, store
+from exactlyonce import _db, _session, ids, migrate, signing, store
 from exactlyonce import sequence as seq
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition, to_message
 from exactlyonce.app import OnGap, OnMismatch
@@ -123,6 +123,12 @@ class Runner:
                     self._commit()
                     self._report_lag(batch)
                 self._check_gaps()
+        except _session.Unrunnable as unrunnable:
+            # A handler that can never succeed (it returned a coroutine): stop
+            # loudly. Its transaction rolled back; what committed before is
+            # committed below; the record in hand is redelivered after the fix.
+            log.error("%s", unrunnable.error)
+            raise unrunnable.error from None
         finally:
             self._commit()
             self._consumer.close()
@@ -303,7 +309,7 @@ class Runner:
         """
         results: list[str | FingerprintMismatch] = []
         started = time.monotonic()
-        with Session(self._engine) as session, session.begin():
+        with _session.HandlerSession(self._engine) as session, session.begin():
             # The dedup rows go in first: the unique index decides who owns each
             # message before any effect is written. A repeated ID within the
             # batch is claimed once, by its first occurrence.
@@ -328,10 +334,10 @@ class Runner:
                     ))
             if fresh:
                 if handler.batch:
-                    handler.func(fresh, session)
+                    _session.call(handler.func, fresh, session, handler.scope)
                 else:
                     for message in fresh:
-                        handler.func(message, session)
+                        _session.call(handler.func, message, session, handler.scope)
             tally = Tally()
             for (message, message_id), result in zip(items, results, strict=True):
                 if isinstance(result, str):
@@ -427,7 +433,7 @@ class Runner:
         dead: list[tuple[Message, BaseException]] = []
         tally = Tally()
         scope = handler.scope
-        with Session(self._engine) as session, session.begin():
+        with _session.HandlerSession(self._engine) as session, session.begin():
             now = seq.utcnow()
             streams = seq.lock(session, scope, (name for _, _, name, _ in items), now)
             for message, message_id, name, number in items:
@@ -487,7 +493,7 @@ class Runner:
     def _call_in_order(
         self,
         handler: Handler,
-        session: Session,
+        session: _session.HandlerSession,
         message: Message,
         message_id: str,
         dead: list[tuple[Message, BaseException]],
@@ -504,7 +510,7 @@ class Runner:
             attempts += 1
             started = time.monotonic()
             with session.begin_nested():
-                handler.func(message, session)
+                _session.call(handler.func, message, session, handler.scope)
             self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
 
         try:

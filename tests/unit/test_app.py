@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -117,3 +118,70 @@ def test_a_sequenced_handler_needs_no_message_id() -> None:
     assert handler.message_id is None
     assert handler.on_gap is OnGap.DEAD_LETTER
     assert handler.gap_timeout == timedelta(seconds=5)
+
+
+async def async_handler(message: Any, session: Any) -> None:
+    pass
+
+
+async def async_generator_handler(message: Any, session: Any) -> Any:
+    yield message
+
+
+def generator_handler(message: Any, session: Any) -> Any:
+    yield message
+
+
+class AsyncCallable:
+    async def __call__(self, message: Any, session: Any) -> None:
+        pass
+
+    async def method(self, message: Any, session: Any) -> None:
+        pass
+
+
+class SyncCallable:
+    def __call__(self, message: Any, session: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("func", [
+    async_handler,
+    functools.partial(async_handler),
+    functools.partial(functools.partial(async_handler, "m")),
+    AsyncCallable(),
+    AsyncCallable().method,
+    functools.partial(AsyncCallable(), "m"),
+    async_generator_handler,
+], ids=["async-def", "partial", "partial-of-partial", "async-call", "async-method", "partial-of-async-call",
+        "async-generator"])
+def test_async_handlers_are_refused(func: Any) -> None:
+    """A handler whose call only creates a coroutine (or async generator) is refused at registration."""
+    app = App(group_id="g")
+    with pytest.raises(ConfigurationError, match="native async handlers are not supported yet") as info:
+        app.handler("t")(func)
+    assert "def handler(message, session)" in str(info.value)
+    assert app.handlers == {}
+
+
+def test_async_batch_and_sequenced_handlers_are_refused() -> None:
+    """The refusal does not depend on the kind of handler."""
+    with pytest.raises(ConfigurationError, match="not supported"):
+        App(group_id="g").handler("t", batch=True)(async_handler)
+    with pytest.raises(ConfigurationError, match="not supported"):
+        App(group_id="g").handler("t", sequence=lambda m: ("s", 1))(async_handler)
+
+
+def test_generator_function_handlers_are_refused() -> None:
+    """Calling a generator function runs none of its body either."""
+    with pytest.raises(ConfigurationError, match="generator function"):
+        App(group_id="g").handler("t")(generator_handler)
+
+
+@pytest.mark.parametrize("func", [noop, functools.partial(noop), SyncCallable(),
+                                  functools.wraps(async_handler)(lambda message, session: None)],
+                         ids=["function", "partial", "sync-call", "sync-wrapper-of-async"])
+def test_sync_handlers_are_accepted(func: Any) -> None:
+    """Plain functions, partials, callable objects and sync wrappers register (a wrapper may run the coroutine)."""
+    app = App(group_id="g")
+    assert app.handler("t")(func) is func
