@@ -710,10 +710,11 @@ class Runner:
 
 
 def _coordinates_id(message: Message) -> str:
-    coordinates = f"@{message.topic}/{message.partition}/{message.offset}"
+    # The prefix is refused in message IDs (ids.resolve): no sender can forge these.
+    coordinates = f"{ids.RESERVED_PREFIX}{message.topic}/{message.partition}/{message.offset}"
     if len(coordinates) <= ids.MAX_MESSAGE_ID_LENGTH:
         return coordinates
-    return "@" + hashlib.sha256(coordinates.encode()).hexdigest()
+    return ids.RESERVED_PREFIX + hashlib.sha256(coordinates.encode()).hexdigest()
 
 
 def _reason(exc: BaseException) -> str:
