@@ -61,6 +61,10 @@ class _Stopped(BaseException):
     """Raised out of a retry wait when a stop was requested (never escapes run)."""
 
 
+class _Unclaimable(Exception):
+    """A dead letter's message ID could not be claimed (never escapes run: its coordinates are claimed instead)."""
+
+
 def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TransientError) or _db.is_transient(exc)
 
@@ -597,14 +601,32 @@ class Runner:
         # not recorded at all: its ID is not to be trusted, and a forged record
         # must not claim the ID of a genuine one.
         if message_id is None or isinstance(exc, FingerprintMismatch):
-            record_id = _coordinates_id(message)
-        else:
-            record_id = message_id
+            return self._dead_letter_as(handler, message, message_id, exc, attempts, _coordinates_id(message))
+        try:
+            return self._dead_letter_as(handler, message, message_id, exc, attempts, message_id)
+        except _Unclaimable as failure:
+            # The ID itself cannot be stored (whatever slipped past ids.resolve):
+            # claiming it again would fail again and stop the worker. The
+            # coordinates always can be.
+            log.warning("%s: cannot record the dead letter under message ID %r (%s); "
+                        "recording it under its coordinates", message.where(), message_id, failure.__cause__,
+                        extra=_fields(handler, message, None, "dead_lettered"))
+            return self._dead_letter_as(handler, message, message_id, exc, attempts, _coordinates_id(message))
+
+    def _dead_letter_as(
+        self,
+        handler: Handler,
+        message: Message,
+        message_id: str | None,
+        exc: BaseException,
+        attempts: int,
+        record_id: str,
+    ) -> str:
+        """Dead-letter ``message``, recording it in the dedup table as ``record_id``."""
         with Session(self._engine) as session, session.begin():
             if (
                 not isinstance(exc, BadSignature)
-                and claim(session, handler.scope, record_id, message, outcome=Outcome.DEAD_LETTERED)
-                is Claim.DUPLICATE
+                and self._claim_dead_letter(session, handler, message, record_id) is Claim.DUPLICATE
             ):
                 self._count(session, handler, message, "duplicate")
                 return "duplicate"
@@ -615,6 +637,15 @@ class Runner:
         self._dead_lettered(handler, message, exc)
         return "dead_lettered"
 
+    @staticmethod
+    def _claim_dead_letter(session: Session, handler: Handler, message: Message, record_id: str) -> Claim:
+        try:
+            return claim(session, handler.scope, record_id, message, outcome=Outcome.DEAD_LETTERED)
+        except Exception as failure:
+            if _is_transient(failure) or record_id == _coordinates_id(message):
+                raise
+            raise _Unclaimable(record_id) from failure
+
     def _publish_dead_letter(
         self, handler: Handler, message: Message, message_id: str | None, exc: BaseException, attempts: int
     ) -> None:
@@ -622,7 +653,7 @@ class Runner:
         headers = [
             *message.headers,
             *(
-                (DLQ_HEADER_PREFIX + name, value.encode("utf-8"))
+                (DLQ_HEADER_PREFIX + name, value.encode("utf-8", "backslashreplace"))
                 for name, value in (
                     ("reason", _reason(exc)),
                     ("error-type", type(exc).__name__),
