@@ -16,9 +16,10 @@ from collections import Counter
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from exactlyonce import App, Message, Retry, ids
+from exactlyonce import App, Message, Retry, ids, runner
 
 from .helpers import (
     Rec,
@@ -159,4 +160,45 @@ def test_poison_ids_and_streams_are_dead_lettered_and_the_worker_keeps_going(
         assert dead_by_offset(topic) == dead, topic
     outcomes = Counter({k: v for k, v in again.stats.items() if ":" not in k})
     assert outcomes["applied"] == 0 and outcomes["dead_lettered"] == 0
+    engine.dispose()
+
+
+def test_a_dead_letter_whose_id_cannot_be_claimed_is_recorded_under_its_coordinates(
+    bootstrap_servers: str, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever makes the database refuse a dead letter's ID, the coordinates are claimed instead."""
+    topic = unique("unclaimable")
+    create_topic(bootstrap_servers, topic)
+    create_topic(bootstrap_servers, f"{topic}.dlq")
+    engine = engine_for(database_url)
+    create_effects(engine)
+    real_claim = runner.claim
+
+    def claim(session: Session, scope: str, message_id: str, message: Message, **kwargs: Any) -> Any:
+        if message_id == "refused":
+            # A real database error inside the dead letter's transaction (on
+            # PostgreSQL it aborts the transaction).
+            session.execute(sa.text("SELECT * FROM exactlyonce_no_such_table"))
+        return real_claim(session, scope, message_id, message, **kwargs)
+
+    monkeypatch.setattr(runner, "claim", claim)
+    app = make_app(bootstrap_servers, database_url, outbox=False)
+
+    @app.handler(topic, retry=Retry(attempts=1))
+    def handle(message: Message, session: Session) -> None:
+        message_id = (message.header("message-id") or b"").decode()
+        if message_id == "refused":
+            raise RuntimeError("this one fails")
+        insert_effect(session, message_id)
+
+    produce(bootstrap_servers, topic, [rec("ok-1"), rec("refused"), rec("ok-2")])
+    with running(app):
+        wait_all_committed(bootstrap_servers, app.group_id, topic)
+
+    assert effect_counts(engine) == {"ok-1": 1, "ok-2": 1}
+    dead = read_topic(bootstrap_servers, f"{topic}.dlq")
+    assert [(headers_of(r)["x-exactlyonce-reason"], headers_of(r)["x-exactlyonce-message-id"]) for r in dead] == [
+        ("handler-error", "refused")]
+    assert [(r.message_id, r.outcome) for r in dedup_rows(engine)] == [
+        ("ok-1", "applied"), (f"@{topic}/0/1", "dead_lettered"), ("ok-2", "applied")]
     engine.dispose()
