@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
@@ -39,6 +40,7 @@ from exactlyonce.errors import (
     Skip,
     TransientError,
 )
+from exactlyonce.logs import redact
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, counters, parked, processed, sequence_streams
 from exactlyonce.store import Claim, Tally, claim, claim_many, stored_fingerprints
@@ -657,7 +659,7 @@ class Runner:
                 for name, value in (
                     ("reason", _reason(exc)),
                     ("error-type", type(exc).__name__),
-                    ("error-message", str(exc)[:1000]),
+                    ("error-message", _error_message(exc)),
                     ("topic", message.topic),
                     ("partition", str(message.partition)),
                     ("offset", str(message.offset)),
@@ -746,6 +748,23 @@ def _coordinates_id(message: Message) -> str:
     if len(coordinates) <= ids.MAX_MESSAGE_ID_LENGTH:
         return coordinates
     return ids.RESERVED_PREFIX + hashlib.sha256(coordinates.encode()).hexdigest()
+
+
+def _error_message(exc: BaseException) -> str:
+    """The ``error-message`` header: the exception's text, secrets redacted, no SQL parameters, 1000 characters."""
+    if isinstance(exc, sa.exc.StatementError):
+        # str() would append "[parameters: ...]": the values the handler
+        # wrote, personal data or secrets among them.
+        parts = [f"({detail})" for detail in exc.detail]
+        parts.append(str(exc.args[0]) if exc.args else type(exc).__name__)
+        if exc.statement:
+            parts.append(f"[SQL: {exc.statement}]")
+        if exc.params:
+            parts.append("[SQL parameters left out]")
+        text = "\n".join(parts)
+    else:
+        text = str(exc)
+    return redact(text)[:1000]
 
 
 def _reason(exc: BaseException) -> str:
