@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import sqlalchemy as sa
 
-from exactlyonce import Message, ids
+from exactlyonce import Message, ids, logs
 from exactlyonce.errors import InvalidMessageId
 from exactlyonce.runner import _coordinates_id, _error_message
 
 SECRET_PARAM = "card-4111111111111111"
+
+
+@pytest.fixture(autouse=True)
+def no_registered_secrets() -> Iterator[None]:
+    """Start from no registered literals (earlier tests registered the test databases' passwords)."""
+    with logs._literals_lock:
+        saved = set(logs._literals)
+        logs._literals.clear()
+    yield
+    with logs._literals_lock:
+        logs._literals.clear()
+        logs._literals.update(saved)
 
 
 def _statement_error() -> sa.exc.StatementError:
