@@ -10,6 +10,7 @@
     │   ├── OversizedValue         the value is larger than the handler accepts
     │   ├── FingerprintMismatch    a known message ID arrived with a different payload
     │   ├── BadSequence            a sequenced handler's stream/number is missing or malformed
+    │   │   └── InvalidStream          the stream key is text the database cannot store exactly
     │   ├── SequenceGap            parked behind a gap that stayed open too long (gap policy)
     │   └── BadSignature           unsigned, unknown key, or a signature that does not match
     ├── TransientError         retry later: the database or broker is unavailable
@@ -54,7 +55,11 @@ class MessageDecodeError(MessageError):
 
 
 class InvalidMessageId(MessageError):
-    """The message ID strategy produced no usable ID (missing, empty or too long)."""
+    """The message ID strategy produced no usable ID.
+
+    Missing, empty, too long, not encodable as UTF-8, with a control
+    character, or starting with the reserved ``@``.
+    """
 
     reason = "invalid-message-id"
 
@@ -79,6 +84,16 @@ class BadSequence(MessageError):
     """A sequenced handler's ``sequence`` callable gave no usable (stream, number)."""
 
     reason = "bad-sequence"
+
+
+class InvalidStream(BadSequence):
+    """A sequenced handler's stream key is text the database cannot store exactly.
+
+    Longer than 255 characters, not encodable as UTF-8 (a lone surrogate), or
+    with a control character (see :func:`exactlyonce.ids.text_problem`).
+    """
+
+    reason = "invalid-stream"
 
 
 class SequenceGap(MessageError):

@@ -8,6 +8,7 @@ key. Any callable ``Message -> str`` works; these are the ready ones.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 
 from exactlyonce.errors import InvalidMessageId, MessageError
@@ -21,6 +22,41 @@ DEFAULT_HEADER = "message-id"
 #: IDs longer than this do not fit the dedup table's column and are rejected,
 #: never truncated (two IDs sharing a prefix must not collide).
 MAX_MESSAGE_ID_LENGTH = 255
+
+#: The first character of the IDs exactlyonce gives records it stores under
+#: their coordinates (``@topic/partition/offset``). A message ID may not start
+#: with it, so that no sender can forge (pre-claim) such an ID.
+RESERVED_PREFIX = "@"
+
+# Control characters (Unicode category Cc: C0, DEL, C1). NUL cannot be stored
+# in PostgreSQL text at all; the others would let an ID rewrite log lines and
+# terminal output, and no real identifier contains them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def text_problem(text: str, limit: int) -> str | None:
+    """Why ``text`` cannot be stored as an ID or stream key, or ``None`` if it can.
+
+    Every database exactlyonce supports must store and compare it exactly:
+    1 to ``limit`` characters (Unicode code points: a ``VARCHAR(limit)`` holds
+    that many on PostgreSQL and in MySQL/MariaDB's utf8mb4, where a character
+    takes up to 4 bytes, and compared byte for byte through a binary no-pad
+    collation), encodable as strict UTF-8 (a lone surrogate, which
+    ``json.loads`` makes from ``"\\ud800"``, is not: the drivers refuse it), and
+    no control characters (PostgreSQL refuses NUL).
+    """
+    if not text:
+        return "is empty"
+    if len(text) > limit:
+        return f"has {len(text)} characters, more than the {limit} the database column holds"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"is not valid Unicode: U+{ord(text[exc.start]):04X} at position {exc.start} is a lone surrogate"
+    control = _CONTROL.search(text)
+    if control is not None:
+        return f"contains the control character U+{ord(control.group()):04X} at position {control.start()}"
+    return None
 
 
 def header(name: str = DEFAULT_HEADER) -> MessageIdStrategy:
@@ -85,6 +121,10 @@ def key() -> MessageIdStrategy:
 def resolve(strategy: MessageIdStrategy, message: Message) -> str:
     """Run ``strategy`` on ``message`` and check the result fits the dedup table.
 
+    A usable ID is text of 1 to :data:`MAX_MESSAGE_ID_LENGTH` characters that
+    every supported database stores exactly (see :func:`text_problem`) and
+    that does not start with :data:`RESERVED_PREFIX`.
+
     Raises :class:`~exactlyonce.errors.InvalidMessageId` (or the strategy's own
     :class:`~exactlyonce.errors.MessageError`) for an unusable ID.
     """
@@ -102,11 +142,12 @@ def resolve(strategy: MessageIdStrategy, message: Message) -> str:
         raise InvalidMessageId(
             f"{message.where()}: message ID must be str, got {type(message_id).__name__}"
         )
-    if not message_id:
-        raise InvalidMessageId(f"{message.where()}: message ID is empty")
-    if len(message_id) > MAX_MESSAGE_ID_LENGTH:
+    problem = text_problem(message_id, MAX_MESSAGE_ID_LENGTH)
+    if problem is not None:
+        raise InvalidMessageId(f"{message.where()}: message ID {problem}")
+    if message_id.startswith(RESERVED_PREFIX):
         raise InvalidMessageId(
-            f"{message.where()}: message ID has {len(message_id)} characters, "
-            f"more than the {MAX_MESSAGE_ID_LENGTH} the dedup table holds"
+            f"{message.where()}: message ID starts with {RESERVED_PREFIX!r}, which is reserved for "
+            "the records exactlyonce stores under their coordinates"
         )
     return message_id

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import sqlalchemy as sa
 from sqlalchemy.orm import Session
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
@@ -39,6 +40,7 @@ from exactlyonce.errors import (
     Skip,
     TransientError,
 )
+from exactlyonce.logs import redact
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, counters, parked, processed, sequence_streams
 from exactlyonce.store import Claim, Tally, claim, claim_many, stored_fingerprints
@@ -59,6 +61,10 @@ MAX_GAP_CHECK_INTERVAL_S = 30.0
 
 class _Stopped(BaseException):
     """Raised out of a retry wait when a stop was requested (never escapes run)."""
+
+
+class _Unclaimable(Exception):
+    """A dead letter's message ID could not be claimed (never escapes run: its coordinates are claimed instead)."""
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -603,14 +609,32 @@ class Runner:
         # not recorded at all: its ID is not to be trusted, and a forged record
         # must not claim the ID of a genuine one.
         if message_id is None or isinstance(exc, FingerprintMismatch):
-            record_id = _coordinates_id(message)
-        else:
-            record_id = message_id
+            return self._dead_letter_as(handler, message, message_id, exc, attempts, _coordinates_id(message))
+        try:
+            return self._dead_letter_as(handler, message, message_id, exc, attempts, message_id)
+        except _Unclaimable as failure:
+            # The ID itself cannot be stored (whatever slipped past ids.resolve):
+            # claiming it again would fail again and stop the worker. The
+            # coordinates always can be.
+            log.warning("%s: cannot record the dead letter under message ID %r (%s); "
+                        "recording it under its coordinates", message.where(), message_id, failure.__cause__,
+                        extra=_fields(handler, message, None, "dead_lettered"))
+            return self._dead_letter_as(handler, message, message_id, exc, attempts, _coordinates_id(message))
+
+    def _dead_letter_as(
+        self,
+        handler: Handler,
+        message: Message,
+        message_id: str | None,
+        exc: BaseException,
+        attempts: int,
+        record_id: str,
+    ) -> str:
+        """Dead-letter ``message``, recording it in the dedup table as ``record_id``."""
         with Session(self._engine) as session, session.begin():
             if (
                 not isinstance(exc, BadSignature)
-                and claim(session, handler.scope, record_id, message, outcome=Outcome.DEAD_LETTERED)
-                is Claim.DUPLICATE
+                and self._claim_dead_letter(session, handler, message, record_id) is Claim.DUPLICATE
             ):
                 self._count(session, handler, message, "duplicate")
                 return "duplicate"
@@ -621,6 +645,15 @@ class Runner:
         self._dead_lettered(handler, message, exc)
         return "dead_lettered"
 
+    @staticmethod
+    def _claim_dead_letter(session: Session, handler: Handler, message: Message, record_id: str) -> Claim:
+        try:
+            return claim(session, handler.scope, record_id, message, outcome=Outcome.DEAD_LETTERED)
+        except Exception as failure:
+            if _is_transient(failure) or record_id == _coordinates_id(message):
+                raise
+            raise _Unclaimable(record_id) from failure
+
     def _publish_dead_letter(
         self, handler: Handler, message: Message, message_id: str | None, exc: BaseException, attempts: int
     ) -> None:
@@ -628,11 +661,11 @@ class Runner:
         headers = [
             *message.headers,
             *(
-                (DLQ_HEADER_PREFIX + name, value.encode("utf-8"))
+                (DLQ_HEADER_PREFIX + name, value.encode("utf-8", "backslashreplace"))
                 for name, value in (
                     ("reason", _reason(exc)),
                     ("error-type", type(exc).__name__),
-                    ("error-message", str(exc)[:1000]),
+                    ("error-message", _error_message(exc)),
                     ("topic", message.topic),
                     ("partition", str(message.partition)),
                     ("offset", str(message.offset)),
@@ -716,10 +749,28 @@ class Runner:
 
 
 def _coordinates_id(message: Message) -> str:
-    coordinates = f"@{message.topic}/{message.partition}/{message.offset}"
+    # The prefix is refused in message IDs (ids.resolve): no sender can forge these.
+    coordinates = f"{ids.RESERVED_PREFIX}{message.topic}/{message.partition}/{message.offset}"
     if len(coordinates) <= ids.MAX_MESSAGE_ID_LENGTH:
         return coordinates
-    return "@" + hashlib.sha256(coordinates.encode()).hexdigest()
+    return ids.RESERVED_PREFIX + hashlib.sha256(coordinates.encode()).hexdigest()
+
+
+def _error_message(exc: BaseException) -> str:
+    """The ``error-message`` header: the exception's text, secrets redacted, no SQL parameters, 1000 characters."""
+    if isinstance(exc, sa.exc.StatementError):
+        # str() would append "[parameters: ...]": the values the handler
+        # wrote, personal data or secrets among them.
+        parts = [f"({detail})" for detail in exc.detail]
+        parts.append(str(exc.args[0]) if exc.args else type(exc).__name__)
+        if exc.statement:
+            parts.append(f"[SQL: {exc.statement}]")
+        if exc.params:
+            parts.append("[SQL parameters left out]")
+        text = "\n".join(parts)
+    else:
+        text = str(exc)
+    return redact(text)[:1000]
 
 
 def _reason(exc: BaseException) -> str:

@@ -26,7 +26,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from exactlyonce.errors import BadSequence
+from exactlyonce.errors import BadSequence, InvalidStream
+from exactlyonce.ids import text_problem
 from exactlyonce.message import Message, headers_from_json, headers_to_json
 from exactlyonce.schema import MAX_STREAM_LENGTH, parked, sequence_streams
 
@@ -42,14 +43,21 @@ class Stream:
 
 
 def parse(value: Any, message: Message) -> tuple[str, int]:
-    """Check what a ``sequence`` callable returned: ``(non-empty str, int >= 1)``."""
+    """Check what a ``sequence`` callable returned: ``(non-empty str, int >= 1)``.
+
+    A stream the database cannot store exactly (too long, not UTF-8, a
+    control character) is an :class:`~exactlyonce.errors.InvalidStream`.
+    """
     if not (isinstance(value, tuple) and len(value) == 2):
         raise BadSequence(f"{message.where()}: sequence must return (stream, number), got {value!r}")
     stream, number = value
-    if not isinstance(stream, str) or not 0 < len(stream) <= MAX_STREAM_LENGTH:
+    if not isinstance(stream, str) or not stream:
         raise BadSequence(
             f"{message.where()}: stream must be a string of 1 to {MAX_STREAM_LENGTH} characters, got {stream!r}"
         )
+    problem = text_problem(stream, MAX_STREAM_LENGTH)
+    if problem is not None:
+        raise InvalidStream(f"{message.where()}: stream {problem}")
     if isinstance(number, bool) or not isinstance(number, int) or number < 1:
         raise BadSequence(f"{message.where()}: sequence number must be an integer >= 1, got {number!r}")
     if number >= 2**63:

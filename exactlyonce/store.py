@@ -8,12 +8,14 @@ the first committed (DUPLICATE), or inserts if the first rolled back (NEW).
 
 ``rowcount`` is not used to decide: with SQLAlchemy 2.1 and psycopg 3 it is -1
 for ``INSERT ... ON CONFLICT DO NOTHING``. PostgreSQL and SQLite report the
-insert through ``RETURNING``; MySQL/MariaDB through the duplicate-key error.
+insert through ``RETURNING``; MySQL/MariaDB through the duplicate-key error
+on the primary key (any other integrity error is an error, not a duplicate).
 """
 
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -42,6 +44,13 @@ _PG_CLAIM_MANY = sa.text(
 
 # MySQL / MariaDB error code for "Duplicate entry ... for key".
 _MYSQL_DUP_ENTRY = 1062
+# Its message ends with the key's name: 'PRIMARY' (MariaDB), or qualified by
+# the table ('exactlyonce_processed.PRIMARY', MySQL 8).
+_MYSQL_DEDUP_KEY = re.compile(rf"for key '(?:{processed.name}\.)?PRIMARY'$")
+# PostgreSQL's SQLSTATE unique_violation; the constraint name tells which key.
+_PG_UNIQUE_VIOLATION = "23505"
+# SQLite names the columns of the violated key.
+_SQLITE_DEDUP_KEY = f"UNIQUE constraint failed: {processed.name}.scope, {processed.name}.message_id"
 
 
 class Claim(enum.Enum):
@@ -128,11 +137,39 @@ def _insert_one(session: Session, row: dict[str, Any], *, savepoint: bool) -> bo
         else:
             session.execute(sa.insert(processed).values(row))
     except sa.exc.IntegrityError as exc:
-        code = exc.orig.args[0] if exc.orig is not None and exc.orig.args else None
-        if savepoint or code == _MYSQL_DUP_ENTRY:
+        # Only the dedup key's violation means "already claimed"; any other
+        # (a NOT NULL, another unique index, a trigger's insert) is an error.
+        if _is_dedup_conflict(session, exc, row):
             return False
         raise
     return True
+
+
+def _is_dedup_conflict(session: Session, exc: sa.exc.IntegrityError, row: dict[str, Any]) -> bool:
+    """Whether ``exc`` is the violation of ``processed``'s primary key ``(scope, message_id)``."""
+    orig: Any = exc.orig
+    dialect = session.get_bind().dialect.name
+    if dialect in ("mysql", "mariadb"):
+        args: tuple[Any, ...] = getattr(orig, "args", ())
+        return (
+            len(args) >= 2 and args[0] == _MYSQL_DUP_ENTRY and bool(_MYSQL_DEDUP_KEY.search(str(args[1])))
+        )
+    if dialect == "postgresql":
+        diag = getattr(orig, "diag", None)
+        return (
+            getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        ) == _PG_UNIQUE_VIOLATION and getattr(diag, "constraint_name", None) == processed.primary_key.name
+    if dialect == "sqlite":
+        return str(orig) == _SQLITE_DEDUP_KEY
+    # Another dialect (this statement ran in a savepoint, now rolled back):
+    # a duplicate is a row that exists. A locking read sees the latest
+    # committed row, whatever the isolation level.
+    existing = session.execute(
+        sa.select(processed.c.message_id)
+        .where(processed.c.scope == row["scope"], processed.c.message_id == row["message_id"])
+        .with_for_update()
+    ).first()
+    return existing is not None
 
 
 def stored_fingerprints(session: Session, scope: str, message_ids: Iterable[str]) -> dict[str, str]:

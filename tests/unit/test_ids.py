@@ -82,3 +82,41 @@ def test_resolve_turns_a_failing_custom_strategy_into_invalid_id() -> None:
     """A lambda raising KeyError on a record without the field is bad input, not a crash."""
     with pytest.raises(InvalidMessageId, match="KeyError"):
         ids.resolve(lambda m: m.json()["transfer_id"], make(b"{}"))
+
+
+# -- IDs every database can store exactly (a poison ID must be dead-lettered, not crash the worker) --
+
+
+def test_json_field_with_an_escaped_lone_surrogate_is_refused() -> None:
+    """``{"id": "\\ud800"}`` decodes to a lone surrogate no driver can encode: refused before any claim."""
+    with pytest.raises(InvalidMessageId, match="lone surrogate"):
+        ids.resolve(ids.json_field("id"), make(b'{"id": "a\\ud800"}'))
+
+
+@pytest.mark.parametrize("raw", [b"a\x00b", b"\x1b[2Jx", b"line\nbreak", b"tab\there", b"del\x7f",
+                                 "c1\u0085".encode()])
+def test_ids_with_control_characters_are_refused(raw: bytes) -> None:
+    """NUL (which PostgreSQL cannot store) and the other control characters are refused."""
+    with pytest.raises(InvalidMessageId, match="control character"):
+        ids.resolve(ids.header(), make(headers=(("message-id", raw),)))
+
+
+def test_ids_starting_with_the_reserved_prefix_are_refused() -> None:
+    """``@...`` is the namespace of IDs recorded under coordinates: a sender cannot claim one."""
+    with pytest.raises(InvalidMessageId, match="reserved"):
+        ids.resolve(ids.header(), make(headers=(("message-id", b"@t/0/3"),)))
+    assert ids.resolve(ids.header(), make(headers=(("message-id", b"a@t/0/3"),))) == "a@t/0/3"
+
+
+def test_the_length_limit_counts_characters_not_bytes() -> None:
+    """255 four-byte characters fit (a VARCHAR(255) holds 255 characters on every database); 256 do not."""
+    assert ids.resolve(lambda m: "\U0001f600" * 255, make()) == "\U0001f600" * 255
+    with pytest.raises(InvalidMessageId, match="256 characters"):
+        ids.resolve(lambda m: "\U0001f600" * 256, make())
+
+
+@pytest.mark.parametrize("text", ["order-1", "Order-1 ", "\uffff", "\u00e9\u200d\U0001f600", "a" * 255])
+def test_ordinary_unicode_ids_are_accepted(text: str) -> None:
+    """Trailing spaces, non-characters, joiners and astral characters are stored exactly everywhere."""
+    assert ids.text_problem(text, ids.MAX_MESSAGE_ID_LENGTH) is None
+    assert ids.resolve(lambda m: text, make()) == text
