@@ -1,4 +1,4 @@
-"""The data behind the operator commands: ``status``, ``inspect``, ``dlq list``, ``dlq replay``.
+"""The data behind the operator commands: ``status``, ``inspect``, ``dlq list``, ``dlq replay``, ``prune``.
 
 Everything here returns plain dataclasses; :mod:`exactlyonce.cli` renders
 them as tables or JSON. Nothing here joins a consumer group: offsets are read
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -27,7 +27,7 @@ import sqlalchemy as sa
 from kafka.structs import TopicPartition
 from sqlalchemy.engine import Engine
 
-from exactlyonce import migrate
+from exactlyonce import migrate, store
 from exactlyonce._kafka import bootstrap_failure
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER
@@ -46,6 +46,7 @@ __all__ = [
     "Status",
     "inspect",
     "read_dead_letters",
+    "redelivery_horizons",
     "replay",
     "select_dead_letters",
     "status",
@@ -84,7 +85,7 @@ def producer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class KafkaReader:
-    """Group-less reads: partitions, beginning/end offsets, a group's committed offsets, whole topics.
+    """Group-less reads: partitions, offsets, a group's committed offsets, whole topics, topic settings.
 
     ``config`` is extra kafka-python settings (security, timeouts), filtered
     per client. The connection is opened lazily; an unreachable broker raises
@@ -96,6 +97,7 @@ class KafkaReader:
         self.config = {**_CLIENT_DEFAULTS, **dict(config or {})}
         self._consumer: Any = None
         self._group_consumers: dict[str, Any] = {}
+        self._admin: Any = None
 
     def _new_consumer(self, **settings: Any) -> Any:
         options = {**client_config(kafka.KafkaConsumer, self.config), "enable_auto_commit": False, **settings}
@@ -118,6 +120,50 @@ class KafkaReader:
         if self._consumer is None:
             self._consumer = self._new_consumer()
         return self._consumer
+
+    @property
+    def admin(self) -> Any:
+        """An admin client (created on first use)."""
+        if self._admin is None:
+            options = client_config(kafka.KafkaAdminClient, self.config)
+            log.debug("connecting an admin client to %s with %s", self.bootstrap_servers, options)
+            try:
+                self._admin = kafka.KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **options)
+            except (TypeError, ValueError, kafka.errors.KafkaConfigurationError) as exc:
+                raise ConfigurationError(f"invalid Kafka client settings: {exc}") from exc
+            except kafka.errors.KafkaError as exc:
+                raise TransientError(f"no Kafka broker answers at {self.bootstrap_servers}: {exc}") from exc
+        return self._admin
+
+    def topic_configs(self, topics: Iterable[str], names: Iterable[str]) -> dict[str, dict[str, str | None]]:
+        """The values of the settings ``names`` of each of ``topics``, defaults included.
+
+        A topic the broker does not know gets an empty dict (kafka-python
+        drops the per-topic error code, and the broker sends no settings).
+        """
+        from kafka.admin import ConfigResource, ConfigResourceType
+
+        wanted = list(topics)
+        keys = list(names)
+        if not wanted:
+            return {}
+        resources = [ConfigResource(ConfigResourceType.TOPIC, topic, keys) for topic in wanted]
+        found = self._call(lambda: self.admin.describe_configs(resources, config_filter="all")).get("topic", {})
+        return {topic: {name: entry.get("value") for name, entry in (found.get(topic) or {}).items()}
+                for topic in wanted}
+
+    def oldest_timestamps(self, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
+        """The timestamp (ms) of the first record still in each partition; ``None`` for an empty one.
+
+        A ListOffsets by timestamp 0 answers with the earliest offset whose
+        timestamp is at least 0: the record at the log-start offset, and its
+        timestamp, without fetching it.
+        """
+        tps = [TopicPartition(topic, p) for p in partitions]
+        if not tps:
+            return {}
+        found = self._call(lambda: self.consumer.offsets_for_times({tp: 0 for tp in tps}))
+        return {tp.partition: None if found.get(tp) is None else int(found[tp].timestamp) for tp in tps}
 
     def partitions(self, topic: str) -> list[int]:
         """The topic's partition numbers (empty if the topic does not exist)."""
@@ -202,6 +248,9 @@ class KafkaReader:
                 consumer.close(autocommit=False)
         self._consumer = None
         self._group_consumers.clear()
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
 
 
 # -- status -----------------------------------------------------------------
@@ -345,6 +394,62 @@ def _add_lag(result: Status, reader: KafkaReader) -> None:
                 start = p.committed if p.committed is not None else beginning.get(p.partition, 0)
                 p.lag = max(0, p.end_offset - start)
         scope.partitions.sort(key=lambda p: (p.topic, p.partition))
+
+
+# -- prune ------------------------------------------------------------------
+
+#: The topic settings :func:`exactlyonce.store.topic_horizon` computes a redelivery horizon from.
+HORIZON_SETTINGS = (
+    "cleanup.policy",
+    "retention.ms",
+    "segment.ms",
+    "message.timestamp.type",
+    "message.timestamp.after.max.ms",
+    "message.timestamp.difference.max.ms",
+)
+
+
+def redelivery_horizons(
+    reader: KafkaReader,
+    topics: Iterable[str],
+    *,
+    fallback: timedelta = store.DEFAULT_REDELIVERY_HORIZON,
+    now: datetime | None = None,
+) -> dict[str, store.TopicHorizon]:
+    """Each topic's redelivery horizon, from its settings and the age of its oldest record.
+
+    A topic the broker does not know, or whose settings it does not give,
+    gets the ``fallback`` horizon, as does one whose oldest record could not
+    be read when that is longer than its settings'. An unreachable broker
+    raises :class:`~exactlyonce.TransientError`: the caller then falls back
+    for every topic and says so.
+    """
+    now = now or datetime.now(UTC)
+    wanted = sorted(set(topics))
+    configs = reader.topic_configs(wanted, HORIZON_SETTINGS)
+    horizons: dict[str, store.TopicHorizon] = {}
+    for topic in wanted:
+        settings = configs.get(topic) or {}
+        if not settings:
+            horizons[topic] = store.fallback_horizon(topic, fallback, "the broker gave no settings for the topic "
+                                                       "(unknown topic, or not authorized)")
+            continue
+        oldest: timedelta | None = None
+        problem = None
+        try:
+            stamps = reader.oldest_timestamps(topic, reader.partitions(topic))
+            ages = [now - datetime.fromtimestamp(ms / 1000, UTC) for ms in stamps.values()
+                    if ms is not None and ms >= 0]
+            oldest = max(ages) if ages else None
+        except ExactlyOnceError as exc:
+            problem = f"the oldest record could not be read ({exc})"
+        try:
+            horizon = store.topic_horizon(topic, settings, oldest)
+        except ValueError as exc:
+            horizons[topic] = store.fallback_horizon(topic, fallback, f"the broker's settings are incomplete ({exc})")
+            continue
+        horizons[topic] = horizon if problem is None else store.at_least(horizon, fallback, problem)
+    return horizons
 
 
 # -- inspect ----------------------------------------------------------------

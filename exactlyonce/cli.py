@@ -6,7 +6,7 @@
     exactlyonce db upgrade [REVISION]                apply the framework's migrations
     exactlyonce db downgrade REVISION                revert them (``base`` drops the tables)
     exactlyonce db current                           print the applied revision
-    exactlyonce prune --older-than 14d               delete old dedup rows, in small batches
+    exactlyonce prune --older-than 15d               delete old dedup rows, in small batches
     exactlyonce relay [--once]                       send the outbox's pending messages until SIGTERM/SIGINT
     exactlyonce status                               per scope: counts, open gaps, consumer lag
     exactlyonce inspect MESSAGE_ID                   what happened to one message
@@ -47,7 +47,7 @@ from sqlalchemy.engine import make_url
 
 from exactlyonce import _db, admin, logs, migrate, outbox, schema, signing, store
 from exactlyonce.app import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV, App
-from exactlyonce.errors import ConfigurationError, ExactlyOnceError
+from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.metrics import Metrics
 from exactlyonce.producer import Producer
 
@@ -167,9 +167,14 @@ def _parser() -> argparse.ArgumentParser:
     _database_option(prune)
     prune.add_argument("--older-than", required=True, type=parse_duration, metavar="DURATION",
                        help="e.g. 14d, 36h, 90m")
+    _kafka_options(prune)
     prune.add_argument("--horizon", type=parse_duration, default=store.DEFAULT_REDELIVERY_HORIZON,
-                       metavar="DURATION", help="the topics' Kafka log retention (default 7d)")
-    prune.add_argument("--force", action="store_true", help="prune inside the redelivery horizon anyway")
+                       metavar="DURATION",
+                       help="how long a record can be read again, for topics whose settings the broker does not "
+                       f"give (unreachable, or no --bootstrap-servers; default "
+                       f"{store.format_duration(store.DEFAULT_REDELIVERY_HORIZON)})")
+    prune.add_argument("--force", action="store_true",
+                       help="prune inside the redelivery horizon anyway (also compacted and infinite-retention topics)")
     prune.add_argument("--batch-size", type=int, default=1000)
     prune.add_argument("--outbox", action="store_true",
                        help="prune the outbox's sent rows instead (never pending ones; no horizon applies)")
@@ -342,10 +347,55 @@ def _relay(args: argparse.Namespace) -> None:
     print(f"relayed {relay.published} outbox messages")
 
 
+@contextmanager
+def _quiet_kafka() -> Iterator[None]:
+    """kafka-python logs every failed connection attempt; the caller reports the failure itself, in one line."""
+    logger = logging.getLogger("kafka")
+    if logging.getLogger().getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _redelivery_horizons(
+    args: argparse.Namespace, topics: list[str]
+) -> tuple[dict[str, store.TopicHorizon], str | None]:
+    """Each topic's horizon from the broker, or ``--horizon`` for all with why the broker's were not read."""
+    if not topics:
+        return {}, None
+    servers = _bootstrap_servers(args)
+    if servers is None:
+        why = f"no Kafka broker given (--bootstrap-servers or ${BOOTSTRAP_SERVERS_ENV})"
+    else:
+        reader = admin.KafkaReader(servers, dict(args.kafka_config))
+        try:
+            with _quiet_kafka():
+                return admin.redelivery_horizons(reader, topics, fallback=args.horizon), None
+        except TransientError as exc:
+            why = str(exc)
+        finally:
+            reader.close()
+    problem = f"the broker's settings could not be read: {why}"
+    return {topic: store.fallback_horizon(topic, args.horizon, problem) for topic in topics}, problem
+
+
 def _prune(args: argparse.Namespace) -> None:
-    """Prune in batches; a progress bar (total counted up front) on a terminal."""
+    """Prune in batches; a progress bar (total counted up front) on a terminal.
+
+    Dedup rows: each topic among the rows to delete is checked against its
+    redelivery horizon, read from the broker (``--horizon`` when it cannot be).
+    """
     engine = _db.create_engine(_database_url(args))
     table = schema.outbox if args.outbox else schema.processed
+    horizons: dict[str, store.TopicHorizon] = {}
+    broker_problem = None
+    if not args.outbox:
+        horizons, broker_problem = _redelivery_horizons(args, store.topics_to_prune(engine, args.older_than))
     cutoff = datetime.now(UTC).replace(tzinfo=None) - args.older_than
     total = None
     if _is_terminal():
@@ -356,14 +406,32 @@ def _prune(args: argparse.Namespace) -> None:
         if args.outbox:
             deleted = outbox.prune(engine, args.older_than, batch_size=args.batch_size, progress=advance)
         else:
-            deleted = store.prune(engine, args.older_than, horizon=args.horizon, force=args.force,
-                                  batch_size=args.batch_size, progress=advance)
+            deleted = store.prune(engine, args.older_than, horizon=args.horizon, horizons=horizons,
+                                  force=args.force, batch_size=args.batch_size, progress=advance)
     what = "sent outbox rows" if args.outbox else "dedup rows"
+    result: dict[str, Any] = {"table": table.name, "deleted": deleted,
+                              "older_than_seconds": args.older_than.total_seconds(),
+                              "cutoff": cutoff.replace(tzinfo=UTC).isoformat()}
+    if not args.outbox:
+        result.update(forced=args.force, horizon_rule=store.HORIZON_RULE,
+                      broker_settings_read=bool(horizons) and broker_problem is None, broker_problem=broker_problem,
+                      fallback_horizon_seconds=args.horizon.total_seconds(),
+                      topics=[horizons[topic].to_json() for topic in sorted(horizons)])
     if args.json:
-        _print_json({"table": table.name, "deleted": deleted, "older_than_seconds": args.older_than.total_seconds(),
-                     "cutoff": cutoff.replace(tzinfo=UTC).isoformat()})
-    else:
-        print(f"pruned {deleted} {what} older than {args.older_than}")
+        _print_json(result)
+        return
+    lines = []
+    if broker_problem is not None:
+        lines.append(f"{broker_problem}; every topic got the --horizon fallback of "
+                     f"{store.format_duration(args.horizon)}")
+    for topic in sorted(horizons):
+        h = horizons[topic]
+        how = "--horizon fallback" if broker_problem is not None else f"{h.source}: {h.reason}"
+        lines.append(f"topic {topic}: redelivery horizon {h.text} ({how})"
+                     + (" -- pruned inside it (--force)" if args.force and not h.allows(args.older_than) else ""))
+    lines.append(f"pruned {deleted} {what} older than {store.format_duration(args.older_than)}")
+    for line in lines:
+        print(logs.redact(line))
 
 
 def _status(args: argparse.Namespace) -> None:

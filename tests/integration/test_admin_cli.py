@@ -303,9 +303,9 @@ def test_prune_json(database_url: str, capsys: pytest.CaptureFixture[str]) -> No
         claim(session, "scope", "new-0", message)
         session.execute(sa.update(processed).where(processed.c.message_id.like("old-%"))
                         .values(processed_at=datetime.now(UTC).replace(tzinfo=None) - timedelta(days=30)))
-    data = cli_json(capsys, "prune", "--older-than", "14d", "--batch-size", "2", "--database-url", database_url)
+    data = cli_json(capsys, "prune", "--older-than", "15d", "--batch-size", "2", "--database-url", database_url)
     assert data["table"] == "exactlyonce_processed" and data["deleted"] == 5
-    assert data["older_than_seconds"] == 14 * 86400
+    assert data["older_than_seconds"] == 15 * 86400
     data = cli_json(capsys, "prune", "--outbox", "--older-than", "1d", "--database-url", database_url)
     assert data == {**data, "table": "exactlyonce_outbox", "deleted": 0}
     with engine.connect() as conn:
