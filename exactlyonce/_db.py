@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import Session
 
-from exactlyonce.errors import ConfigurationError
+from exactlyonce.errors import ConfigurationError, TransientError
 
 # A URL without a driver gets the driver exactlyonce tests against, instead of
 # SQLAlchemy's historical default (psycopg2 / mysqlclient), which is usually
@@ -79,13 +82,30 @@ _SQLITE_TRANSIENT = ("database is locked", "database is busy", "disk i/o error")
 _MYSQL_TRANSIENT = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
 
 
-def is_transient(exc: BaseException) -> bool:
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, each once."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__context__, current.__cause__]
+
+
+def is_transient(exc: BaseException, *, chained: bool = False) -> bool:
     """Whether ``exc`` is a database failure that may pass if retried.
 
     Lost connections, deadlocks, serialization failures, lock timeouts and a
     busy SQLite file are transient; constraint violations, SQL errors and a
-    missing table are not.
+    missing table are not. With ``chained``, an exception raised from or while
+    handling a transient one (a handler that wrapped a deadlock) is transient
+    too.
     """
+    if chained:
+        return any(is_transient(each) for each in _chain(exc))
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sa.exc.OperationalError):
@@ -97,3 +117,26 @@ def is_transient(exc: BaseException) -> bool:
             return bool(args) and args[0] in _MYSQL_TRANSIENT
         return True
     return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
+_SAVEPOINT_STATEMENTS = ("RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")
+
+
+@contextlib.contextmanager
+def savepoint(session: Session) -> Iterator[None]:
+    """Run the block in a SAVEPOINT of the session's transaction; roll back to it if the block raises.
+
+    When the savepoint itself cannot be released or rolled back to, the
+    database has already rolled back the whole transaction (InnoDB does on a
+    deadlock, and on a lock wait timeout with ``innodb_rollback_on_timeout``),
+    or the connection is gone: nothing more may run in that transaction.
+    :class:`TransientError` is raised then, so that the caller rolls back and
+    retries the whole transaction.
+    """
+    try:
+        with session.begin_nested():
+            yield
+    except sa.exc.DBAPIError as exc:
+        if (exc.statement or "").lstrip().upper().startswith(_SAVEPOINT_STATEMENTS):
+            raise TransientError(f"the transaction was rolled back under its savepoint: {exc.orig}") from exc
+        raise

@@ -62,7 +62,9 @@ class _Stopped(BaseException):
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TransientError) or _db.is_transient(exc)
+    # A handler's exception raised from (or while handling) a deadlock is the
+    # deadlock: the database may already have rolled the transaction back.
+    return isinstance(exc, TransientError) or _db.is_transient(exc, chained=True)
 
 
 def _is_handler_failure(exc: BaseException) -> bool:
@@ -503,7 +505,10 @@ class Runner:
             nonlocal attempts
             attempts += 1
             started = time.monotonic()
-            with session.begin_nested():
+            # If the database rolled back the whole transaction under the
+            # savepoint (a deadlock on InnoDB), this raises TransientError:
+            # the whole transaction is retried, never continued.
+            with _db.savepoint(session):
                 handler.func(message, session)
             self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
 
