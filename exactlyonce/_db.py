@@ -119,6 +119,26 @@ def is_transient(exc: BaseException, *, chained: bool = False) -> bool:
     return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
 
 
+# Deadlocks and serialization failures: the transaction lost a race for rows
+# that another one holds, and the same transaction retried at once is likely
+# to lose it again. PostgreSQL SQLSTATEs and MySQL/MariaDB error codes.
+_PG_CONFLICTS = {"40001", "40P01"}
+_MYSQL_CONFLICTS = {1213}
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, is a deadlock or serialization failure."""
+    for each in _chain(exc):
+        orig = each.orig if isinstance(each, sa.exc.DBAPIError) else each
+        if getattr(orig, "sqlstate", None) in _PG_CONFLICTS or getattr(orig, "pgcode", None) in _PG_CONFLICTS:
+            return True
+        if type(orig).__module__.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
+            args: tuple[Any, ...] = getattr(orig, "args", ())
+            if args and args[0] in _MYSQL_CONFLICTS:
+                return True
+    return False
+
+
 _SAVEPOINT_STATEMENTS = ("RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")
 
 

@@ -1,12 +1,19 @@
-"""Lock conflicts: deadlocks inside handlers.
+"""Lock conflicts: deadlocks inside handlers, and hot rows shared by a group.
 
 A deadlock inside a sequenced handler's savepoint: InnoDB has already rolled
 back the whole transaction, so the whole transaction must be retried, never
 continued (issue 11, item 3).
+
+Workers whose batches update the same few rows in random order: a batch lost
+to a deadlock is retried in halves, so the group keeps making progress
+(item 8).
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import random
 import sqlite3
 import threading
 import time
@@ -16,9 +23,11 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from exactlyonce import Message, Retry
+from exactlyonce import Message, Retry, migrate
+from tests.conftest import drop_all_tables
 
 from .helpers import (
+    Rec,
     create_topic,
     engine_for,
     make_app,
@@ -130,4 +139,122 @@ def test_a_deadlock_inside_a_sequenced_handler_retries_the_whole_transaction(
     assert app.stats["dead_lettered"] == 0
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM exactlyonce_parked")).scalar_one() == 0
+    engine.dispose()
+
+
+# -- hot rows -------------------------------------------------------------------
+
+accounts_metadata = sa.MetaData()
+accounts = sa.Table("accounts", accounts_metadata,
+                    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+                    sa.Column("balance", sa.Integer, nullable=False))
+#: One row per applied transfer; ``transfer_id`` is deliberately not unique.
+transfers = sa.Table("transfers", accounts_metadata,
+                     sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+                     sa.Column("transfer_id", sa.String(64), nullable=False))
+
+HOT_ACCOUNTS = 5
+
+
+@pytest.mark.parametrize("server", ["postgres_url", "mysql_url"], ids=["postgresql", "mariadb"])
+def test_workers_sharing_hot_rows_keep_making_progress(
+    bootstrap_servers: str, server: str, request: pytest.FixtureRequest
+) -> None:
+    """Three workers, default batch size, every transfer moving money between two of five rows."""
+    database: str = request.getfixturevalue(server)
+    drop_all_tables(database)
+    engine = engine_for(database)
+    migrate.upgrade(engine)
+    accounts_metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(accounts), [{"id": i, "balance": 0} for i in range(HOT_ACCOUNTS)])
+    topic, group = unique("hot"), unique("group")
+    create_topic(bootstrap_servers, topic, partitions=6)
+    rng = random.Random(5)
+    records, expected = [], dict.fromkeys(range(HOT_ACCOUNTS), 0)
+    for i in range(900):
+        source, target = rng.sample(range(HOT_ACCOUNTS), 2)
+        amount = rng.randrange(1, 100)
+        expected[source] -= amount
+        expected[target] += amount
+        body = {"id": f"t-{i}", "from": source, "to": target, "amount": amount}
+        records.append(Rec(value=json.dumps(body).encode(), message_id=f"t-{i}", partition=i % 6))
+    produce(bootstrap_servers, topic, records)
+
+    def worker() -> Any:
+        app = make_app(bootstrap_servers, database, group=group, outbox=False)
+
+        @app.handler(topic)
+        def transfer(message: Message, session: Session) -> None:
+            body = message.json()
+            session.execute(sa.update(accounts).where(accounts.c.id == body["from"])
+                            .values(balance=accounts.c.balance - body["amount"]))
+            time.sleep(0.003)
+            session.execute(sa.update(accounts).where(accounts.c.id == body["to"])
+                            .values(balance=accounts.c.balance + body["amount"]))
+            session.execute(sa.insert(transfers).values(transfer_id=body["id"]))
+
+        return app
+
+    apps = [worker() for _ in range(3)]
+    with running(apps[0]), running(apps[1]), running(apps[2]):
+        wait_all_committed(bootstrap_servers, group, topic, timeout=300)
+    with engine.connect() as conn:
+        counts = dict(conn.execute(sa.select(transfers.c.transfer_id, sa.func.count())
+                                   .group_by(transfers.c.transfer_id)).all())
+        balances = dict(conn.execute(sa.select(accounts.c.id, accounts.c.balance)).all())
+    assert counts == {f"t-{i}": 1 for i in range(len(records))}
+    assert balances == expected
+    assert sum(app.stats["applied"] for app in apps) == len(records)
+    engine.dispose()
+
+
+def _driver_deadlock(session: Session) -> sa.exc.OperationalError:
+    """The deadlock error as SQLAlchemy reports it for this session's database."""
+    if session.get_bind().dialect.name == "postgresql":
+        import psycopg
+
+        return sa.exc.OperationalError("UPDATE accounts", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+    import pymysql
+
+    return sa.exc.OperationalError("UPDATE accounts", {}, pymysql.err.OperationalError(1213, "Deadlock found"))
+
+
+@pytest.mark.parametrize("sequenced", [False, True], ids=["by_id", "sequenced"])
+@pytest.mark.parametrize("server", ["postgres_url", "mysql_url"], ids=["postgresql", "mariadb"])
+def test_a_batch_that_keeps_deadlocking_is_retried_in_halves(
+    bootstrap_servers: str, server: str, sequenced: bool, request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A transaction that handles more than 8 records always deadlocks (it would touch every hot row).
+
+    Retried at the same size, the default batch of 100 would deadlock for
+    ever; halved after each deadlock, the batches shrink until they pass.
+    """
+    database: str = request.getfixturevalue(server)
+    drop_all_tables(database)
+    engine = engine_for(database)
+    migrate.upgrade(engine)
+    seq_metadata.create_all(engine)
+    topic = unique("halves")
+    create_topic(bootstrap_servers, topic)
+    app = make_app(bootstrap_servers, database, outbox=False)
+    caplog.set_level(logging.WARNING, logger="exactlyonce")
+
+    def handle(message: Message, session: Session) -> None:
+        calls = session.info["calls"] = session.info.get("calls", 0) + 1
+        if calls > 8:
+            raise _driver_deadlock(session)
+        insert_seq_effect(session, message)
+
+    app.handler(topic, sequence=stream_and_number if sequenced else None,
+                message_id=None if sequenced else lambda m: f"n-{stream_and_number(m)[1]}")(handle)
+    produce(bootstrap_servers, topic, [record("a", n) for n in range(1, 201)])
+    with running(app):
+        wait_all_committed(bootstrap_servers, app.group_id, topic, timeout=90)
+    assert applied(engine) == {"a": list(range(1, 201))}
+    scope = app.handlers[topic].scope
+    retries = app.metrics.registry.get_sample_value("exactlyonce_retries_total", {"scope": scope, "kind": "transient"})
+    assert retries and retries >= 2
+    assert any("retrying it in halves" in r.getMessage() for r in caplog.records)
     engine.dispose()
