@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,8 +21,25 @@ from exactlyonce.errors import ConfigurationError, TransientError
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql",
                     "mariadb": "mariadb+pymysql"}
 
-#: How long a SQLite writer waits for another process's write lock.
-SQLITE_BUSY_TIMEOUT_S = 30.0
+#: kafka-python's default ``max_poll_interval_ms``: a member that does not
+#: poll for this long is evicted from its group.
+DEFAULT_MAX_POLL_INTERVAL = timedelta(milliseconds=300_000)
+
+#: How long a framework statement waits for a row lock (PostgreSQL
+#: ``lock_timeout``, MariaDB/MySQL ``innodb_lock_wait_timeout``, SQLite's busy
+#: timeout) before it fails as transient: a tenth of the poll interval, so
+#: that a worker blocked by another's locks retries, rewinds and polls again
+#: instead of being evicted.
+DEFAULT_LOCK_TIMEOUT = DEFAULT_MAX_POLL_INTERVAL / 10
+
+#: How long a session may sit idle inside a transaction before the server ends
+#: it and releases its locks (PostgreSQL ``idle_in_transaction_session_timeout``,
+#: MariaDB ``idle_transaction_timeout``): the poll interval, past which the
+#: worker holding the transaction has been evicted from its group anyway.
+DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = DEFAULT_MAX_POLL_INTERVAL
+
+#: How long a SQLite writer waits for another process's write lock (by default).
+SQLITE_BUSY_TIMEOUT_S = DEFAULT_LOCK_TIMEOUT.total_seconds()
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -33,21 +52,36 @@ def normalize_url(url: str | URL) -> URL:
     return parsed.set(drivername=driver) if driver else parsed
 
 
-def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+def create_engine(
+    url: str | URL,
+    *,
+    lock_timeout: timedelta = DEFAULT_LOCK_TIMEOUT,
+    idle_in_transaction_timeout: timedelta = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+    **kwargs: Any,
+) -> Engine:
     """Create an engine tuned for claim-then-handle transactions.
 
     - every dialect: ``pool_pre_ping`` so a restarted database is reconnected
       to instead of failing the next transaction;
-    - SQLite: WAL, a busy timeout, and ``BEGIN IMMEDIATE`` so that a
-      transaction takes the write lock up front. Two processes claiming the
-      same ID then queue on the lock instead of failing with "database is
-      locked" when one tries to upgrade a read lock.
+    - PostgreSQL: each connection's ``lock_timeout`` and
+      ``idle_in_transaction_session_timeout``; MariaDB/MySQL:
+      ``innodb_lock_wait_timeout`` and, on MariaDB, ``idle_transaction_timeout``
+      (whole seconds, rounded up). A lock wait then fails as a transient error
+      instead of waiting for a paused worker's locks without limit, and a
+      paused worker's transaction is ended by the server;
+    - SQLite: WAL, ``lock_timeout`` as the busy timeout, and ``BEGIN
+      IMMEDIATE`` so that a transaction takes the write lock up front. Two
+      processes claiming the same ID then queue on the lock instead of failing
+      with "database is locked" when one tries to upgrade a read lock.
     """
+    for name, value in (("lock_timeout", lock_timeout), ("idle_in_transaction_timeout", idle_in_transaction_timeout)):
+        if not isinstance(value, timedelta) or value <= timedelta(0):
+            raise ConfigurationError(f"{name} must be a positive timedelta")
     parsed = normalize_url(url)
     kwargs.setdefault("pool_pre_ping", True)
     if parsed.get_backend_name() == "sqlite":
         connect_args = kwargs.setdefault("connect_args", {})
-        connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+        connect_args.setdefault("timeout", lock_timeout.total_seconds())
         # The driver's own implicit BEGIN is switched off; we emit ours below.
         connect_args.setdefault("isolation_level", None)
     try:
@@ -56,7 +90,40 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
         raise ConfigurationError(f"cannot use database URL {parsed!r}: {exc}") from exc
     if parsed.get_backend_name() == "sqlite":
         _tune_sqlite(engine, in_memory=parsed.database in (None, "", ":memory:"))
+    else:
+        _set_timeouts(engine, parsed.get_backend_name(), lock_timeout, idle_in_transaction_timeout)
     return engine
+
+
+def _set_timeouts(engine: Engine, backend: str, lock_timeout: timedelta, idle_timeout: timedelta) -> None:
+    """Set the session's lock wait and idle-in-transaction timeouts on every new connection."""
+    if backend == "postgresql":
+        statements = [
+            f"SET lock_timeout = {math.ceil(lock_timeout / timedelta(milliseconds=1))}",
+            f"SET idle_in_transaction_session_timeout = {math.ceil(idle_timeout / timedelta(milliseconds=1))}",
+        ]
+    elif backend in ("mysql", "mariadb"):
+        statements = [f"SET SESSION innodb_lock_wait_timeout = {math.ceil(lock_timeout.total_seconds())}"]
+    else:
+        return
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            for statement in statements:
+                cursor.execute(statement)
+            if backend != "postgresql":
+                cursor.execute("SELECT VERSION()")
+                if "mariadb" in str(cursor.fetchone()[0]).lower():
+                    # MySQL has no such setting.
+                    cursor.execute(
+                        f"SET SESSION idle_transaction_timeout = {math.ceil(idle_timeout.total_seconds())}"
+                    )
+        finally:
+            cursor.close()
+        # Keep the settings: commit the transaction the driver may have opened.
+        dbapi_connection.commit()
 
 
 def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:

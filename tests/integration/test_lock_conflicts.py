@@ -1,4 +1,4 @@
-"""Lock conflicts: deadlocks inside handlers, and hot rows shared by a group.
+"""Lock conflicts: deadlocks inside handlers, hot rows shared by a group, and locks held by a paused worker.
 
 A deadlock inside a sequenced handler's savepoint: InnoDB has already rolled
 back the whole transaction, so the whole transaction must be retried, never
@@ -7,6 +7,9 @@ continued (issue 11, item 3).
 Workers whose batches update the same few rows in random order: a batch lost
 to a deadlock is retried in halves, so the group keeps making progress
 (item 8).
+
+A row lock held by a transaction that never ends: a claim waiting for it
+fails as transient after the app's ``lock_timeout`` (item 9).
 """
 
 from __future__ import annotations
@@ -17,21 +20,27 @@ import random
 import sqlite3
 import threading
 import time
+from datetime import timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from exactlyonce import Message, Retry, migrate
+from exactlyonce import Claim, Message, Retry, claim, migrate
 from tests.conftest import drop_all_tables
 
 from .helpers import (
     Rec,
+    create_effects,
     create_topic,
+    dedup_rows,
+    effect_counts,
     engine_for,
+    insert_effect,
     make_app,
     produce,
+    rec,
     running,
     unique,
     wait_all_committed,
@@ -258,3 +267,68 @@ def test_a_batch_that_keeps_deadlocking_is_retried_in_halves(
     assert retries and retries >= 2
     assert any("retrying it in halves" in r.getMessage() for r in caplog.records)
     engine.dispose()
+
+
+# -- a lock held without end ----------------------------------------------------------
+
+
+def test_a_claim_blocked_by_a_held_row_lock_fails_as_transient_then_applies_once(
+    bootstrap_servers: str, database_url: str
+) -> None:
+    """Another transaction holds the dedup row's lock: the claim times out and retries, then applies once."""
+    engine = engine_for(database_url)
+    create_effects(engine)
+    topic = unique("held")
+    create_topic(bootstrap_servers, topic)
+    app = make_app(bootstrap_servers, database_url, outbox=False, lock_timeout=timedelta(seconds=1))
+
+    @app.handler(topic)
+    def handle(message: Message, session: Session) -> None:
+        insert_effect(session, (message.header("message-id") or b"").decode())
+
+    scope = app.handlers[topic].scope
+    message = Message(topic=topic, partition=0, offset=1, key=None, value=b"v:m-1")
+
+    def transient_retries() -> float:
+        value = app.metrics.registry.get_sample_value("exactlyonce_retries_total",
+                                                      {"scope": scope, "kind": "transient"})
+        return value or 0.0
+
+    with running(app):
+        # The app is consuming (on SQLite every transaction, even the
+        # runner's schema check, waits for the holder's write lock).
+        produce(bootstrap_servers, topic, [rec("m-0")])
+        wait_until(lambda: effect_counts(engine) == {"m-0": 1}, 60, "m-0 applied")
+        holder = Session(engine)
+        try:
+            holder.begin()
+            assert claim(holder, scope, "m-1", message) is Claim.NEW
+            produce(bootstrap_servers, topic, [rec("m-1")])
+            # Without a lock timeout the claim would wait for the holder forever
+            # (PostgreSQL) or 50 s (InnoDB's default).
+            wait_until(lambda: transient_retries() >= 2, 30, "the blocked claim to fail as transient, twice")
+            if not database_url.startswith("sqlite"):  # (there, reading waits for the holder too)
+                assert effect_counts(engine) == {"m-0": 1}
+        finally:
+            holder.rollback()
+            holder.close()
+        wait_until(lambda: effect_counts(engine) == {"m-0": 1, "m-1": 1}, 60, "m-1 applied")
+        wait_all_committed(bootstrap_servers, app.group_id, topic)
+    assert [(r.message_id, r.outcome) for r in dedup_rows(engine, scope)] == [("m-0", "applied"), ("m-1", "applied")]
+    assert effect_counts(engine) == {"m-0": 1, "m-1": 1}
+    engine.dispose()
+
+
+@pytest.mark.parametrize("server", ["postgres_url", "mysql_url"], ids=["postgresql", "mariadb"])
+def test_the_apps_connections_carry_its_timeouts(server: str, request: pytest.FixtureRequest) -> None:
+    database: str = request.getfixturevalue(server)
+    app = make_app("localhost:1", database, lock_timeout=timedelta(seconds=7),
+                   idle_in_transaction_timeout=timedelta(seconds=90))
+    with app.engine.connect() as conn:
+        if server == "postgres_url":
+            assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "7s"
+            assert conn.exec_driver_sql("SHOW idle_in_transaction_session_timeout").scalar_one() == "90s"
+        else:
+            row = conn.exec_driver_sql("SELECT @@innodb_lock_wait_timeout, @@idle_transaction_timeout").one()
+            assert tuple(row) == (7, 90)
+    app.engine.dispose()
