@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.orm import Session
 
-from exactlyonce.errors import ConfigurationError
+from exactlyonce.errors import ConfigurationError, TransientError
 
 # A URL without a driver gets the driver exactlyonce tests against, instead of
 # SQLAlchemy's historical default (psycopg2 / mysqlclient), which is usually
@@ -16,8 +21,25 @@ from exactlyonce.errors import ConfigurationError
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql",
                     "mariadb": "mariadb+pymysql"}
 
-#: How long a SQLite writer waits for another process's write lock.
-SQLITE_BUSY_TIMEOUT_S = 30.0
+#: kafka-python's default ``max_poll_interval_ms``: a member that does not
+#: poll for this long is evicted from its group.
+DEFAULT_MAX_POLL_INTERVAL = timedelta(milliseconds=300_000)
+
+#: How long a framework statement waits for a row lock (PostgreSQL
+#: ``lock_timeout``, MariaDB/MySQL ``innodb_lock_wait_timeout``, SQLite's busy
+#: timeout) before it fails as transient: a tenth of the poll interval, so
+#: that a worker blocked by another's locks retries, rewinds and polls again
+#: instead of being evicted.
+DEFAULT_LOCK_TIMEOUT = DEFAULT_MAX_POLL_INTERVAL / 10
+
+#: How long a session may sit idle inside a transaction before the server ends
+#: it and releases its locks (PostgreSQL ``idle_in_transaction_session_timeout``,
+#: MariaDB ``idle_transaction_timeout``): the poll interval, past which the
+#: worker holding the transaction has been evicted from its group anyway.
+DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT = DEFAULT_MAX_POLL_INTERVAL
+
+#: How long a SQLite writer waits for another process's write lock (by default).
+SQLITE_BUSY_TIMEOUT_S = DEFAULT_LOCK_TIMEOUT.total_seconds()
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -30,21 +52,36 @@ def normalize_url(url: str | URL) -> URL:
     return parsed.set(drivername=driver) if driver else parsed
 
 
-def create_engine(url: str | URL, **kwargs: Any) -> Engine:
+def create_engine(
+    url: str | URL,
+    *,
+    lock_timeout: timedelta = DEFAULT_LOCK_TIMEOUT,
+    idle_in_transaction_timeout: timedelta = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+    **kwargs: Any,
+) -> Engine:
     """Create an engine tuned for claim-then-handle transactions.
 
     - every dialect: ``pool_pre_ping`` so a restarted database is reconnected
       to instead of failing the next transaction;
-    - SQLite: WAL, a busy timeout, and ``BEGIN IMMEDIATE`` so that a
-      transaction takes the write lock up front. Two processes claiming the
-      same ID then queue on the lock instead of failing with "database is
-      locked" when one tries to upgrade a read lock.
+    - PostgreSQL: each connection's ``lock_timeout`` and
+      ``idle_in_transaction_session_timeout``; MariaDB/MySQL:
+      ``innodb_lock_wait_timeout`` and, on MariaDB, ``idle_transaction_timeout``
+      (whole seconds, rounded up). A lock wait then fails as a transient error
+      instead of waiting for a paused worker's locks without limit, and a
+      paused worker's transaction is ended by the server;
+    - SQLite: WAL, ``lock_timeout`` as the busy timeout, and ``BEGIN
+      IMMEDIATE`` so that a transaction takes the write lock up front. Two
+      processes claiming the same ID then queue on the lock instead of failing
+      with "database is locked" when one tries to upgrade a read lock.
     """
+    for name, value in (("lock_timeout", lock_timeout), ("idle_in_transaction_timeout", idle_in_transaction_timeout)):
+        if not isinstance(value, timedelta) or value <= timedelta(0):
+            raise ConfigurationError(f"{name} must be a positive timedelta")
     parsed = normalize_url(url)
     kwargs.setdefault("pool_pre_ping", True)
     if parsed.get_backend_name() == "sqlite":
         connect_args = kwargs.setdefault("connect_args", {})
-        connect_args.setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+        connect_args.setdefault("timeout", lock_timeout.total_seconds())
         # The driver's own implicit BEGIN is switched off; we emit ours below.
         connect_args.setdefault("isolation_level", None)
     try:
@@ -53,7 +90,40 @@ def create_engine(url: str | URL, **kwargs: Any) -> Engine:
         raise ConfigurationError(f"cannot use database URL {parsed!r}: {exc}") from exc
     if parsed.get_backend_name() == "sqlite":
         _tune_sqlite(engine, in_memory=parsed.database in (None, "", ":memory:"))
+    else:
+        _set_timeouts(engine, parsed.get_backend_name(), lock_timeout, idle_in_transaction_timeout)
     return engine
+
+
+def _set_timeouts(engine: Engine, backend: str, lock_timeout: timedelta, idle_timeout: timedelta) -> None:
+    """Set the session's lock wait and idle-in-transaction timeouts on every new connection."""
+    if backend == "postgresql":
+        statements = [
+            f"SET lock_timeout = {math.ceil(lock_timeout / timedelta(milliseconds=1))}",
+            f"SET idle_in_transaction_session_timeout = {math.ceil(idle_timeout / timedelta(milliseconds=1))}",
+        ]
+    elif backend in ("mysql", "mariadb"):
+        statements = [f"SET SESSION innodb_lock_wait_timeout = {math.ceil(lock_timeout.total_seconds())}"]
+    else:
+        return
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            for statement in statements:
+                cursor.execute(statement)
+            if backend != "postgresql":
+                cursor.execute("SELECT VERSION()")
+                if "mariadb" in str(cursor.fetchone()[0]).lower():
+                    # MySQL has no such setting.
+                    cursor.execute(
+                        f"SET SESSION idle_transaction_timeout = {math.ceil(idle_timeout.total_seconds())}"
+                    )
+        finally:
+            cursor.close()
+        # Keep the settings: commit the transaction the driver may have opened.
+        dbapi_connection.commit()
 
 
 def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:
@@ -79,13 +149,30 @@ _SQLITE_TRANSIENT = ("database is locked", "database is busy", "disk i/o error")
 _MYSQL_TRANSIENT = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
 
 
-def is_transient(exc: BaseException) -> bool:
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, each once."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending += [current.__context__, current.__cause__]
+
+
+def is_transient(exc: BaseException, *, chained: bool = False) -> bool:
     """Whether ``exc`` is a database failure that may pass if retried.
 
     Lost connections, deadlocks, serialization failures, lock timeouts and a
     busy SQLite file are transient; constraint violations, SQL errors and a
-    missing table are not.
+    missing table are not. With ``chained``, an exception raised from or while
+    handling a transient one (a handler that wrapped a deadlock) is transient
+    too.
     """
+    if chained:
+        return any(is_transient(each) for each in _chain(exc))
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return True
     if isinstance(exc, sa.exc.OperationalError):
@@ -97,3 +184,46 @@ def is_transient(exc: BaseException) -> bool:
             return bool(args) and args[0] in _MYSQL_TRANSIENT
         return True
     return isinstance(exc, sa.exc.InterfaceError | sa.exc.TimeoutError)
+
+
+# Deadlocks and serialization failures: the transaction lost a race for rows
+# that another one holds, and the same transaction retried at once is likely
+# to lose it again. PostgreSQL SQLSTATEs and MySQL/MariaDB error codes.
+_PG_CONFLICTS = {"40001", "40P01"}
+_MYSQL_CONFLICTS = {1213}
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, is a deadlock or serialization failure."""
+    for each in _chain(exc):
+        orig = each.orig if isinstance(each, sa.exc.DBAPIError) else each
+        if getattr(orig, "sqlstate", None) in _PG_CONFLICTS or getattr(orig, "pgcode", None) in _PG_CONFLICTS:
+            return True
+        if type(orig).__module__.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
+            args: tuple[Any, ...] = getattr(orig, "args", ())
+            if args and args[0] in _MYSQL_CONFLICTS:
+                return True
+    return False
+
+
+_SAVEPOINT_STATEMENTS = ("RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")
+
+
+@contextlib.contextmanager
+def savepoint(session: Session) -> Iterator[None]:
+    """Run the block in a SAVEPOINT of the session's transaction; roll back to it if the block raises.
+
+    When the savepoint itself cannot be released or rolled back to, the
+    database has already rolled back the whole transaction (InnoDB does on a
+    deadlock, and on a lock wait timeout with ``innodb_rollback_on_timeout``),
+    or the connection is gone: nothing more may run in that transaction.
+    :class:`TransientError` is raised then, so that the caller rolls back and
+    retries the whole transaction.
+    """
+    try:
+        with session.begin_nested():
+            yield
+    except sa.exc.DBAPIError as exc:
+        if (exc.statement or "").lstrip().upper().startswith(_SAVEPOINT_STATEMENTS):
+            raise TransientError(f"the transaction was rolled back under its savepoint: {exc.orig}") from exc
+        raise

@@ -115,6 +115,17 @@ class App:
     secret)``, default from ``EXACTLYONCE_SIGNING_KEY``) signs what the
     app's outbox relay sends.
 
+    ``lock_timeout``: how long a statement of the app's transactions waits
+    for a row lock before it fails as a transient error (PostgreSQL
+    ``lock_timeout``, MariaDB/MySQL ``innodb_lock_wait_timeout``, SQLite's busy
+    timeout); default a tenth of the consumer's ``max_poll_interval_ms``, and
+    it must be below that interval. ``idle_in_transaction_timeout``: how long
+    a session may sit idle inside a transaction before the server ends it
+    (PostgreSQL ``idle_in_transaction_session_timeout``, MariaDB
+    ``idle_transaction_timeout``); default ``max_poll_interval_ms``. Together
+    they keep a paused worker's locks from stalling the partitions' next
+    owners.
+
     ``metrics``: the app's Prometheus metrics (``exactlyonce run
     --metrics-port`` serves them).
     """
@@ -132,6 +143,8 @@ class App:
         outbox: bool = True,
         signing_keys: Mapping[str, bytes | str] | None = None,
         signing_key: signing.SigningKey | None = None,
+        lock_timeout: timedelta | None = None,
+        idle_in_transaction_timeout: timedelta | None = None,
     ) -> None:
         if not isinstance(group_id, str) or not group_id:
             raise ConfigurationError("group_id must be a non-empty string")
@@ -154,6 +167,23 @@ class App:
             raise ConfigurationError("signing_keys is empty: give at least one key, or None to not verify")
         key = signing_key if signing_key is not None else signing.signing_key_from_env()
         self.signing_key: signing.SigningKey | None = signing.check_signing_key(key) if key is not None else None
+        max_poll = timedelta(milliseconds=self.consumer_config.get(
+            "max_poll_interval_ms", _db.DEFAULT_MAX_POLL_INTERVAL / timedelta(milliseconds=1)))
+        timeouts = {"lock_timeout": lock_timeout, "idle_in_transaction_timeout": idle_in_transaction_timeout}
+        for name, value in timeouts.items():
+            if value is not None and (not isinstance(value, timedelta) or value <= timedelta(0)):
+                raise ConfigurationError(f"{name} must be a positive timedelta")
+        #: How long a statement waits for a row lock before failing as transient.
+        self.lock_timeout = lock_timeout if lock_timeout is not None else max_poll / 10
+        if self.lock_timeout >= max_poll:
+            raise ConfigurationError(
+                f"lock_timeout ({self.lock_timeout}) must be below max_poll_interval_ms ({max_poll}): a claim "
+                "waiting longer for a row lock gets its worker evicted from the group"
+            )
+        #: How long a session may be idle inside a transaction before the server ends it.
+        self.idle_in_transaction_timeout = (
+            idle_in_transaction_timeout if idle_in_transaction_timeout is not None else max_poll
+        )
         self.metrics = Metrics()
         self._handlers: dict[str, Handler] = {}
         self._engine: Engine | None = None
@@ -308,7 +338,11 @@ class App:
     def engine(self) -> Engine:
         """The SQLAlchemy engine, created on first use."""
         if self._engine is None:
-            self._engine = _db.create_engine(self.database_url)
+            self._engine = _db.create_engine(
+                self.database_url,
+                lock_timeout=self.lock_timeout,
+                idle_in_transaction_timeout=self.idle_in_transaction_timeout,
+            )
         return self._engine
 
     # -- running ------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -58,6 +59,10 @@ DLQ_HEADER_PREFIX = "x-exactlyonce-"
 #: How often, at most, a runner looks for sequence gaps older than their timeout.
 MAX_GAP_CHECK_INTERVAL_S = 30.0
 
+#: The longest pause (a random share of it) before the halves of a batch
+#: that hit a deadlock or serialization failure are tried.
+CONFLICT_BACKOFF_S = 0.2
+
 
 class _Stopped(BaseException):
     """Raised out of a retry wait when a stop was requested (never escapes run)."""
@@ -68,7 +73,14 @@ class _Unclaimable(Exception):
 
 
 def _is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TransientError) or _db.is_transient(exc)
+    # A handler's exception raised from (or while handling) a deadlock is the
+    # deadlock: the database may already have rolled the transaction back.
+    return isinstance(exc, TransientError) or _db.is_transient(exc, chained=True)
+
+
+def _is_transient_not_conflict(exc: BaseException) -> bool:
+    """Transient, but not a deadlock or serialization failure (retried smaller instead)."""
+    return _is_transient(exc) and not _db.is_conflict(exc)
 
 
 def _is_handler_failure(exc: BaseException) -> bool:
@@ -249,9 +261,14 @@ class Runner:
             message, message_id = items[0]
             return [self._transient_safe(handler, message, lambda: self._handle(handler, message, message_id))]
         try:
-            results = self._transient_safe(handler, items[0][0], lambda: self._apply(handler, items))
-        except TransientError:
-            raise
+            results = self._transient_safe(handler, items[0][0], lambda: self._apply(handler, items),
+                                           retry_on=_is_transient_not_conflict)
+        except TransientError as exc:
+            if not _db.is_conflict(exc):
+                raise
+            self._back_off_conflict(handler, len(items), exc)
+            middle = len(items) // 2
+            return self._run(handler, items[:middle]) + self._run(handler, items[middle:])
         except Exception as exc:
             log.info("a batch of %d failed (%s: %s); splitting it", len(items), type(exc).__name__, exc)
             middle = len(items) // 2
@@ -263,10 +280,13 @@ class Runner:
             outcomes.append(result)
         return outcomes
 
-    def _transient_safe(self, handler: Handler, message: Message, fn: Callable[[], T]) -> T:
-        """Run ``fn`` with transient retries; past the budget raise TransientError."""
+    def _transient_safe(
+        self, handler: Handler, message: Message, fn: Callable[[], T],
+        retry_on: Callable[[BaseException], bool] = _is_transient,
+    ) -> T:
+        """Run ``fn`` with transient retries (of the failures ``retry_on`` accepts); then raise TransientError."""
         try:
-            return self._retry_transient(fn, scope=handler.scope)
+            return self._retry_transient(fn, scope=handler.scope, retry_on=retry_on)
         except TransientError:
             raise
         except Exception as exc:
@@ -398,8 +418,34 @@ class Runner:
             except MessageError as exc:
                 outcomes.append(self._dead_letter_safely(handler, message, exc))
         if items:
-            outcomes += self._transient_safe(handler, items[0][0], lambda: self._apply_sequenced(handler, items))
+            outcomes += self._run_sequenced(handler, items)
         return outcomes
+
+    def _run_sequenced(self, handler: Handler, items: list[tuple[Message, str, str, int]]) -> list[str]:
+        """Apply ``items`` in one transaction; after a deadlock or serialization failure, in halves."""
+        if len(items) == 1:
+            return self._transient_safe(handler, items[0][0], lambda: self._apply_sequenced(handler, items))
+        try:
+            return self._transient_safe(handler, items[0][0], lambda: self._apply_sequenced(handler, items),
+                                        retry_on=_is_transient_not_conflict)
+        except TransientError as exc:
+            if not _db.is_conflict(exc):
+                raise
+            self._back_off_conflict(handler, len(items), exc)
+            middle = len(items) // 2
+            return self._run_sequenced(handler, items[:middle]) + self._run_sequenced(handler, items[middle:])
+
+    def _back_off_conflict(self, handler: Handler, size: int, exc: BaseException) -> None:
+        """Count and log a batch lost to a deadlock or serialization failure; wait a random moment.
+
+        Retrying the same batch would meet the same rows in the same order
+        again; halves (down to single records) hold fewer locks for less
+        time, and the random pause desynchronizes the workers that collided.
+        """
+        self._metrics.retry(handler.scope, "transient")
+        log.warning("a batch of %d records of %s lost a lock conflict (%s); retrying it in halves",
+                    size, handler.scope, exc)
+        self._sleep(random.uniform(0, CONFLICT_BACKOFF_S))
 
     @staticmethod
     def _sequence_of(handler: Handler, message: Message) -> Any:
@@ -515,7 +561,10 @@ class Runner:
             nonlocal attempts
             attempts += 1
             started = time.monotonic()
-            with session.begin_nested():
+            # If the database rolled back the whole transaction under the
+            # savepoint (a deadlock on InnoDB), this raises TransientError:
+            # the whole transaction is retried, never continued.
+            with _db.savepoint(session):
                 _session.call(handler.func, message, session, handler.scope)
             self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
 
@@ -727,15 +776,17 @@ class Runner:
 
     # -- retries ------------------------------------------------------------
 
-    def _retry_transient(self, fn: Callable[[], T], *, scope: str = "") -> T:
-        """Retry ``fn`` on transient failures for the app's budget, then raise."""
+    def _retry_transient(
+        self, fn: Callable[[], T], *, scope: str = "", retry_on: Callable[[BaseException], bool] = _is_transient
+    ) -> T:
+        """Retry ``fn`` on transient failures (those ``retry_on`` accepts) for the app's budget, then raise."""
 
         def before_sleep(state: Any) -> None:
             self._metrics.retry(scope, "transient")
             log.warning("transient failure, retrying: %s", state.outcome and state.outcome.exception())
 
         return Retrying(
-            retry=retry_if_exception(_is_transient),
+            retry=retry_if_exception(retry_on),
             stop=stop_after_delay(self._app.transient_retry_budget.total_seconds()),
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             sleep=self._sleep,

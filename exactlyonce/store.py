@@ -28,6 +28,7 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from exactlyonce import _db
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, counters, processed
@@ -133,7 +134,7 @@ def _insert_one(session: Session, row: dict[str, Any], *, savepoint: bool) -> bo
     # databases may abort the transaction, so they get a savepoint around it.
     try:
         if savepoint:
-            with session.begin_nested():
+            with _db.savepoint(session):
                 session.execute(sa.insert(processed).values(row))
         else:
             session.execute(sa.insert(processed).values(row))

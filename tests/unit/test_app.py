@@ -185,3 +185,25 @@ def test_sync_handlers_are_accepted(func: Any) -> None:
     """Plain functions, partials, callable objects and sync wrappers register (a wrapper may run the coroutine)."""
     app = App(group_id="g")
     assert app.handler("t")(func) is func
+
+
+def test_database_timeouts_default_from_the_poll_interval_and_stay_below_it() -> None:
+    """lock_timeout defaults to a tenth of max_poll_interval_ms, the idle timeout to all of it."""
+    app = App("g")
+    assert (app.lock_timeout, app.idle_in_transaction_timeout) == (timedelta(seconds=30), timedelta(seconds=300))
+    app = App("g", consumer_config={"max_poll_interval_ms": 60_000})
+    assert (app.lock_timeout, app.idle_in_transaction_timeout) == (timedelta(seconds=6), timedelta(seconds=60))
+    app = App("g", lock_timeout=timedelta(seconds=2), idle_in_transaction_timeout=timedelta(minutes=10))
+    assert (app.lock_timeout, app.idle_in_transaction_timeout) == (timedelta(seconds=2), timedelta(minutes=10))
+    with pytest.raises(ConfigurationError, match="below max_poll_interval_ms"):
+        App("g", consumer_config={"max_poll_interval_ms": 10_000}, lock_timeout=timedelta(seconds=10))
+    with pytest.raises(ConfigurationError, match="positive"):
+        App("g", idle_in_transaction_timeout=timedelta(0))
+
+
+def test_sqlite_busy_timeout_is_the_lock_timeout(tmp_path: Any) -> None:
+    """On SQLite the lock timeout is the busy timeout."""
+    app = App("g", database_url=f"sqlite:///{tmp_path}/x.db", lock_timeout=timedelta(seconds=3))
+    with app.engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 3000
+    app.engine.dispose()

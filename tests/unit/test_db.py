@@ -59,3 +59,44 @@ def test_mysql_errors_are_transient_only_for_connection_and_lock_codes() -> None
     assert _db.is_transient(_operational(pymysql.err.OperationalError(1213, "Deadlock found")))
     assert _db.is_transient(_operational(pymysql.err.OperationalError(2013, "Lost connection")))
     assert not _db.is_transient(_operational(pymysql.err.OperationalError(1054, "Unknown column")))
+
+
+def test_an_error_raised_from_or_while_handling_a_transient_one_is_transient_when_chained() -> None:
+    """A handler that wraps a deadlock still failed on a deadlock."""
+    import pymysql
+
+    deadlock = _operational(pymysql.err.OperationalError(1213, "Deadlock found"))
+    try:
+        try:
+            raise deadlock
+        except sa.exc.OperationalError as exc:
+            raise RuntimeError("could not move the money") from exc
+    except RuntimeError as wrapped:
+        assert not _db.is_transient(wrapped)
+        assert _db.is_transient(wrapped, chained=True)
+    assert not _db.is_transient(ValueError("handler bug"), chained=True)
+
+
+def test_a_savepoint_the_database_already_discarded_raises_transient(tmp_path: object) -> None:
+    """When the whole transaction is gone under a savepoint, nothing more runs in it: TransientError."""
+    from sqlalchemy.orm import Session
+
+    from exactlyonce import TransientError
+
+    engine = _db.create_engine(f"sqlite:///{tmp_path}/x.db")
+    try:
+        with pytest.raises(TransientError), Session(engine) as session, session.begin():
+            session.execute(sa.text("CREATE TABLE t (x INTEGER)"))
+            # A failure the savepoint contains: rolled back to, re-raised as is.
+            with pytest.raises(ZeroDivisionError), _db.savepoint(session):
+                session.execute(sa.text("INSERT INTO t VALUES (1)"))
+                raise ZeroDivisionError
+            assert session.execute(sa.text("SELECT count(*) FROM t")).scalar_one() == 0
+            # The transaction ends under the savepoint (as InnoDB ends it on a
+            # deadlock): rolling back to the savepoint fails, and the error
+            # leaves the whole transaction (whose own rollback succeeds).
+            with _db.savepoint(session):
+                session.connection().exec_driver_sql("ROLLBACK")
+                raise ZeroDivisionError
+    finally:
+        engine.dispose()
