@@ -9,7 +9,6 @@ settings here; kafka-python's exceptions become exactlyonce's here.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import socket
 import ssl
@@ -25,7 +24,7 @@ from exactlyonce.message import Message
 
 log = logging.getLogger("exactlyonce")
 
-__all__ = ["Consumer", "RecordProducer", "TopicPartition", "is_refusal", "is_retriable", "to_message"]
+__all__ = ["Consumer", "RecordProducer", "TopicPartition", "is_collateral", "is_refusal", "is_retriable", "to_message"]
 
 #: exactlyonce's consumer defaults; ``App(consumer_config=...)`` overrides them.
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -243,9 +242,14 @@ class RecordProducer:
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every queued record has an outcome (acknowledged or failed)."""
-        # On a timeout the futures still pending report it.
-        with contextlib.suppress(kafka.errors.KafkaTimeoutError):
+        # On a timeout the futures still pending report it. So they do when
+        # kafka-python's flush gives up otherwise (after a fatal error it can
+        # raise UnknownError "Future not done").
+        try:
             self._producer.flush(timeout=timeout_s)
+        except kafka.errors.KafkaError as exc:
+            if not isinstance(exc, kafka.errors.KafkaTimeoutError):
+                log.debug("producer flush: %s", exc)
 
     def close(self) -> None:
         """Flush and close."""
@@ -354,6 +358,12 @@ def is_refusal(exc: BaseException) -> bool:
     on its own.
     """
     return isinstance(exc, _REFUSALS)
+
+
+def is_collateral(exc: BaseException) -> bool:
+    """Whether ``exc`` failed a record for another record's fault (a batch-mate the broker found invalid)."""
+    # kafka-python gives the innocent records of such a batch a bare KafkaError.
+    return type(exc) is kafka.errors.KafkaError
 
 
 def _fmt(partitions: Iterable[TopicPartition]) -> str:
