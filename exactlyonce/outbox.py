@@ -433,6 +433,7 @@ class Relay:
                 batch.failure = batch.failure or exc
                 return batch
             settled: set[int] = set()
+            failed_keys: set[str] = set()  # in this flight
             for row in flight:
                 if row.id not in outcomes:
                     # Not sent: an earlier row of its key was refused at send().
@@ -440,13 +441,19 @@ class Relay:
                 error, conclusive = outcomes[row.id]
                 settled.add(row.id)
                 if error is None:
-                    if row.ordering_key in stopped:
+                    if row.ordering_key in failed_keys:
                         log.warning("outbox row %d (message %s to %s) was acknowledged after an earlier row of "
                                     "its key failed: that key's order is broken on the topic", row.id,
                                     row.message_id, row.topic)
                     batch.sent.append(row.id)
                     self._prove(row.topic, sizes[row.id])
-                elif not conclusive and (_kafka.is_refusal(error) or _kafka.is_collateral(error)):
+                    continue
+                failed_keys.add(row.ordering_key)
+                if _kafka.is_refusal(error):
+                    # The topic's limits may have changed: no row of it is safe
+                    # until one is acknowledged again.
+                    self._proven.pop(row.topic, None)
+                if not conclusive and (_kafka.is_refusal(error) or _kafka.is_collateral(error)):
                     suspects.add(row.id)
                     settled.discard(row.id)
                 elif _kafka.is_refusal(error):
