@@ -533,8 +533,9 @@ class Relay:
 
 
 def _reason(error: BaseException) -> str:
-    text = str(error)
-    return text if type(error).__name__ in text else f"{type(error).__name__}: {text}"
+    """``Class: detail``; the broker often sends no message, then kafka-python's description of the code."""
+    detail = error.args[0] if error.args and error.args[0] is not None else getattr(error, "description", "")
+    return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 
 
 def _size(row: sa.Row[Any]) -> int:
