@@ -12,11 +12,12 @@ if the caller's transaction commits. A :class:`Relay` sends the pending rows:
 2. hold back every row that an earlier pending row of its topic and key
    precedes outside this batch (another relay holds it, or the broker refused
    it): sending ours first would overtake it;
-3. send the rest in ``id`` order, in waves: a key's next row goes only once
-   its earlier rows of the batch are acknowledged, except rows no larger than
-   one the broker already took on their topic, which go together. A row that
-   fails stops its key for the rest of the batch: no later row of that key
-   can overtake it;
+3. send the rest in ``id`` order: rows no larger than one the broker already
+   took on their topic go together, each key's run of them in order; a row
+   that could be refused for its size goes alone, and its key's later rows
+   wait for its outcome (kafka-python's idempotent producer fails every
+   record in flight after a refusal). A row that fails stops its key for the
+   rest of the batch: no later row of that key can overtake it;
 4. in the same transaction, set ``sent_at`` on every acknowledged row (also
    when other rows of the batch failed), and ``refused_at``/``refusal`` on
    every row the broker refused for good (too large, topic invalid or not
@@ -67,7 +68,7 @@ BACKLOG_INTERVAL = timedelta(seconds=1)
 #: A refusal's text is cut to this many characters in ``exactlyonce_outbox.refusal``.
 MAX_REFUSAL_LENGTH = 1000
 # The largest row a relay saw acknowledged, per topic, is remembered for at
-# most this many topics (then forgotten, which only costs a few waves).
+# most this many topics (then forgotten, which only costs a few rows sent alone).
 _MAX_PROVEN_TOPICS = 10_000
 
 
@@ -217,7 +218,7 @@ class Relay:
         self._producer: _kafka.RecordProducer | None = None
         # Per topic, the size (see _size) of the largest row acknowledged: a
         # row no larger cannot be refused for its size, so the rows of a key
-        # up to the next larger one go in one wave.
+        # up to the next larger one go together.
         self._proven: dict[str, int] = {}
         #: Records this relay sent and marked sent.
         self.published = 0
