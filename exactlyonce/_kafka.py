@@ -25,7 +25,7 @@ from exactlyonce.message import Message
 
 log = logging.getLogger("exactlyonce")
 
-__all__ = ["Consumer", "RecordProducer", "TopicPartition", "is_retriable", "to_message"]
+__all__ = ["Consumer", "RecordProducer", "TopicPartition", "is_collateral", "is_refusal", "is_retriable", "to_message"]
 
 #: exactlyonce's consumer defaults; ``App(consumer_config=...)`` overrides them.
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -243,9 +243,14 @@ class RecordProducer:
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every queued record has an outcome (acknowledged or failed)."""
-        # On a timeout the futures still pending report it.
-        with contextlib.suppress(kafka.errors.KafkaTimeoutError):
+        # On a timeout the futures still pending report it. So they do when
+        # kafka-python's flush gives up otherwise (after a fatal error it can
+        # raise UnknownError "Future not done").
+        try:
             self._producer.flush(timeout=timeout_s)
+        except kafka.errors.KafkaError as exc:
+            if not isinstance(exc, kafka.errors.KafkaTimeoutError):
+                log.debug("producer flush: %s", exc)
 
     def close(self) -> None:
         """Flush and close."""
@@ -427,6 +432,39 @@ def is_retriable(exc: BaseException) -> bool:
     return bool(getattr(exc, "retriable", False)) or isinstance(
         exc, kafka.errors.KafkaTimeoutError | kafka.errors.KafkaConnectionError
     )
+
+
+#: What the broker (or the client, for ``max_request_size``) says about a
+#: record, or its topic, that sending it again cannot change. Anything else
+#: that fails a record may be the fault of another record of its batch
+#: (kafka-python fails the innocent records of a batch with a plain
+#: ``KafkaError``), of the producer (an epoch bump fails the batches in
+#: flight) or of the moment.
+_REFUSALS: tuple[type[BaseException], ...] = (
+    kafka.errors.MessageSizeTooLargeError,  # the record alone exceeds max.message.bytes / max_request_size
+    kafka.errors.RecordListTooLargeError,
+    kafka.errors.InvalidTopicError,
+    kafka.errors.TopicAuthorizationFailedError,
+    kafka.errors.InvalidRecordError,  # the broker's record validation (e.g. a keyless record on a compacted topic)
+    kafka.errors.InvalidTimestampError,
+    kafka.errors.PolicyViolationError,
+)
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` says this record can never be written as it is (too large, topic invalid or forbidden).
+
+    kafka-python splits a batch the broker finds too large and retries its
+    records separately, so a size refusal names a record that is too large
+    on its own.
+    """
+    return isinstance(exc, _REFUSALS)
+
+
+def is_collateral(exc: BaseException) -> bool:
+    """Whether ``exc`` failed a record for another record's fault (a batch-mate the broker found invalid)."""
+    # kafka-python gives the innocent records of such a batch a bare KafkaError.
+    return type(exc) is kafka.errors.KafkaError
 
 
 def _fmt(partitions: Iterable[TopicPartition]) -> str:

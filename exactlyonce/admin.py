@@ -28,11 +28,12 @@ from kafka.structs import TopicPartition
 from sqlalchemy.engine import Engine
 
 from exactlyonce import migrate, store
+from exactlyonce import outbox as _outbox
 from exactlyonce._kafka import bootstrap_failure
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER
 from exactlyonce.runner import DLQ_HEADER_PREFIX
-from exactlyonce.schema import Outcome, counters, parked, processed, sequence_streams
+from exactlyonce.schema import Outcome, counters, outbox, parked, processed, sequence_streams
 
 log = logging.getLogger("exactlyonce.admin")
 
@@ -40,6 +41,7 @@ __all__ = [
     "DeadLetterRecord",
     "Finding",
     "KafkaReader",
+    "OutboxStatus",
     "PartitionStatus",
     "ReplayItem",
     "ScopeStatus",
@@ -324,6 +326,25 @@ class ScopeStatus:
         }
 
 
+#: ``status`` lists at most this many refused outbox rows (the count covers all).
+MAX_REFUSED_SHOWN = 100
+
+
+@dataclass
+class OutboxStatus:
+    """The outbox: rows not yet sent, and the rows the broker refused (each holding back its key)."""
+
+    pending: int
+    refused_count: int
+    #: The oldest refused rows (at most :data:`MAX_REFUSED_SHOWN`).
+    refused: list[_outbox.RefusedRow] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return {"pending": self.pending, "refused": self.refused_count,
+                "refused_rows": [r.to_json() for r in self.refused]}
+
+
 @dataclass
 class Status:
     """What ``exactlyonce status`` shows."""
@@ -331,17 +352,35 @@ class Status:
     scopes: list[ScopeStatus]
     #: Why the lag is unknown (broker unreachable, ...); ``None`` when it was read.
     lag_error: str | None = None
+    #: ``None`` when the database's outbox table predates refusals (revision 0005).
+    outbox: OutboxStatus | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"scopes": [s.to_json() for s in self.scopes], "lag_error": self.lag_error}
+        return {"scopes": [s.to_json() for s in self.scopes], "lag_error": self.lag_error,
+                "outbox": None if self.outbox is None else self.outbox.to_json()}
+
+
+def outbox_status(engine: Engine) -> OutboxStatus | None:
+    """Pending and refused outbox rows; ``None`` if the outbox table is missing or not upgraded."""
+    if not sa.inspect(engine).has_table(outbox.name) or _outbox.missing_columns(engine):
+        return None
+    with engine.connect() as conn:
+        pending, refused_count = conn.execute(
+            sa.select(sa.func.count(), sa.func.count(outbox.c.refused_at))
+            .select_from(outbox).where(outbox.c.sent_at.is_(None))
+        ).one()
+    rows = _outbox.refused(engine, limit=MAX_REFUSED_SHOWN) if refused_count else []
+    return OutboxStatus(pending=int(pending), refused_count=int(refused_count), refused=rows)
 
 
 def status(engine: Engine, reader: KafkaReader | None) -> Status:
-    """Per scope: the exact counts of ``exactlyonce_counters``, open gaps, and (with ``reader``) lag.
+    """Per scope: the exact counts of ``exactlyonce_counters``, open gaps, and (with ``reader``) lag; the outbox.
 
     The counts come from the database alone, so they are shown even when the
     broker is unreachable; the lag then is ``None`` and ``lag_error`` says why.
+    The outbox part (:func:`outbox_status`) counts the pending rows and lists
+    the refused ones.
     """
     migrate.require_tables(engine, counters, sequence_streams)
     scopes: dict[str, ScopeStatus] = {}
@@ -363,7 +402,7 @@ def status(engine: Engine, reader: KafkaReader | None) -> Status:
         ))
     for name, count in gaps.items():
         scopes.setdefault(name, ScopeStatus(scope=name, group_id="")).open_gaps = int(count)
-    result = Status(scopes=[scopes[name] for name in sorted(scopes)])
+    result = Status(scopes=[scopes[name] for name in sorted(scopes)], outbox=outbox_status(engine))
     if reader is None:
         result.lag_error = "no Kafka bootstrap servers given"
         return result

@@ -8,6 +8,8 @@
     exactlyonce db current                           print the applied revision
     exactlyonce prune --older-than 15d               delete old dedup rows, in small batches
     exactlyonce relay [--once]                       send the outbox's pending messages until SIGTERM/SIGINT
+    exactlyonce outbox release ID... | --all         send refused outbox rows again (after fixing the cause)
+    exactlyonce outbox discard ID...                 delete refused outbox rows; the rows behind them go on
     exactlyonce status                               per scope: counts, open gaps, consumer lag
     exactlyonce inspect MESSAGE_ID                   what happened to one message
     exactlyonce dlq list TOPIC                       the records of a dead-letter topic
@@ -191,7 +193,21 @@ def _parser() -> argparse.ArgumentParser:
                        help="serve the outbox backlog gauge at http://0.0.0.0:PORT/metrics")
     relay.add_argument("--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS)
 
-    status = commands.add_parser("status", help="per handler scope: counts, open gaps, consumer lag")
+    box = commands.add_parser("outbox", help="release or discard outbox rows the broker refused")
+    box_commands = box.add_subparsers(dest="outbox_command", required=True)
+    release = box_commands.add_parser("release", help="make refused rows pending again: the relay sends them, "
+                                      "then the rows of their keys that waited (fix the cause first)")
+    release.add_argument("ids", nargs="*", type=int, metavar="ID", help="outbox row ids (see `status`)")
+    release.add_argument("--all", action="store_true", help="every refused row")
+    discard = box_commands.add_parser("discard", help="delete refused rows (their records are never sent); "
+                                      "the rows of their keys that waited go on")
+    discard.add_argument("ids", nargs="+", type=int, metavar="ID", help="outbox row ids (see `status`)")
+    for sub in (release, discard):
+        _database_option(sub)
+        _json_option(sub)
+
+    status = commands.add_parser("status", help="per handler scope: counts, open gaps, consumer lag; "
+                                 "the outbox's pending and refused rows")
     _database_option(status)
     _kafka_options(status)
     _json_option(status)
@@ -324,6 +340,7 @@ def _relay(args: argparse.Namespace) -> None:
     """Run a Relay until SIGTERM/SIGINT (or, with ``--once``, until nothing is left to send)."""
     engine = _db.create_engine(_database_url(args))
     migrate.require_tables(engine, schema.outbox)
+    outbox.require_columns(engine)
     metrics = Metrics() if args.metrics_port is not None else None
     relay = outbox.Relay(engine, _bootstrap_servers(args), batch_size=args.batch_size,
                          producer_config=admin.producer_settings(dict(args.kafka_config)),
@@ -382,6 +399,30 @@ def _redelivery_horizons(
             reader.close()
     problem = f"the broker's settings could not be read: {why}"
     return {topic: store.fallback_horizon(topic, args.horizon, problem) for topic in topics}, problem
+
+
+def _outbox(args: argparse.Namespace) -> None:
+    """Release or discard refused outbox rows."""
+    if args.outbox_command == "release" and bool(args.ids) == bool(args.all):
+        raise ExactlyOnceError("name the refused rows to release (IDs, see `exactlyonce status`) or pass --all")
+    engine = _db.create_engine(_database_url(args))
+    try:
+        migrate.require_tables(engine, schema.outbox)
+        outbox.require_columns(engine)
+        if args.outbox_command == "release":
+            count = outbox.release(engine, None if args.all else args.ids)
+        else:
+            count = outbox.discard(engine, args.ids)
+        left = outbox.refused(engine)
+    finally:
+        engine.dispose()
+    verb = "released" if args.outbox_command == "release" else "discarded"
+    if args.json:
+        _print_json({verb: count, "refused": [r.to_json() for r in left]})
+        return
+    what = "pending again: the relay sends them, then the rows that waited behind them" if verb == "released" \
+        else "deleted: the rows that waited behind them go on"
+    print(f"{verb} {count} refused outbox row(s) ({what}); {len(left)} refused row(s) left")
 
 
 def _prune(args: argparse.Namespace) -> None:
@@ -450,7 +491,8 @@ def _status(args: argparse.Namespace) -> None:
         return
     header = f"database {url}, broker {source['bootstrap_servers'] or '(none)'}"
     if not result.scopes:
-        _print(header, "no handler scope has processed anything yet (table exactlyonce_counters is empty)")
+        _print(header, "no handler scope has processed anything yet (table exactlyonce_counters is empty)",
+               *_outbox_renderables(result.outbox))
         return
     summary = Table(title="handler scopes", title_justify="left")
     for name in ("scope", "group", "applied", "dups", "skipped", "dead", "parked", "gaps", "last processed", "lag"):
@@ -471,7 +513,26 @@ def _status(args: argparse.Namespace) -> None:
     renderables: list[Any] = [header, summary, partitions]
     if result.lag_error:
         renderables.append(f"consumer lag unknown: {result.lag_error}")
-    _print(*renderables)
+    _print(*renderables, *_outbox_renderables(result.outbox))
+
+
+def _outbox_renderables(status: admin.OutboxStatus | None) -> list[Any]:
+    if status is None:
+        return ["outbox: unknown (no outbox table at the current revision; run `exactlyonce db upgrade`)"]
+    line = f"outbox: {_num(status.pending)} pending, {_num(status.refused_count)} refused by the broker"
+    if not status.refused:
+        return [line]
+    table = Table(title="refused outbox rows (each holds back the later rows of its topic and key)",
+                  title_justify="left")
+    for name in ("id", "topic", "key", "message id", "refused", "waiting", "reason"):
+        table.add_column(name, justify="right" if name in ("id", "waiting") else "left",
+                         overflow="fold", no_wrap=name == "refused")
+    for r in status.refused:
+        key = "(none)" if r.key is None else r.key.decode("utf-8", "replace")
+        table.add_row(str(r.id), r.topic, key, r.message_id, _when(r.refused_at), _num(r.waiting), r.reason)
+    hint = ("fix the cause (the topic's max.message.bytes, its ACLs), then `exactlyonce outbox release ID` "
+            "(or `--all`); `exactlyonce outbox discard ID` drops a row for good")
+    return [line, table, hint]
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -614,6 +675,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _db_command(args)
     elif args.command == "relay":
         _relay(args)
+    elif args.command == "outbox":
+        _outbox(args)
     elif args.command == "status":
         _status(args)
     elif args.command == "inspect":

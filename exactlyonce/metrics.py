@@ -84,6 +84,11 @@ class Metrics:
             "Outbox rows not yet published by the relay.",
             registry=self.registry,
         )
+        self._outbox_refused = Gauge(
+            "exactlyonce_outbox_refused",
+            "Outbox rows the broker refused for good, waiting for an operator (exactlyonce outbox release).",
+            registry=self.registry,
+        )
         self._open_gaps = Gauge(
             "exactlyonce_sequence_open_gaps",
             "Sequenced streams of a scope currently waiting for a missing sequence number.",
@@ -112,6 +117,10 @@ class Metrics:
     def outbox_backlog(self, pending: int) -> None:
         """Set the number of outbox rows waiting for the relay."""
         self._outbox_backlog.set(pending)
+
+    def outbox_refused(self, count: int) -> None:
+        """Set the number of outbox rows the broker refused (each holds back the later rows of its key)."""
+        self._outbox_refused.set(count)
 
     def open_gaps(self, scope: str, count: int) -> None:
         """Set the number of sequenced streams of ``scope`` that wait for a gap to fill."""

@@ -63,6 +63,24 @@ def encode_value(value: bytes | str | Any) -> bytes:
     return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
 
 
+def stamp_headers(
+    message_id: str,
+    key: bytes | None,
+    value: bytes,
+    headers: Iterable[tuple[str, bytes]],
+    signing_key: SigningKey | None,
+) -> list[tuple[str, bytes]]:
+    """A record's headers as sent: the caller's, then ``message-id``, then the signature if signing."""
+    # Ours replace the caller's: one message-id (and signature) per record,
+    # so the consumer never has to guess which copy counts.
+    ours = {DEFAULT_HEADER, SIGNATURE_HEADER, KEY_ID_HEADER} if signing_key else {DEFAULT_HEADER}
+    stamped = [(name, data) for name, data in headers if name not in ours]
+    stamped.append((DEFAULT_HEADER, message_id.encode("utf-8")))
+    if signing_key is not None:
+        stamped += sign(message_id, key, value, signing_key)
+    return stamped
+
+
 @dataclass(slots=True)
 class _Outgoing:
     topic: str
@@ -135,15 +153,9 @@ class Producer:
         message_id = message_id or new_message_id()
         if not 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
             raise ConfigurationError(f"message_id must have 1 to {MAX_MESSAGE_ID_LENGTH} characters")
-        # Ours replace the caller's: one message-id (and signature) per record,
-        # so the consumer never has to guess which copy counts.
-        ours = {DEFAULT_HEADER, SIGNATURE_HEADER, KEY_ID_HEADER} if self._signing_key else {DEFAULT_HEADER}
-        extra = [(name, data) for name, data in (headers or ()) if name not in ours]
         raw_key = key.encode("utf-8") if isinstance(key, str) else key
         raw_value = encode_value(value)
-        stamped = [*extra, (DEFAULT_HEADER, message_id.encode("utf-8"))]
-        if self._signing_key is not None:
-            stamped += sign(message_id, raw_key, raw_value, self._signing_key)
+        stamped = stamp_headers(message_id, raw_key, raw_value, headers or (), self._signing_key)
         record = _Outgoing(
             topic=topic,
             key=raw_key,

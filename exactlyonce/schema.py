@@ -107,11 +107,20 @@ outbox = Table(
     Column("ordering_key", String(64), nullable=False),
     Column("created_at", DateTime(timezone=False), nullable=False),
     Column("sent_at", DateTime(timezone=False), nullable=True),
+    # Set when the broker refused the row for good (too large, topic not
+    # authorised, ...); the row stays pending but is not sent again, and the
+    # later rows of its ordering key wait behind it, until an operator
+    # releases it (``exactlyonce outbox release``) or discards it.
+    Column("refused_at", DateTime(timezone=False), nullable=True),
+    # Why: the broker's error, as the relay met it.
+    Column("refusal", Text, nullable=True),
     # The pending scan (sent_at IS NULL ORDER BY id) and pruning (oldest sent_at first).
     Index("ix_exactlyonce_outbox_sent_at_id", "sent_at", "id"),
     # "Is an earlier row of this ordering key still pending?" without reading
     # the key's sent rows.
     Index("ix_exactlyonce_outbox_ordering_key_sent_at_id", "ordering_key", "sent_at", "id"),
+    # The refused rows (few) without scanning the pending ones.
+    Index("ix_exactlyonce_outbox_refused_at", "refused_at"),
 )
 
 

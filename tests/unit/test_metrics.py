@@ -26,6 +26,7 @@ def test_series_and_separate_registries() -> None:
     a.consumer_lag("t", 1, 7)
     a.consumer_lag("t", 1, 4)
     a.outbox_backlog(5)
+    a.outbox_refused(1)
     a.open_gaps("s", 2)
     assert _value(a, "exactlyonce_messages_total", scope="s", outcome="applied") == 3
     assert _value(a, "exactlyonce_messages_total", scope="s", outcome="duplicate") == 1
@@ -33,6 +34,7 @@ def test_series_and_separate_registries() -> None:
     assert _value(a, "exactlyonce_retries_total", scope="s", kind="transient") == 1
     assert _value(a, "exactlyonce_consumer_lag", topic="t", partition="1") == 4
     assert _value(a, "exactlyonce_outbox_backlog") == 5
+    assert _value(a, "exactlyonce_outbox_refused") == 1
     assert _value(a, "exactlyonce_sequence_open_gaps", scope="s") == 2
     assert _value(b, "exactlyonce_messages_total", scope="s", outcome="applied") is None
     assert b'scope="s"' not in generate_latest(b.registry)
