@@ -242,6 +242,15 @@ class App:
                 raise ConfigurationError("sequence must be a callable Message -> (stream, number)")
             if batch:
                 raise ConfigurationError("a sequenced handler cannot be a batch handler (batch=True)")
+        if self.signing_keys is not None and message_id is not None:
+            name_read = ids.header_name(message_id)
+            if name_read is not None and name_read not in signing.SIGNED_HEADERS:
+                # A forged copy could carry any value there and still verify.
+                raise ConfigurationError(
+                    f"message_id=ids.header({name_read!r}) reads a header the signature does not cover; with "
+                    f"signing_keys, take the ID from the {ids.DEFAULT_HEADER!r} header (the default), the key "
+                    "(ids.key()) or the value (ids.json_field(...))"
+                )
         if gap_timeout <= timedelta(0):
             raise ConfigurationError("gap_timeout must be positive")
         scope = name if name is not None else f"{self.group_id}:{topic}"

@@ -22,6 +22,8 @@ DEFAULT_HEADER = "message-id"
 #: never truncated (two IDs sharing a prefix must not collide).
 MAX_MESSAGE_ID_LENGTH = 255
 
+_HEADER_ATTRIBUTE = "_exactlyonce_header"
+
 
 def header(name: str = DEFAULT_HEADER) -> MessageIdStrategy:
     """Use the UTF-8 value of header ``name`` (the last one, if repeated)."""
@@ -36,7 +38,14 @@ def header(name: str = DEFAULT_HEADER) -> MessageIdStrategy:
             raise InvalidMessageId(f"{message.where()}: header {name!r} is not UTF-8") from exc
 
     from_header.__qualname__ = f"header({name!r})"
+    vars(from_header)[_HEADER_ATTRIBUTE] = name
     return from_header
+
+
+def header_name(strategy: MessageIdStrategy) -> str | None:
+    """The header a :func:`header` strategy reads; ``None`` for any other strategy."""
+    name = getattr(strategy, _HEADER_ATTRIBUTE, None)
+    return name if isinstance(name, str) else None
 
 
 def json_field(path: str) -> MessageIdStrategy:

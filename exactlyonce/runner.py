@@ -202,10 +202,11 @@ class Runner:
             return self._process_sequenced(handler, messages)
         outcomes: list[str] = []
         good: list[tuple[Message, str]] = []
+        strategy = handler.message_id or ids.header()
         for message in messages:
             try:
                 self._check(handler, message)
-                good.append((message, ids.resolve(handler.message_id or ids.header(), message)))
+                good.append((message, self._derive(lambda m: ids.resolve(strategy, m), message)))
             except MessageError as exc:
                 outcomes.append(self._dead_letter_safely(handler, message, exc))
         return outcomes + (self._run(handler, good) if good else [])
@@ -219,6 +220,26 @@ class Runner:
                 f"{message.where()}: value has {len(message.value or b'')} bytes, "
                 f"more than max_value_bytes={handler.max_value_bytes}"
             )
+
+    def _derive(self, derive: Callable[[Message], T], message: Message) -> T:
+        """``derive(message)``: the message ID or sequence; with signing on, from the signed parts only.
+
+        A verified signature vouches for the ``message-id`` header, the key and
+        the value, nothing else: an ID or number read from another header would
+        let a forged copy of a genuine record claim another message's place.
+        """
+        if self._signing_keys is None:
+            return derive(message)
+        try:
+            return derive(signing.signed_parts(message))
+        except MessageError as exc:
+            if not _succeeds(derive, message):
+                raise
+            # It works on the whole record: it reads what the signature does not cover.
+            raise type(exc)(
+                f"{exc} (with signing_keys, message IDs and sequence numbers may only come from what the "
+                f"signature covers: the {ids.DEFAULT_HEADER!r} header, the key and the value)"
+            ) from exc
 
     def _dead_letter_safely(self, handler: Handler, message: Message, exc: MessageError) -> str:
         return self._transient_safe(
@@ -381,13 +402,17 @@ class Runner:
         for message in messages:
             try:
                 self._check(handler, message)
-                stream, number = seq.parse(self._sequence_of(handler, message), message)
-                items.append((message, self._sequenced_id(handler, message, stream, number), stream, number))
+                message_id, stream, number = self._derive(lambda m: self._sequence_and_id(handler, m), message)
+                items.append((message, message_id, stream, number))
             except MessageError as exc:
                 outcomes.append(self._dead_letter_safely(handler, message, exc))
         if items:
             outcomes += self._transient_safe(handler, items[0][0], lambda: self._apply_sequenced(handler, items))
         return outcomes
+
+    def _sequence_and_id(self, handler: Handler, message: Message) -> tuple[str, str, int]:
+        stream, number = seq.parse(self._sequence_of(handler, message), message)
+        return self._sequenced_id(handler, message, stream, number), stream, number
 
     @staticmethod
     def _sequence_of(handler: Handler, message: Message) -> Any:
@@ -707,6 +732,14 @@ class Runner:
     def _sleep(self, seconds: float) -> None:
         if self._stop.wait(seconds):
             raise _Stopped
+
+
+def _succeeds(fn: Callable[[Message], Any], message: Message) -> bool:
+    try:
+        fn(message)
+    except Exception:
+        return False
+    return True
 
 
 def _coordinates_id(message: Message) -> str:
