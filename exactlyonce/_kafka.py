@@ -25,7 +25,7 @@ from exactlyonce.message import Message
 
 log = logging.getLogger("exactlyonce")
 
-__all__ = ["Consumer", "RecordProducer", "TopicPartition", "is_retriable", "to_message"]
+__all__ = ["Consumer", "RecordProducer", "RecordTooLarge", "TopicPartition", "is_retriable", "to_message"]
 
 #: exactlyonce's consumer defaults; ``App(consumer_config=...)`` overrides them.
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -51,6 +51,23 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # block a minute (kafka-python's default) on metadata for a missing topic.
     "max_block_ms": 10_000,
 }
+
+
+#: Broker errors that no retry can fix: the topic, its ACLs or its configuration must change.
+_REFUSALS: tuple[type[kafka.errors.KafkaError], ...] = (
+    kafka.errors.AuthorizationError,
+    kafka.errors.InvalidTopicError,
+    kafka.errors.InvalidRecordError,
+    kafka.errors.InvalidRequiredAcksError,
+)
+_TOO_LARGE: tuple[type[kafka.errors.KafkaError], ...] = (
+    kafka.errors.MessageSizeTooLargeError,
+    kafka.errors.RecordListTooLargeError,
+)
+
+
+class RecordTooLarge(ConfigurationError):
+    """The broker (or the producer's ``max_request_size``) refuses a record for its size."""
 
 
 def to_message(record: Any) -> Message:
@@ -235,11 +252,20 @@ class RecordProducer:
         headers: list[tuple[str, bytes]],
         timeout_s: float = 10.0,
     ) -> None:
-        """Send one record and block until it is acknowledged (acks=all)."""
+        """Send one record and block until it is acknowledged (acks=all).
+
+        Raises :class:`RecordTooLarge` when the record is too large for the
+        topic, :class:`~exactlyonce.ConfigurationError` when no record can
+        be published there (not authorized, invalid or internal topic), and
+        :class:`~exactlyonce.TransientError` for anything a retry may fix.
+        """
         try:
             self.send(topic, key=key, value=value, headers=headers).get(timeout=timeout_s)
         except kafka.errors.KafkaError as exc:
-            raise TransientError(f"publish to {topic!r} failed: {exc}") from exc
+            raise publish_failure(topic, exc) from exc
+        except ValueError as exc:
+            # kafka-python refuses some topics before sending: "." and "..", internal topics.
+            raise ConfigurationError(f"cannot publish to topic {topic!r}: {exc}") from exc
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every queued record has an outcome (acknowledged or failed)."""
@@ -247,9 +273,21 @@ class RecordProducer:
         with contextlib.suppress(kafka.errors.KafkaTimeoutError):
             self._producer.flush(timeout=timeout_s)
 
-    def close(self) -> None:
-        """Flush and close."""
-        self._producer.close(timeout=10)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush for up to ``timeout_s``, then close; records still in flight then are abandoned."""
+        try:
+            self._producer.close(timeout=timeout_s)
+        except kafka.errors.KafkaTimeoutError:
+            # kafka-python's close() gives up at its flush while records are in
+            # flight (the broker unreachable), leaving its I/O thread running
+            # until they expire: stop that thread without waiting for them.
+            sender = getattr(self._producer, "_sender", None)
+            if sender is None:
+                raise
+            sender.force_close()
+            sender.join(1.0)
+            with contextlib.suppress(kafka.errors.KafkaTimeoutError):
+                self._producer.close(timeout=0)
 
 
 class _FailedSend:
@@ -320,6 +358,23 @@ def tls_problem(servers: str, config: Mapping[str, Any]) -> str | None:
         except (OSError, ValueError):
             continue
     return None
+
+
+def publish_failure(topic: str, exc: BaseException) -> ExactlyOnceError:
+    """The exactlyonce error for a failed publish to ``topic``: too large, refused for good, or transient.
+
+    Only the refusals no retry can fix stop a caller; any other failure
+    (retriable or not: a fenced or out-of-sequence producer, say) stays
+    transient, as before.
+    """
+    if isinstance(exc, _TOO_LARGE):
+        return RecordTooLarge(f"topic {topic!r} refuses the record as too large ({type(exc).__name__}: {exc})")
+    if isinstance(exc, _REFUSALS) and not is_retriable(exc):
+        return ConfigurationError(
+            f"topic {topic!r} refuses the record for good ({type(exc).__name__}: {exc}): check the topic's "
+            "name, configuration and ACLs (the producer's principal needs WRITE and DESCRIBE on it)"
+        )
+    return TransientError(f"publish to {topic!r} failed: {exc}")
 
 
 def is_retriable(exc: BaseException) -> bool:

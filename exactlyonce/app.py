@@ -215,10 +215,10 @@ class App:
         """
         dead_letter_topic = dead_letter_topic or f"{topic}.dlq"
         for value in (topic, dead_letter_topic):
-            if not isinstance(value, str) or not _LEGAL_TOPIC.fullmatch(value):
+            if not isinstance(value, str) or not _LEGAL_TOPIC.fullmatch(value) or value in (".", ".."):
                 raise ConfigurationError(
                     f"illegal topic name {value!r}: Kafka allows 1 to 249 ASCII letters, "
-                    "digits, '.', '_' and '-'"
+                    "digits, '.', '_' and '-', but not '.' or '..'"
                 )
         if topic in self._handlers:
             raise ConfigurationError(f"a handler for topic {topic!r} is already registered")

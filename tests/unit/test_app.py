@@ -102,11 +102,18 @@ def test_consumer_config_cannot_break_the_guarantee(config: dict[str, Any]) -> N
                  on_revoked=lambda revoked, lost: None)
 
 
-@pytest.mark.parametrize("topic", ["", "a b", "x" * 250, "t/1"])
+@pytest.mark.parametrize("topic", ["", "a b", "x" * 250, "t/1", ".", ".."])
 def test_illegal_topic_names_are_refused(topic: str) -> None:
     """Topic names Kafka would reject are configuration errors at registration."""
     with pytest.raises(ConfigurationError, match="illegal topic"):
         App(group_id="g").handler(topic)
+
+
+@pytest.mark.parametrize("dead_letter_topic", [".", ".."])
+def test_illegal_dead_letter_topic_names_are_refused(dead_letter_topic: str) -> None:
+    """A dead-letter topic Kafka would reject fails at registration, not at the first dead letter."""
+    with pytest.raises(ConfigurationError, match="illegal topic"):
+        App(group_id="g").handler("t", dead_letter_topic=dead_letter_topic)
 
 
 def test_with_signing_keys_an_id_from_an_unsigned_header_is_refused() -> None:
