@@ -176,6 +176,9 @@ class Relay:
         self._producer_config = dict(producer_config or {})
         self.batch_size = batch_size
         self._producer: Producer | None = None
+        # Set while run() runs: a stop request ends a flush at once (the rows
+        # not yet marked sent stay pending and are sent again later).
+        self._cancel: threading.Event | None = None
         # Rows the broker refused for good (too large, ...). They stay pending,
         # and hold back their key's later rows, until a relay restarts.
         self._refused: set[int] = set()
@@ -226,6 +229,15 @@ class Relay:
         after ``max_backoff``. Every hour, rows sent more than ``retention``
         ago are pruned (``None``: never).
         """
+        self._cancel = stop
+        try:
+            self._run(stop, idle_wait, retention, max_backoff)
+        finally:
+            self._cancel = None
+
+    def _run(
+        self, stop: threading.Event, idle_wait: timedelta, retention: timedelta | None, max_backoff: timedelta
+    ) -> None:
         failures = 0
         next_prune = time.monotonic()
         while not stop.is_set():
@@ -235,6 +247,9 @@ class Relay:
                     next_prune = time.monotonic() + PRUNE_INTERVAL.total_seconds()
                 sent = self.run_once()
             except Exception as exc:
+                if stop.is_set():
+                    log.info("outbox relay stopped; rows not acknowledged stay pending (%s)", exc)
+                    return
                 failures += 1
                 if isinstance(exc, TransientError) or _db.is_transient(exc):
                     delay = min(max_backoff.total_seconds(), 0.2 * 2 ** min(failures - 1, 16))
@@ -344,7 +359,7 @@ class Relay:
         for row in rows:
             producer.send(row.topic, row.value, key=row.key, message_id=row.message_id,
                           headers=_decode_headers(row.headers))
-        producer.flush()
+        producer.flush(cancel=self._cancel)
 
     def _producer_or_new(self) -> Producer:
         if self._producer is None:
@@ -358,9 +373,10 @@ class Relay:
     def _reset_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
-            # Its flush re-raises the failure that made us drop it.
+            # Its flush re-raises the failure that made us drop it. Nothing it
+            # still holds is waited for: those rows stay pending.
             with contextlib.suppress(ExactlyOnceError):
-                producer.close()
+                producer.close(timedelta(0))
 
 
 class RelayThread:
