@@ -109,9 +109,12 @@ class App:
     ``EXACTLYONCE_SIGNING_KEYS``): when set, every record must carry a valid
     HMAC-SHA256 signature by one of these keys; any other record is
     dead-lettered with reason ``bad-signature`` before it is claimed, so it
-    never reaches a handler or the dedup table. ``signing_key`` (``(key id,
-    secret)``, default from ``EXACTLYONCE_SIGNING_KEY``) signs what the
-    app's outbox relay sends.
+    never reaches a handler or the dedup table; message IDs and sequence
+    numbers are then derived from the signed parts only (the ``message-id``
+    header, the key, the value: see :func:`exactlyonce.signing.signed_parts`),
+    and ``ids.header(name)`` for another header is refused. ``signing_key``
+    (``(key id, secret)``, default from ``EXACTLYONCE_SIGNING_KEY``) signs
+    what the app's outbox relay sends.
 
     ``metrics``: the app's Prometheus metrics (``exactlyonce run
     --metrics-port`` serves them).
