@@ -25,7 +25,8 @@ from exactlyonce.message import Message
 
 log = logging.getLogger("exactlyonce")
 
-__all__ = ["Consumer", "RecordProducer", "TopicPartition", "is_collateral", "is_refusal", "is_retriable", "to_message"]
+__all__ = ["Consumer", "RecordProducer", "RecordTooLarge", "TopicPartition", "is_collateral", "is_refusal",
+           "is_retriable", "to_message"]
 
 #: exactlyonce's consumer defaults; ``App(consumer_config=...)`` overrides them.
 CONSUMER_DEFAULTS: dict[str, Any] = {
@@ -51,6 +52,10 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # block a minute (kafka-python's default) on metadata for a missing topic.
     "max_block_ms": 10_000,
 }
+
+
+class RecordTooLarge(ConfigurationError):
+    """The broker (or the producer's ``max_request_size``) refuses a record for its size."""
 
 
 def to_message(record: Any) -> Message:
@@ -235,11 +240,20 @@ class RecordProducer:
         headers: list[tuple[str, bytes]],
         timeout_s: float = 10.0,
     ) -> None:
-        """Send one record and block until it is acknowledged (acks=all)."""
+        """Send one record and block until it is acknowledged (acks=all).
+
+        Raises :class:`RecordTooLarge` when the record is too large for the
+        topic, :class:`~exactlyonce.ConfigurationError` when no record can
+        be published there (not authorized, invalid or internal topic), and
+        :class:`~exactlyonce.TransientError` for anything a retry may fix.
+        """
         try:
             self.send(topic, key=key, value=value, headers=headers).get(timeout=timeout_s)
         except kafka.errors.KafkaError as exc:
-            raise TransientError(f"publish to {topic!r} failed: {exc}") from exc
+            raise publish_failure(topic, exc) from exc
+        except ValueError as exc:
+            # kafka-python refuses some topics before sending: "." and "..", internal topics.
+            raise ConfigurationError(f"cannot publish to topic {topic!r}: {exc}") from exc
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until every queued record has an outcome (acknowledged or failed)."""
@@ -252,9 +266,21 @@ class RecordProducer:
             if not isinstance(exc, kafka.errors.KafkaTimeoutError):
                 log.debug("producer flush: %s", exc)
 
-    def close(self) -> None:
-        """Flush and close."""
-        self._producer.close(timeout=10)
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Flush for up to ``timeout_s``, then close; records still in flight then are abandoned."""
+        try:
+            self._producer.close(timeout=timeout_s)
+        except kafka.errors.KafkaTimeoutError:
+            # kafka-python's close() gives up at its flush while records are in
+            # flight (the broker unreachable), leaving its I/O thread running
+            # until they expire: stop that thread without waiting for them.
+            sender = getattr(self._producer, "_sender", None)
+            if sender is None:
+                raise
+            sender.force_close()
+            sender.join(1.0)
+            with contextlib.suppress(kafka.errors.KafkaTimeoutError):
+                self._producer.close(timeout=0)
 
 
 class _FailedSend:
@@ -427,6 +453,23 @@ def sasl_problem(servers: str, config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def publish_failure(topic: str, exc: BaseException) -> ExactlyOnceError:
+    """The exactlyonce error for a failed publish to ``topic``: too large, refused for good, or transient.
+
+    Only the refusals no retry can fix stop a caller; any other failure
+    (retriable or not: a fenced or out-of-sequence producer, say) stays
+    transient, as before.
+    """
+    if isinstance(exc, _TOO_LARGE):
+        return RecordTooLarge(f"topic {topic!r} refuses the record as too large ({type(exc).__name__}: {exc})")
+    if is_refusal(exc) and not is_retriable(exc):
+        return ConfigurationError(
+            f"topic {topic!r} refuses the record for good ({type(exc).__name__}: {exc}): check the topic's "
+            "name, configuration and ACLs (the producer's principal needs WRITE and DESCRIBE on it)"
+        )
+    return TransientError(f"publish to {topic!r} failed: {exc}")
+
+
 def is_retriable(exc: BaseException) -> bool:
     """Whether sending again may succeed (broker down, timeout, leader moved, ...)."""
     return bool(getattr(exc, "retriable", False)) or isinstance(
@@ -440,14 +483,18 @@ def is_retriable(exc: BaseException) -> bool:
 #: (kafka-python fails the innocent records of a batch with a plain
 #: ``KafkaError``), of the producer (an epoch bump fails the batches in
 #: flight) or of the moment.
-_REFUSALS: tuple[type[BaseException], ...] = (
+_TOO_LARGE: tuple[type[BaseException], ...] = (
     kafka.errors.MessageSizeTooLargeError,  # the record alone exceeds max.message.bytes / max_request_size
     kafka.errors.RecordListTooLargeError,
+)
+_REFUSALS: tuple[type[BaseException], ...] = (
+    *_TOO_LARGE,
     kafka.errors.InvalidTopicError,
-    kafka.errors.TopicAuthorizationFailedError,
+    kafka.errors.AuthorizationError,  # topic, cluster or transactional-id authorization
     kafka.errors.InvalidRecordError,  # the broker's record validation (e.g. a keyless record on a compacted topic)
     kafka.errors.InvalidTimestampError,
     kafka.errors.PolicyViolationError,
+    kafka.errors.InvalidRequiredAcksError,
 )
 
 

@@ -700,6 +700,9 @@ def replay_problem(record: DeadLetterRecord) -> str | None:
     if record.meta.get("reason") == "fingerprint-mismatch":
         # Its ID belongs to another payload: the consumer would dead-letter it again.
         return "fingerprint-mismatch: its message ID belongs to another payload, a replay would be dead-lettered again"
+    if "value-truncated" in record.meta:
+        # Too large for the dead-letter topic, it was dead-lettered cut down: not the message.
+        return "value truncated in the dead letter: replay the original record from its topic instead"
     if not record.header_message_id and not record.meta.get("message-id"):
         # Producer.send would stamp a fresh ID on each replay: two replays, two applications.
         return "no message ID: a replay could not be deduplicated"

@@ -111,9 +111,12 @@ class App:
     ``EXACTLYONCE_SIGNING_KEYS``): when set, every record must carry a valid
     HMAC-SHA256 signature by one of these keys; any other record is
     dead-lettered with reason ``bad-signature`` before it is claimed, so it
-    never reaches a handler or the dedup table. ``signing_key`` (``(key id,
-    secret)``, default from ``EXACTLYONCE_SIGNING_KEY``) signs what the
-    app's outbox relay sends.
+    never reaches a handler or the dedup table; message IDs and sequence
+    numbers are then derived from the signed parts only (the ``message-id``
+    header, the key, the value: see :func:`exactlyonce.signing.signed_parts`),
+    and ``ids.header(name)`` for another header is refused. ``signing_key``
+    (``(key id, secret)``, default from ``EXACTLYONCE_SIGNING_KEY``) signs
+    what the app's outbox relay sends.
 
     ``lock_timeout``: how long a statement of the app's transactions waits
     for a row lock before it fails as a transient error (PostgreSQL
@@ -247,10 +250,10 @@ class App:
         """
         dead_letter_topic = dead_letter_topic or f"{topic}.dlq"
         for value in (topic, dead_letter_topic):
-            if not isinstance(value, str) or not _LEGAL_TOPIC.fullmatch(value):
+            if not isinstance(value, str) or not _LEGAL_TOPIC.fullmatch(value) or value in (".", ".."):
                 raise ConfigurationError(
                     f"illegal topic name {value!r}: Kafka allows 1 to 249 ASCII letters, "
-                    "digits, '.', '_' and '-'"
+                    "digits, '.', '_' and '-', but not '.' or '..'"
                 )
         if topic in self._handlers:
             raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
@@ -274,6 +277,15 @@ class App:
                 raise ConfigurationError("sequence must be a callable Message -> (stream, number)")
             if batch:
                 raise ConfigurationError("a sequenced handler cannot be a batch handler (batch=True)")
+        if self.signing_keys is not None and message_id is not None:
+            name_read = ids.header_name(message_id)
+            if name_read is not None and name_read not in signing.SIGNED_HEADERS:
+                # A forged copy could carry any value there and still verify.
+                raise ConfigurationError(
+                    f"message_id=ids.header({name_read!r}) reads a header the signature does not cover; with "
+                    f"signing_keys, take the ID from the {ids.DEFAULT_HEADER!r} header (the default), the key "
+                    "(ids.key()) or the value (ids.json_field(...))"
+                )
         if gap_timeout <= timedelta(0):
             raise ConfigurationError("gap_timeout must be positive")
         scope = name if name is not None else f"{self.group_id}:{topic}"

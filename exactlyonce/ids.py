@@ -58,6 +58,8 @@ def text_problem(text: str, limit: int) -> str | None:
         return f"contains the control character U+{ord(control.group()):04X} at position {control.start()}"
     return None
 
+_HEADER_ATTRIBUTE = "_exactlyonce_header"
+
 
 def header(name: str = DEFAULT_HEADER) -> MessageIdStrategy:
     """Use the UTF-8 value of header ``name`` (the last one, if repeated)."""
@@ -72,7 +74,14 @@ def header(name: str = DEFAULT_HEADER) -> MessageIdStrategy:
             raise InvalidMessageId(f"{message.where()}: header {name!r} is not UTF-8") from exc
 
     from_header.__qualname__ = f"header({name!r})"
+    vars(from_header)[_HEADER_ATTRIBUTE] = name
     return from_header
+
+
+def header_name(strategy: MessageIdStrategy) -> str | None:
+    """The header a :func:`header` strategy reads; ``None`` for any other strategy."""
+    name = getattr(strategy, _HEADER_ATTRIBUTE, None)
+    return name if isinstance(name, str) else None
 
 
 def json_field(path: str) -> MessageIdStrategy:

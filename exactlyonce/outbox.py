@@ -70,6 +70,8 @@ MAX_REFUSAL_LENGTH = 1000
 # The largest row a relay saw acknowledged, per topic, is remembered for at
 # most this many topics (then forgotten, which only costs a few rows sent alone).
 _MAX_PROVEN_TOPICS = 10_000
+#: How often a flush checks whether a stop was requested.
+_CANCEL_CHECK_S = 0.1
 
 
 class OutboxMetrics(Protocol):
@@ -220,6 +222,9 @@ class Relay:
         # row no larger cannot be refused for its size, so the rows of a key
         # up to the next larger one go together.
         self._proven: dict[str, int] = {}
+        # Set while run() runs: a stop request ends a flush at once (the rows
+        # not yet acknowledged stay pending and are sent again later).
+        self._cancel: threading.Event | None = None
         #: Records this relay sent and marked sent.
         self.published = 0
         #: Rows this relay marked refused.
@@ -294,6 +299,15 @@ class Relay:
         traceback and retried after ``max_backoff``. Every hour, rows sent
         more than ``retention`` ago are pruned (``None``: never).
         """
+        self._cancel = stop
+        try:
+            self._run(stop, idle_wait, retention, max_backoff)
+        finally:
+            self._cancel = None
+
+    def _run(
+        self, stop: threading.Event, idle_wait: timedelta, retention: timedelta | None, max_backoff: timedelta
+    ) -> None:
         failures = 0
         next_prune = time.monotonic()
         while not stop.is_set():
@@ -303,6 +317,9 @@ class Relay:
                     next_prune = time.monotonic() + PRUNE_INTERVAL.total_seconds()
                 sent = self.run_once()
             except Exception as exc:
+                if stop.is_set():
+                    log.info("outbox relay stopped; rows not acknowledged stay pending (%s)", exc)
+                    return
                 failures += 1
                 if isinstance(exc, TransientError) or _db.is_transient(exc):
                     delay = min(max_backoff.total_seconds(), 0.2 * 2 ** min(failures - 1, 16))
@@ -506,10 +523,18 @@ class Relay:
                     unreachable.add(row.topic)
                 continue
             queued.append((row, future))
-        producer.flush()
+        self._flush(producer, [future for _, future in queued])
         for row, future in queued:
             outcomes[row.id] = (producer.outcome(future), len(queued) == 1)
         return outcomes
+
+    def _flush(self, producer: _kafka.RecordProducer, futures: list[Any]) -> None:
+        """Wait for every future's outcome, or until a stop is requested (the rest then report a timeout)."""
+        if self._cancel is None:
+            producer.flush()
+            return
+        while not self._cancel.is_set() and not all(future.is_done for future in futures):
+            producer.flush(_CANCEL_CHECK_S)
 
     def _prove(self, topic: str, size: int) -> None:
         if topic not in self._proven and len(self._proven) >= _MAX_PROVEN_TOPICS:
@@ -528,7 +553,8 @@ class Relay:
         producer, self._producer = self._producer, None
         if producer is not None:
             try:
-                producer.close()
+                # Stopping: nothing it still holds is waited for (those rows stay pending).
+                producer.close(0.0 if self._cancel is not None and self._cancel.is_set() else 10.0)
             except Exception as exc:
                 log.debug("closing the relay's producer: %s", exc)
 

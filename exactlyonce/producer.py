@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ def stamp_headers(
     if signing_key is not None:
         stamped += sign(message_id, key, value, signing_key)
     return stamped
+
+#: How often a cancellable flush checks its ``cancel`` event.
+_CANCEL_CHECK_S = 0.1
 
 
 @dataclass(slots=True)
@@ -168,7 +172,7 @@ class Producer:
         self._pending.append(record)
         return message_id
 
-    def flush(self) -> None:
+    def flush(self, timeout: timedelta | None = None, *, cancel: threading.Event | None = None) -> None:
         """Wait until every queued record is acknowledged, re-sending failures.
 
         Raises :class:`~exactlyonce.TransientError` naming the undelivered
@@ -176,21 +180,43 @@ class Producer:
         their IDs make the copies harmless), and
         :class:`~exactlyonce.ConfigurationError` for a record the broker will
         never take (too large, invalid topic).
+
+        ``timeout`` bounds the whole wait, re-sends included, and ``cancel``
+        ends it as soon as it is set: the records not acknowledged by then
+        are given up as when the budget runs out (``TransientError``; they
+        may still arrive). Without either, the wait ends when every record
+        is acknowledged or has failed (kafka-python's ``delivery_timeout_ms``).
         """
-        retrying = self._retry.retrying(retryable=lambda exc: isinstance(exc, TransientError), sleep=time.sleep)
+        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+
+        def over() -> bool:
+            return (cancel is not None and cancel.is_set()) or (deadline is not None and time.monotonic() >= deadline)
+
+        def sleep(seconds: float) -> None:
+            if deadline is not None:
+                seconds = max(min(seconds, deadline - time.monotonic()), 0.0)
+            if cancel is not None:
+                cancel.wait(seconds)
+            else:
+                time.sleep(seconds)
+
+        retrying = self._retry.retrying(
+            retryable=lambda exc: isinstance(exc, TransientError) and not over(), sleep=sleep
+        )
         try:
-            retrying(self._flush_once)
+            retrying(lambda: self._flush_once(deadline, cancel))
         except TransientError as exc:
             undelivered = [r.message_id for r in self._pending]
             self._pending = []
             raise TransientError(f"{len(undelivered)} record(s) not acknowledged: {undelivered[:10]}") from exc
 
-    def _flush_once(self) -> None:
-        # Re-send what failed last round, then wait for every outcome.
+    def _flush_once(self, deadline: float | None = None, cancel: threading.Event | None = None) -> None:
+        # Re-send what failed last round, then wait for every outcome (a record
+        # still unacknowledged when the wait ends counts as failed).
         for record in self._pending:
             if record.future is None:
                 self._transmit(record)
-        self._producer.flush()
+        self._wait(deadline, cancel)
         failed: list[tuple[_Outgoing, BaseException]] = []
         refused: list[tuple[_Outgoing, BaseException]] = []
         for record in self._pending:
@@ -210,17 +236,38 @@ class Producer:
         if failed:
             raise TransientError(f"{len(failed)} record(s) not acknowledged, first: {failed[0][1]}")
 
+    def _wait(self, deadline: float | None, cancel: threading.Event | None) -> None:
+        """Wait for every record's outcome, until ``deadline`` (monotonic) or ``cancel`` is set."""
+        if deadline is None and cancel is None:
+            self._producer.flush()
+            return
+        while not (cancel is not None and cancel.is_set()):
+            step = _CANCEL_CHECK_S if cancel is not None else None
+            if deadline is not None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                step = remaining if step is None else min(step, remaining)
+            self._producer.flush(step)
+            if all(record.future is None or record.future.is_done for record in self._pending):
+                return
+
     def _transmit(self, record: _Outgoing) -> None:
         record.future = self._producer.send(
             record.topic, key=record.key, value=record.value, headers=record.headers, partition=record.partition
         )
 
-    def close(self) -> None:
-        """Flush, then close the connection."""
+    def close(self, timeout: timedelta | None = None) -> None:
+        """Flush (for at most ``timeout``), then close the connection.
+
+        With a ``timeout``, what is still unacknowledged when it passes is
+        abandoned (``flush`` raises ``TransientError`` for it) and the
+        connection is closed at once.
+        """
         try:
-            self.flush()
+            self.flush(timeout)
         finally:
-            self._producer.close()
+            self._producer.close(10.0 if timeout is None else 0.0)
 
     def __enter__(self) -> Producer:
         return self

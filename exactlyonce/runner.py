@@ -13,6 +13,7 @@ exists: it is skipped. Nothing is lost and nothing is applied twice.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import random
@@ -27,7 +28,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 
 from exactlyonce import _db, _session, ids, migrate, signing, store
 from exactlyonce import sequence as seq
-from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition, to_message
+from exactlyonce._kafka import Consumer, RecordProducer, RecordTooLarge, TopicPartition, to_message
 from exactlyonce.app import OnGap, OnMismatch
 from exactlyonce.errors import (
     BadSequence,
@@ -55,6 +56,12 @@ T = TypeVar("T")
 
 #: Header names added to a dead-lettered record (the original headers are kept).
 DLQ_HEADER_PREFIX = "x-exactlyonce-"
+
+#: A dead letter too large for its topic is sent as a bounded copy instead: the
+#: value's first bytes, and the original key and headers only if this small.
+BOUNDED_VALUE_BYTES = 1024
+BOUNDED_KEY_BYTES = 1024
+BOUNDED_HEADERS_BYTES = 8192
 
 #: How often, at most, a runner looks for sequence gaps older than their timeout.
 MAX_GAP_CHECK_INTERVAL_S = 30.0
@@ -226,10 +233,11 @@ class Runner:
             return self._process_sequenced(handler, messages)
         outcomes: list[str] = []
         good: list[tuple[Message, str]] = []
+        strategy = handler.message_id or ids.header()
         for message in messages:
             try:
                 self._check(handler, message)
-                good.append((message, ids.resolve(handler.message_id or ids.header(), message)))
+                good.append((message, self._derive(lambda m: ids.resolve(strategy, m), message)))
             except MessageError as exc:
                 outcomes.append(self._dead_letter_safely(handler, message, exc))
         return outcomes + (self._run(handler, good) if good else [])
@@ -243,6 +251,26 @@ class Runner:
                 f"{message.where()}: value has {len(message.value or b'')} bytes, "
                 f"more than max_value_bytes={handler.max_value_bytes}"
             )
+
+    def _derive(self, derive: Callable[[Message], T], message: Message) -> T:
+        """``derive(message)``: the message ID or sequence; with signing on, from the signed parts only.
+
+        A verified signature vouches for the ``message-id`` header, the key and
+        the value, nothing else: an ID or number read from another header would
+        let a forged copy of a genuine record claim another message's place.
+        """
+        if self._signing_keys is None:
+            return derive(message)
+        try:
+            return derive(signing.signed_parts(message))
+        except MessageError as exc:
+            if not _succeeds(derive, message):
+                raise
+            # It works on the whole record: it reads what the signature does not cover.
+            raise type(exc)(
+                f"{exc} (with signing_keys, message IDs and sequence numbers may only come from what the "
+                f"signature covers: the {ids.DEFAULT_HEADER!r} header, the key and the value)"
+            ) from exc
 
     def _dead_letter_safely(self, handler: Handler, message: Message, exc: MessageError) -> str:
         return self._transient_safe(
@@ -413,8 +441,8 @@ class Runner:
         for message in messages:
             try:
                 self._check(handler, message)
-                stream, number = seq.parse(self._sequence_of(handler, message), message)
-                items.append((message, self._sequenced_id(handler, message, stream, number), stream, number))
+                message_id, stream, number = self._derive(lambda m: self._sequence_and_id(handler, m), message)
+                items.append((message, message_id, stream, number))
             except MessageError as exc:
                 outcomes.append(self._dead_letter_safely(handler, message, exc))
         if items:
@@ -446,6 +474,10 @@ class Runner:
         log.warning("a batch of %d records of %s lost a lock conflict (%s); retrying it in halves",
                     size, handler.scope, exc)
         self._sleep(random.uniform(0, CONFLICT_BACKOFF_S))
+
+    def _sequence_and_id(self, handler: Handler, message: Message) -> tuple[str, str, int]:
+        stream, number = seq.parse(self._sequence_of(handler, message), message)
+        return self._sequenced_id(handler, message, stream, number), stream, number
 
     @staticmethod
     def _sequence_of(handler: Handler, message: Message) -> Any:
@@ -724,9 +756,24 @@ class Runner:
                 )
             ),
         ]
-        self._dead_letter_producer().publish(
-            handler.dead_letter_topic, key=message.key, value=message.value, headers=headers
-        )
+        try:
+            self._publish(handler.dead_letter_topic, message.key, message.value, headers)
+        except RecordTooLarge as exc:
+            # The copy is larger than the original (the headers above): a record
+            # near the topic's size limit would be refused forever. Send a bounded
+            # copy, marked as cut, so the partition moves on; if even that is
+            # refused, the topic's limit is the problem: the error stops the worker.
+            key, value, bounded = _bounded_copy(message, headers[len(message.headers):])
+            log.warning("%s: %s; dead-lettering a bounded copy (value cut to %d of %d bytes)", message.where(),
+                        exc, len(value or b""), len(message.value or b""),
+                        extra=_fields(handler, message, message_id, "dead_lettered"))
+            try:
+                self._publish(handler.dead_letter_topic, key, value, bounded)
+            except RecordTooLarge as again:
+                raise RecordTooLarge(
+                    f"dead-letter topic {handler.dead_letter_topic!r} refuses even a bounded dead letter of "
+                    f"{_size(key, value, bounded)} bytes: raise its max.message.bytes ({again})"
+                ) from again
 
     def _dead_lettered(self, handler: Handler, message: Message, exc: BaseException) -> None:
         """Count and log a dead letter whose transaction committed."""
@@ -734,6 +781,22 @@ class Runner:
         self.stats[f"dead_lettered:{reason}"] += 1
         log.error("%s: dead-lettered to %s (%s: %s)", message.where(), handler.dead_letter_topic, reason, exc,
                   extra=_fields(handler, message, None, "dead_lettered", reason=reason))
+
+    def _publish(self, topic: str, key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> None:
+        """Publish one dead letter and wait for the broker's ACK.
+
+        After a failure the next publish gets a new producer: kafka-python's
+        idempotent producer refuses every later record once one was refused
+        (too large, say), and a new one also starts with fresh connections.
+        """
+        try:
+            self._dead_letter_producer().publish(topic, key=key, value=value, headers=headers)
+        except Exception:
+            producer, self._producer = self._producer, None
+            if producer is not None:
+                with contextlib.suppress(Exception):
+                    producer.close(0.0)
+            raise
 
     def _dead_letter_producer(self) -> RecordProducer:
         if self._producer is None:
@@ -799,6 +862,14 @@ class Runner:
             raise _Stopped
 
 
+def _succeeds(fn: Callable[[Message], Any], message: Message) -> bool:
+    try:
+        fn(message)
+    except Exception:
+        return False
+    return True
+
+
 def _coordinates_id(message: Message) -> str:
     # The prefix is refused in message IDs (ids.resolve): no sender can forge these.
     coordinates = f"{ids.RESERVED_PREFIX}{message.topic}/{message.partition}/{message.offset}"
@@ -822,6 +893,35 @@ def _error_message(exc: BaseException) -> str:
     else:
         text = str(exc)
     return redact(text)[:1000]
+
+
+def _bounded_copy(
+    message: Message, ours: list[tuple[str, bytes]]
+) -> tuple[bytes | None, bytes | None, list[tuple[str, bytes]]]:
+    """A dead letter of bounded size: the value's first bytes, the key and headers only if small, marked.
+
+    ``x-exactlyonce-value-truncated`` holds the original value's length (a
+    replay skips such a record: its value is not the message); the key and
+    the original headers, when dropped, are counted in
+    ``x-exactlyonce-key-omitted`` / ``x-exactlyonce-headers-omitted``.
+    """
+    value = None if message.value is None else message.value[:BOUNDED_VALUE_BYTES]
+    marks = [("value-truncated", str(len(message.value or b"")))]
+    key = message.key
+    if key is not None and len(key) > BOUNDED_KEY_BYTES:
+        key = None
+        marks.append(("key-omitted", str(len(message.key or b""))))
+    headers = list(message.headers)
+    if _size(None, None, headers) > BOUNDED_HEADERS_BYTES:
+        headers = []
+        marks.append(("headers-omitted", str(len(message.headers))))
+    bounded = [*headers, *((name, data[:1000]) for name, data in ours)]
+    bounded += [(DLQ_HEADER_PREFIX + name, text.encode("utf-8")) for name, text in marks]
+    return key, value, bounded
+
+
+def _size(key: bytes | None, value: bytes | None, headers: list[tuple[str, bytes]]) -> int:
+    return len(key or b"") + len(value or b"") + sum(len(name.encode("utf-8")) + len(data) for name, data in headers)
 
 
 def _reason(exc: BaseException) -> str:

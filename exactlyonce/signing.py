@@ -26,6 +26,7 @@ prefix, which is reserved for dead-letter metadata that a replay strips.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -41,6 +42,7 @@ __all__ = [
     "KEY_ID_HEADER",
     "MIN_SECRET_BYTES",
     "SIGNATURE_HEADER",
+    "SIGNED_HEADERS",
     "SIGNING_KEYS_ENV",
     "SIGNING_KEY_ENV",
     "Secret",
@@ -48,6 +50,7 @@ __all__ = [
     "check_signing_key",
     "check_verification_keys",
     "sign",
+    "signed_parts",
     "signing_key_from_env",
     "verification_keys_from_env",
     "verify",
@@ -57,6 +60,8 @@ __all__ = [
 SIGNATURE_HEADER = "exactlyonce-signature"
 #: The header naming the key that signed the record.
 KEY_ID_HEADER = "exactlyonce-key-id"
+#: The headers the MAC covers (besides the key and the value).
+SIGNED_HEADERS = frozenset({DEFAULT_HEADER})
 #: ``key-id:secret``: the key a Producer, a relay or an App's relay signs with.
 SIGNING_KEY_ENV = "EXACTLYONCE_SIGNING_KEY"
 #: ``id1:secret1,id2:secret2``: the keys a consumer accepts.
@@ -203,6 +208,22 @@ def verify(message: Message, keys: Mapping[str, bytes]) -> None:
             f"{where}: signature does not match message {message_id!r} (key id {key_id!r}): "
             "the ID, key or value was changed, or it was signed with another secret"
         )
+
+
+def signed_parts(message: Message) -> Message:
+    """``message`` reduced to what a valid signature vouches for: the ``message-id`` header, the key, the value.
+
+    Every other header, and the timestamp, could have been changed by anyone
+    who can write to the topic, so a message ID or a sequence number derived
+    from them would let a forged copy of a genuine record claim another
+    message's ID. The runner derives both from this view when it verifies
+    signatures. The topic, partition and offset stay (the broker assigns
+    them, and they name this copy only).
+    """
+    return dataclasses.replace(
+        message, headers=tuple((name, value) for name, value in message.headers if name in SIGNED_HEADERS),
+        timestamp_ms=None,
+    )
 
 
 def _single_header(message: Message, name: str) -> bytes | None:

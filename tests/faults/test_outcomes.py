@@ -24,6 +24,7 @@ from tests.integration.helpers import (
     produce,
     read_topic,
     rec,
+    run_until_it_fails,
     running,
     unique,
     wait_all_committed,
@@ -168,14 +169,14 @@ def test_oversized_value_is_dead_lettered_unread(bootstrap_servers: str, databas
 
 
 def test_failed_dead_letter_publish_advances_nothing(bootstrap_servers: str, database_url: str) -> None:
-    """If the dead letter cannot be published, no dedup row is written and no offset is committed."""
+    """If the dead letter cannot be published (for now), no dedup row is written and no offset is committed."""
     engine = engine_for(database_url)
     topic = unique("dlqfail")
     create_topic(bootstrap_servers, topic)
-    # The dead letter (the record plus headers) exceeds the producer's request
-    # limit: every publish fails.
+    # The producer gives up waiting for the dead-letter topic's metadata at
+    # once: every publish fails as a broker timeout does, a transient failure.
     app = make_app(bootstrap_servers, database_url, transient_retry_budget=timedelta(milliseconds=300),
-                   producer_config={"max_request_size": 200})
+                   producer_config={"max_block_ms": 1})
     calls: list[str] = []
 
     @app.handler(topic, retry=Retry(attempts=1))
@@ -190,6 +191,31 @@ def test_failed_dead_letter_publish_advances_nothing(bootstrap_servers: str, dat
         committed, _ = committed_and_end_offsets(bootstrap_servers, app.group_id, topic)
         assert committed[0] in (None, 0)
         assert dedup_rows(engine) == []
+    assert app.stats["dead_lettered"] == 0
+
+
+def test_a_dead_letter_no_topic_can_take_stops_the_worker(bootstrap_servers: str, database_url: str) -> None:
+    """Too large even as a bounded copy (tiny max_request_size): run() ends, ConfigurationError, nothing advanced."""
+    from exactlyonce import ConfigurationError
+
+    engine = engine_for(database_url)
+    topic = unique("dlqrefused")
+    create_topic(bootstrap_servers, topic)
+    app = make_app(bootstrap_servers, database_url, producer_config={"max_request_size": 200})
+    calls: list[str] = []
+
+    @app.handler(topic, retry=Retry(attempts=1))
+    def handle(message: Message, session: Session) -> None:
+        calls.append("try")
+        raise RuntimeError("poison")
+
+    produce(bootstrap_servers, topic, [rec("p1", "x" * 300)])
+    error = run_until_it_fails(app, 60)
+    assert isinstance(error, ConfigurationError) and f"{topic}.dlq' refuses even a bounded dead letter" in str(error)
+    assert calls == ["try"]
+    committed, _ = committed_and_end_offsets(bootstrap_servers, app.group_id, topic)
+    assert committed[0] in (None, 0)
+    assert dedup_rows(engine) == []
     assert app.stats["dead_lettered"] == 0
 
 

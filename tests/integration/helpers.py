@@ -209,6 +209,30 @@ def running(app: App, join_timeout: float = 20.0) -> Iterator[App]:
         raise errors[0]
 
 
+def run_until_it_fails(app: App, timeout: float) -> BaseException:
+    """Run ``app`` expecting ``run()`` to end by itself with an exception within ``timeout`` seconds; return it."""
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            app.run(install_signal_handlers=False)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, name=f"app-{app.group_id}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        app.stop()
+        thread.join(20)
+        raise AssertionError(f"App.run() still running after {timeout}s (stats {dict(app.stats)})")
+    if app._engine is not None:
+        app._engine.dispose()
+    if not errors:
+        raise AssertionError("App.run() returned without an error")
+    return errors[0]
+
+
 def wait_until(predicate: Callable[[], T], timeout: float, what: str = "condition",
                interval: float = 0.1) -> T:
     """Poll ``predicate`` until it returns a truthy value; fail after ``timeout`` seconds."""

@@ -408,3 +408,53 @@ def test_prune_deletes_sent_rows_past_the_window_never_pending_ones(bootstrap_se
         relay.close()
     assert sorted(_message_id(r) for r in read_topic(bootstrap_servers, topic)) == pending
     engine.dispose()
+
+
+def test_relay_thread_stops_promptly_while_the_broker_does_not_answer(tmp_path: Path) -> None:
+    """stop() mid-flush, the broker unreachable: the thread ends within seconds, the row stays pending, then goes out.
+
+    Without a bound the flush waits for kafka-python's delivery timeout (two
+    minutes) and stop() gives up on the thread after 10 s.
+    """
+    import time
+
+    from exactlyonce.embedded import free_port
+    from exactlyonce.outbox import RelayThread
+    from tests.faultproxy import FaultProxy
+    from tests.services.brokers import private_broker
+
+    url = f"sqlite:///{tmp_path / 'relay-stop.db'}"
+    engine = engine_for(url)
+    migrate.upgrade(engine)
+    broker_port, proxy_port = free_port(), free_port()
+    with private_broker(broker_port, advertised_port=proxy_port) as bootstrap, \
+            FaultProxy(broker_port, port=proxy_port) as proxy:
+        topic = unique("relay-stop")
+        create_topic(bootstrap, topic)
+        relay = RelayThread(engine, bootstrap, {})
+        relay.start()
+        try:
+            with Session(engine) as session, session.begin():
+                publish(session, topic, b"first", message_id="first")
+            wait_until(lambda: _count(engine, sent=True) == 1, 30, "the first row relayed")
+            proxy.refuse()  # cut every connection, and refuse new ones
+            with Session(engine) as session, session.begin():
+                publish(session, topic, b"second", message_id="second")
+            time.sleep(3)  # the relay picked the row up and waits for an acknowledgement
+        finally:
+            started = time.monotonic()
+            relay.stop()
+            took = time.monotonic() - started
+        assert not relay._thread.is_alive(), "stop() left the relay thread behind"
+        assert took < 5, f"stop() took {took:.1f}s"
+        assert [row.message_id for row in _rows(engine) if row.sent_at is None] == ["second"]
+
+        proxy.refuse(False)
+        relay = RelayThread(engine, bootstrap, {})
+        relay.start()
+        try:
+            wait_until(lambda: _count(engine, sent=False) == 0, 60, "the pending row relayed after the outage")
+        finally:
+            relay.stop()
+        assert {_message_id(r) for r in read_topic(bootstrap, topic)} == {"first", "second"}
+    engine.dispose()

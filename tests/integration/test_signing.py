@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from kafka import KafkaProducer
 from sqlalchemy.orm import Session
 
-from exactlyonce import Message, Producer, migrate, publish
+from exactlyonce import Message, Producer, ids, migrate, publish
 from exactlyonce._kafka import to_message
 from exactlyonce.errors import BadSignature
 from exactlyonce.outbox import Relay
@@ -211,4 +211,114 @@ def test_a_replayed_dead_letter_keeps_its_senders_signature(
     with running(app):
         wait_until(lambda: effect_counts(engine) == {"s-1": 1}, 30, "the replayed record applied")
     assert app.stats["dead_lettered"] == 0
+    engine.dispose()
+
+
+def _signed_headers(message_id: str, key: bytes | None, value: bytes | None,
+                    extra: tuple[tuple[str, bytes], ...] = ()) -> list[tuple[str, bytes]]:
+    return [*extra, ("message-id", message_id.encode()), *sign(message_id, key, value, KEY)]
+
+
+def test_ids_and_sequence_numbers_come_only_from_what_the_signature_covers(
+    bootstrap_servers: str, postgres_url: str
+) -> None:
+    """Forged edits of every input an ID or sequence strategy can read never reach a handler or the dedup table.
+
+    Each topic gets its forgeries first (so that one could pre-claim a genuine
+    record's ID or number), then the genuine records. Edits of the signed
+    parts (message-id header, key, value) fail verification; an ID or number
+    read from an unsigned header cannot be verified at all, so such records
+    are dead-lettered, never claimed, with a message that says why.
+    """
+    from tests.conftest import drop_all_tables
+
+    drop_all_tables(postgres_url)
+    engine = engine_for(postgres_url)
+    migrate.upgrade(engine)
+    create_effects(engine)
+    tj, tk, th, tx, ts, tq = (unique(f"signed-{name}") for name in ("json", "key", "header", "xid", "seq", "xseq"))
+    for topic in (tj, tk, th, tx, ts, tq):
+        create_topic(bootstrap_servers, topic)
+
+    def j(id_: str, amount: int) -> bytes:
+        return f'{{"amount":{amount},"id":"{id_}"}}'.encode()
+
+    def s(n: int, text: str) -> bytes:
+        return f'{{"n":{n},"s":"acct","text":"{text}"}}'.encode()
+
+    sends: list[tuple[str, bytes | None, bytes | None, list[tuple[str, bytes]]]] = [
+        # json_field("id"): the ID is in the signed value.
+        (tj, None, j("j-2", 1), _signed_headers("m-j1", None, j("j-1", 1))),   # value edited: ID j-2
+        (tj, None, j("j-1", 100), _signed_headers("m-j1", None, j("j-1", 1))),  # value edited: amount
+        (tj, None, j("j-1", 1), _signed_headers("m-j1", None, j("j-1", 1))),
+        (tj, None, j("j-2", 2), _signed_headers("m-j2", None, j("j-2", 2))),
+        # An unsigned header nobody reads, edited: a genuine copy, skipped as a duplicate.
+        (tj, None, j("j-1", 1), _signed_headers("m-j1", None, j("j-1", 1), (("x-id", b"j-9"),))),
+        # ids.key(): the ID is the signed key.
+        (tk, b"k-2", b"v", _signed_headers("m-k1", b"k-1", b"v")),               # key edited
+        (tk, b"k-1", b"v", _signed_headers("m-k1", b"k-1", b"v")),
+        (tk, b"k-2", b"v", _signed_headers("m-k2", b"k-2", b"v")),
+        # The default: the ID is the signed message-id header.
+        (th, None, b"v", [("message-id", b"h-2"), *_signed_headers("h-1", None, b"v")[1:]]),  # ID edited
+        (th, None, b"v", _signed_headers("h-1", None, b"v")),
+        (th, None, b"v", _signed_headers("h-2", None, b"v")),
+        # A custom strategy reading an unsigned header: the forged x-id and the genuine one alike.
+        (tx, None, b"v", _signed_headers("m-x1", None, b"v", (("x-id", b"x-2"),))),  # x-id edited
+        (tx, None, b"v", _signed_headers("m-x1", None, b"v", (("x-id", b"x-1"),))),
+        # sequence= from the signed value.
+        (ts, None, s(2, "one"), _signed_headers("m-s1", None, s(1, "one"))),     # number edited
+        (ts, None, s(1, "forged"), _signed_headers("m-s1", None, s(1, "one"))),  # content edited
+        (ts, None, s(1, "one"), _signed_headers("m-s1", None, s(1, "one"))),
+        (ts, None, s(2, "two"), _signed_headers("m-s2", None, s(2, "two"))),
+        # sequence= from an unsigned header.
+        (tq, None, b"v", _signed_headers("m-q1", None, b"v", (("x-seq", b"2"),))),  # x-seq edited
+        (tq, None, b"v", _signed_headers("m-q1", None, b"v", (("x-seq", b"1"),))),
+    ]
+    raw = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
+    try:
+        for topic, key, value, headers in sends:
+            raw.send(topic, key=key, value=value, headers=headers).get(timeout=30)
+    finally:
+        raw.close(timeout=10)
+
+    app = make_app(bootstrap_servers, postgres_url, signing_keys=KEYS, outbox=False)
+    called: list[tuple[str, str]] = []
+
+    def handle(label: str, what: Any) -> Any:
+        def handler(message: Message, session: Session) -> None:
+            called.append((label, what(message)))
+            insert_effect(session, f"{label}:{what(message)}")
+        return handler
+
+    app.handler(tj, message_id=ids.json_field("id"))(handle("json", lambda m: m.json()["id"]))
+    app.handler(tk, message_id=ids.key())(handle("key", lambda m: m.key.decode()))
+    app.handler(th)(handle("header", lambda m: m.header("message-id").decode()))
+    app.handler(tx, message_id=lambda m: m.header("x-id").decode())(handle("xid", lambda m: m.header("x-id")))
+    app.handler(ts, sequence=lambda m: (m.json()["s"], m.json()["n"]))(handle("seq", lambda m: m.json()["text"]))
+    app.handler(tq, sequence=lambda m: ("acct", int(m.header("x-seq"))))(handle("xseq", lambda m: "?"))
+
+    with running(app):
+        wait_until(lambda: app.stats["applied"] == 8 and app.stats["dead_lettered"] == 10
+                   and app.stats["duplicate"] == 1, 90, "8 applied, 10 dead-lettered, 1 duplicate")
+
+    assert sorted(called) == sorted([("json", "j-1"), ("json", "j-2"), ("key", "k-1"), ("key", "k-2"),
+                                     ("header", "h-1"), ("header", "h-2"), ("seq", "one"), ("seq", "two")])
+    assert effect_counts(engine) == {"json:j-1": 1, "json:j-2": 1, "key:k-1": 1, "key:k-2": 1,
+                                     "header:h-1": 1, "header:h-2": 1, "seq:one": 1, "seq:two": 1}
+    with engine.connect() as conn:
+        claimed = {(row.topic, row.message_id, row.outcome) for row in conn.execute(sa.select(processed))}
+    assert {(t, m, o) for t, m, o in claimed if not m.startswith("@")} == {
+        (tj, "j-1", "applied"), (tj, "j-2", "applied"), (tk, "k-1", "applied"), (tk, "k-2", "applied"),
+        (th, "h-1", "applied"), (th, "h-2", "applied")}, "only genuine IDs are claimed"
+    # The records whose ID cannot be verified are remembered by their coordinates only.
+    assert sorted(t for t, m, o in claimed if m.startswith("@")) == sorted([tx, tx, tq, tq])
+
+    reasons = {topic: sorted(headers_of(r)["x-exactlyonce-reason"] for r in read_topic(bootstrap_servers,
+                                                                                          f"{topic}.dlq"))
+               for topic in (tj, tk, th, tx, ts, tq)}
+    assert reasons == {tj: ["bad-signature"] * 2, tk: ["bad-signature"], th: ["bad-signature"],
+                       tx: ["invalid-message-id"] * 2, ts: ["bad-signature"] * 2, tq: ["bad-sequence"] * 2}
+    for topic in (tx, tq):
+        for record in read_topic(bootstrap_servers, f"{topic}.dlq"):
+            assert "what the signature covers" in headers_of(record)["x-exactlyonce-error-message"]
     engine.dispose()

@@ -103,11 +103,30 @@ def test_consumer_config_cannot_break_the_guarantee(config: dict[str, Any]) -> N
                  on_revoked=lambda revoked, lost: None)
 
 
-@pytest.mark.parametrize("topic", ["", "a b", "x" * 250, "t/1"])
+@pytest.mark.parametrize("topic", ["", "a b", "x" * 250, "t/1", ".", ".."])
 def test_illegal_topic_names_are_refused(topic: str) -> None:
     """Topic names Kafka would reject are configuration errors at registration."""
     with pytest.raises(ConfigurationError, match="illegal topic"):
         App(group_id="g").handler(topic)
+
+
+@pytest.mark.parametrize("dead_letter_topic", [".", ".."])
+def test_illegal_dead_letter_topic_names_are_refused(dead_letter_topic: str) -> None:
+    """A dead-letter topic Kafka would reject fails at registration, not at the first dead letter."""
+    with pytest.raises(ConfigurationError, match="illegal topic"):
+        App(group_id="g").handler("t", dead_letter_topic=dead_letter_topic)
+
+
+def test_with_signing_keys_an_id_from_an_unsigned_header_is_refused() -> None:
+    """The signature covers the message-id header, key and value: ids.header(other) could be forged."""
+    app = App(group_id="g", signing_keys={"k1": b"0123456789abcdef"})
+    with pytest.raises(ConfigurationError, match=r"ids.header\('x-id'\) reads a header the signature does not"):
+        app.handler("t", message_id=ids.header("x-id"))
+    app.handler("a", message_id=ids.header("message-id"))(noop)
+    app.handler("b", message_id=ids.key())(noop)
+    app.handler("c", message_id=ids.json_field("id"))(noop)
+    # Without verification any header will do.
+    App(group_id="g").handler("t", message_id=ids.header("x-id"))(noop)
 
 
 def test_a_sequenced_handler_needs_no_message_id() -> None:

@@ -20,6 +20,7 @@ from exactlyonce.signing import (
     check_signing_key,
     check_verification_keys,
     sign,
+    signed_parts,
     signing_key_from_env,
     verification_keys_from_env,
     verify,
@@ -252,3 +253,14 @@ def test_secrets_never_show_in_repr_str_or_errors(caplog: pytest.LogCaptureFixtu
     everything = "\n".join(shown)
     for leak in (secret_text, SECRET.hex(), OTHER_SECRET.decode(), expected_mac, repr(SECRET)):
         assert leak not in everything
+
+
+def test_signed_parts_keep_only_what_the_signature_covers() -> None:
+    """The view IDs and sequence numbers are derived from: message-id header, key, value, coordinates."""
+    message = Message(topic="t", partition=2, offset=9, key=b"k", value=b"v", timestamp_ms=123,
+                      headers=(("x-id", b"a"), ("message-id", b"m-1"), (SIGNATURE_HEADER, b"f" * 64)))
+    view = signed_parts(message)
+    assert view.headers == (("message-id", b"m-1"),)
+    assert (view.topic, view.partition, view.offset, view.key, view.value) == ("t", 2, 9, b"k", b"v")
+    assert view.timestamp_ms is None
+    assert view.header("x-id") is None and message.header("x-id") == b"a"
