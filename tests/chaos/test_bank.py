@@ -18,6 +18,7 @@ from tests.services.kafka import KafkaCluster
 
 
 @pytest.mark.service
+@pytest.mark.timeout(900)
 def test_bank_survives_kills_zombies_db_restarts_and_connection_cuts(
     postgres_url: str, tmp_path: Path
 ) -> None:
@@ -38,6 +39,7 @@ def test_bank_survives_kills_zombies_db_restarts_and_connection_cuts(
 
 
 @pytest.mark.service
+@pytest.mark.timeout(1200)  # 120 s of faults, then the catch-up and the checks
 def test_bank_on_a_three_broker_cluster_survives_leader_and_coordinator_loss_and_full_restarts(
     kafka_cluster: KafkaCluster, postgres_url: str, tmp_path: Path
 ) -> None:
