@@ -13,6 +13,7 @@ counters are meant to; the exact, durable per-scope totals live in the
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
@@ -30,7 +31,6 @@ OUTCOMES = (
     "dead_lettered",
     "fingerprint_mismatch",
     "parked",
-    "bad_signature",
 )
 
 #: The values of the ``kind`` label of ``exactlyonce_retries_total``.
@@ -103,7 +103,7 @@ class Metrics:
         self._messages.labels(scope=scope, outcome=outcome).inc(count)
 
     def handler_seconds(self, scope: str, seconds: float) -> None:
-        """Record the duration of one handler transaction of ``scope``."""
+        """Record the duration of one handler call of ``scope`` (a batch handler's call counts once)."""
         self._handler_seconds.labels(scope=scope).observe(seconds)
 
     def retry(self, scope: str, kind: str) -> None:
@@ -113,6 +113,11 @@ class Metrics:
     def consumer_lag(self, topic: str, partition: int, lag: int) -> None:
         """Set the lag of one assigned partition (a gauge: the latest observation wins)."""
         self._consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop the lag series of a partition this worker no longer holds (its new owner reports it)."""
+        with contextlib.suppress(KeyError):
+            self._consumer_lag.remove(topic, str(partition))
 
     def outbox_backlog(self, pending: int) -> None:
         """Set the number of outbox rows waiting for the relay."""

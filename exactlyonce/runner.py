@@ -63,6 +63,9 @@ BOUNDED_VALUE_BYTES = 1024
 BOUNDED_KEY_BYTES = 1024
 BOUNDED_HEADERS_BYTES = 8192
 
+#: Distinct dead-letter reasons counted in ``Runner.stats``; more are counted as "other".
+MAX_REASONS = 50
+
 #: How often, at most, a runner looks for sequence gaps older than their timeout.
 MAX_GAP_CHECK_INTERVAL_S = 30.0
 
@@ -362,7 +365,6 @@ class Runner:
         for the caller to handle after the commit.
         """
         results: list[str | FingerprintMismatch] = []
-        started = time.monotonic()
         with _session.HandlerSession(self._engine) as session, session.begin():
             # The dedup rows go in first: the unique index decides who owns each
             # message before any effect is written. A repeated ID within the
@@ -388,18 +390,23 @@ class Runner:
                     ))
             if fresh:
                 if handler.batch:
-                    _session.call(handler.func, fresh, session, handler.scope)
+                    self._call(handler, fresh, session)
                 else:
                     for message in fresh:
-                        _session.call(handler.func, message, session, handler.scope)
+                        self._call(handler, message, session)
             tally = Tally()
             for (message, message_id), result in zip(items, results, strict=True):
                 if isinstance(result, str):
                     tally.add(message, result)
                     _log_decision(handler, message, message_id, result)
             store.count(session, self._app.group_id, handler.scope, tally)
-        self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
         return results
+
+    def _call(self, handler: Handler, arg: Any, session: _session.HandlerSession) -> None:
+        """Call the handler once (a record, or a batch's list), timing the call alone."""
+        started = time.monotonic()
+        _session.call(handler.func, arg, session, handler.scope)
+        self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
 
     def _count_retries(self, handler: Handler, attempts: int) -> None:
         for _ in range(attempts - 1):
@@ -592,13 +599,11 @@ class Runner:
         def attempt() -> None:
             nonlocal attempts
             attempts += 1
-            started = time.monotonic()
             # If the database rolled back the whole transaction under the
             # savepoint (a deadlock on InnoDB), this raises TransientError:
             # the whole transaction is retried, never continued.
             with _db.savepoint(session):
-                _session.call(handler.func, message, session, handler.scope)
-            self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
+                self._call(handler, message, session)
 
         try:
             handler.retry.retrying(retryable=_is_handler_failure, sleep=self._sleep)(attempt)
@@ -639,9 +644,12 @@ class Runner:
             with Session(self._engine) as session:
                 late = seq.overdue(session, scope, cutoff)
             self._metrics.open_gaps(scope, len(late))
+            # Remember only the gaps still open, so the set stays as small as they are.
+            open_now = {(scope, stream.stream, stream.gap_since) for stream in late}
+            reported = {gap for gap in self._reported_gaps if gap[0] == scope}
+            self._reported_gaps = (self._reported_gaps - reported) | open_now
             for stream in late:
-                if (scope, stream.stream, stream.gap_since) not in self._reported_gaps:
-                    self._reported_gaps.add((scope, stream.stream, stream.gap_since))
+                if (scope, stream.stream, stream.gap_since) not in reported:
                     log.warning(
                         "%s: stream %r has waited for number %d since %s UTC (gap_timeout %s); "
                         "%d message(s) parked behind it, waiting",
@@ -778,7 +786,13 @@ class Runner:
     def _dead_lettered(self, handler: Handler, message: Message, exc: BaseException) -> None:
         """Count and log a dead letter whose transaction committed."""
         reason = _reason(exc)
-        self.stats[f"dead_lettered:{reason}"] += 1
+        # A DeadLetter's reason is the handler's free text: count at most
+        # MAX_REASONS distinct ones, the rest as "other".
+        counted = reason
+        known = sum(1 for key in self.stats if key.startswith("dead_lettered:"))
+        if f"dead_lettered:{reason}" not in self.stats and known >= MAX_REASONS:
+            counted = "other"
+        self.stats[f"dead_lettered:{counted}"] += 1
         log.error("%s: dead-lettered to %s (%s: %s)", message.where(), handler.dead_letter_topic, reason, exc,
                   extra=_fields(handler, message, None, "dead_lettered", reason=reason))
 
@@ -823,6 +837,8 @@ class Runner:
         offsets = {tp: self._done.pop(tp) for tp in revoked if tp in self._done}
         if offsets and not lost:
             self._consumer_or_fail().commit_async(offsets)
+        for tp in revoked:
+            self._metrics.forget_partition(tp.topic, tp.partition)
 
     def _report_lag(self, batch: dict[TopicPartition, list[Any]]) -> None:
         """Publish each polled partition's lag: records behind the end as of the last fetch."""

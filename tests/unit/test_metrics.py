@@ -59,3 +59,14 @@ def test_serve_exposes_the_registry_and_refuses_a_taken_port() -> None:
         taken.listen()
         with pytest.raises(ConfigurationError, match=f"cannot serve metrics on 127.0.0.1:{taken.getsockname()[1]}"):
             Metrics().serve(taken.getsockname()[1], "127.0.0.1")
+
+
+def test_a_revoked_partition_loses_its_lag_series() -> None:
+    """forget_partition drops the series (its new owner reports the lag); forgetting twice is harmless."""
+    metrics = Metrics()
+    metrics.consumer_lag("t", 0, 3)
+    metrics.consumer_lag("t", 1, 5)
+    metrics.forget_partition("t", 0)
+    metrics.forget_partition("t", 0)
+    assert _value(metrics, "exactlyonce_consumer_lag", topic="t", partition="0") is None
+    assert _value(metrics, "exactlyonce_consumer_lag", topic="t", partition="1") == 5
