@@ -63,9 +63,38 @@ _SERVICE_FIXTURES = {"bootstrap_servers", "database_url", "empty_database_url", 
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    needs: set[str] = set()
     for item in items:
-        if _SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+        used = _SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if used:
             item.add_marker(pytest.mark.service)
+            needs |= used
+    _prepare_services(needs)
+
+
+def _prepare_services(needs: set[str]) -> None:
+    """Install what the collected tests will need before any test runs.
+
+    On a fresh machine that means installing the databases (minutes of
+    apt-get) and fetching Kafka's jars: done here, that time does not count
+    against the first test's timeout. Whatever fails here is reported by the
+    fixtures later, in the tests that need the service.
+    """
+    if not needs or docker_available():
+        return
+    wants_database = bool(needs & {"database_url", "empty_database_url", "postgres_url", "mysql_url"})
+    if wants_database and not (os.environ.get(POSTGRES_ENV) and os.environ.get(MYSQL_ENV)) and (
+        _local_server_answers(LOCAL_POSTGRES_URL) or _local_server_answers(LOCAL_MYSQL_URL)
+    ):
+        _set_up_local_databases()
+    wants_kafka = bool(needs & {"bootstrap_servers", "kafka_cluster"})
+    if wants_kafka and not os.environ.get(BROKER_ENV):
+        from tests.services.brokers import BrokerUnavailable, private_kind
+        from tests.services.kafka import KafkaUnavailable, jars_dir
+
+        with contextlib.suppress(BrokerUnavailable, KafkaUnavailable):
+            if private_kind() == "kafka" or "kafka_cluster" in needs:
+                jars_dir()
 
 
 def unavailable(reason: str) -> NoReturn:
