@@ -28,7 +28,8 @@ producer_factory=cluster.producer_factory())`` runs against a :class:`Cluster`:
   (``RebalanceInProgressError``); failing polls (a cut connection); a
   rebalance at the next poll (eager: everything revoked, then reassigned
   from the committed offsets); publish refusals (``KafkaTimeoutError``:
-  retriable, ``TopicAuthorizationFailedError``: permanent).
+  retriable, ``TopicAuthorizationFailedError``: permanent) and a publish
+  appended whose acknowledgement is lost.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class TwinRecord:
 #: Commit faults (``Cluster.commit_faults``): crash before the offsets are
 #: stored, crash right after, or refuse the commit (a rebalance in progress).
 CRASH_BEFORE, CRASH_AFTER, REFUSE = "crash-before", "crash-after", "refuse"
+#: A publish fault: the record is appended but its acknowledgement is lost (a timeout).
+LOST_ACK = "lost-ack"
 
 
 @dataclass
@@ -82,6 +85,8 @@ class Cluster:
     clock_ms: int = 1_700_000_000_000
     #: Every consumer created, in order (the last one is the current member).
     members: list[TwinConsumer] = field(default_factory=list)
+    #: Every producer's kafka-python stand-in, in order.
+    producers: list[_FakeKafkaProducer] = field(default_factory=list)
 
     # -- faults, spent as they fire --
     #: Next offset commits (sync or async): CRASH_BEFORE, CRASH_AFTER, REFUSE, or None (succeed).
@@ -90,11 +95,11 @@ class Cluster:
     poll_faults: list[bool] = field(default_factory=list)
     #: The current member revokes everything and rejoins at its next poll.
     rebalance_pending: bool = False
-    #: Next dead-letter sends: CRASH_BEFORE / CRASH_AFTER (the append), a Kafka
-    #: error class to refuse with, or None (succeed).
+    #: Next dead-letter sends: CRASH_BEFORE / CRASH_AFTER (the append), LOST_ACK,
+    #: a Kafka error class to refuse with, or None (succeed).
     publish_faults: list[Any] = field(default_factory=list)
-    #: Called before every poll of every member (e.g. to stop the runner).
-    before_poll: Callable[[TwinConsumer], None] | None = None
+    #: Called before every poll of every member (e.g. to stop the runner); True: the poll returns nothing.
+    before_poll: Callable[[TwinConsumer], bool] | None = None
     #: Called after every record a producer appended.
     on_append: Callable[[TwinRecord], None] | None = None
 
@@ -198,8 +203,8 @@ class _FakeKafkaConsumer:
     def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[TwinRecord]]:
         self._alive()
         self.polls += 1
-        if self.cluster.before_poll is not None:
-            self.cluster.before_poll(self.owner)
+        if self.cluster.before_poll is not None and self.cluster.before_poll(self.owner):
+            return {}
         if self.cluster.poll_faults and self.cluster.poll_faults.pop(0):
             raise kafka.errors.KafkaConnectionError("twin: connection to the broker cut")
         if self.generation is None:
@@ -339,6 +344,8 @@ class _FakeKafkaProducer:
         if isinstance(fault, type) and issubclass(fault, kafka.errors.KafkaError):
             return _Future(fault(f"twin: {topic} refused the record"))
         self.cluster.append(topic, partition, key=key, value=value, headers=headers)
+        if fault == LOST_ACK:
+            return _Future(kafka.errors.KafkaTimeoutError("twin: appended, but no acknowledgement came"))
         if fault == CRASH_AFTER:
             self.dead = True
             return _Future(Crash("crashed after the dead letter was acknowledged"))
@@ -357,6 +364,7 @@ class TwinProducer(RecordProducer):
     def __init__(self, *, bootstrap_servers: str, config: Mapping[str, Any], cluster: Cluster) -> None:
         self.cluster = cluster
         self._producer = _FakeKafkaProducer(cluster)
+        cluster.producers.append(self._producer)
 
 
 class FastStop(threading.Event):

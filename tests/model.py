@@ -1,0 +1,499 @@
+"""A model-based test of the runtime: a Hypothesis state machine drives real Runners over the twins.
+
+Each example is one consumer group on one topic of two partitions, one
+handler (``ids.json_field("id")``, batch size drawn per example) that writes
+one row per effect into ``model_effects`` (no unique constraint: a double
+shows), a real database (SQLite here, PostgreSQL and MariaDB in
+``tests/integration/test_model_databases.py``) and the twins of
+``tests/twins.py`` for the broker.
+
+Rules send records (fresh IDs, exact duplicates onto either partition,
+re-sends of an ID with another payload, IDs that differ only by case or a
+trailing space, bad IDs: missing, empty, NUL, a lone surrogate, a leading
+``@``, 256 characters, a value that is not JSON; handlers that always fail or
+fail their first one or two calls), arm faults (a crash in the handler, i.e.
+before the database commit; a crash right before or right after the offset
+commit; a refused offset commit; a cut poll; a deadlock-like transient
+database error for the next one or two handler calls; a dead-letter publish
+refused as retriable or permanent, acknowledged and then lost, or a crash
+before or after it; a rebalance at the next poll), and run a worker for a few
+polls (a new Runner each time: a restart from the committed offsets; a
+crash abandons it and its consumer, as a dead process would). ``drain`` (and
+the teardown) switches the faults off and runs a worker until the log is
+consumed.
+
+Checked after every step: no effect twice; no offset committed past a record
+whose decision is not in the database (its dedup row, or its coordinates row
+for a dead letter under coordinates); committed offsets never move backwards;
+each dead letter comes from a record that may be dead-lettered, with the
+right reason, once (several copies only for a dead letter whose transaction
+rolled back after the publish, which README allows: the publish is inside the
+transaction). After a drain: every partition committed to its end; each valid
+ID's effect exactly once, or its one dead letter (``handler-error``) when its
+payload fails; every other payload under that ID dead-lettered as
+``fingerprint-mismatch``; every bad record dead-lettered once with its reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import kafka.errors
+import sqlalchemy as sa
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from exactlyonce import App, Retry, ids
+from exactlyonce.runner import Runner
+from exactlyonce.schema import counters, processed
+from tests.twins import (
+    CRASH_AFTER,
+    CRASH_BEFORE,
+    LOST_ACK,
+    REFUSE,
+    Cluster,
+    Crash,
+    FastStop,
+    TopicPartition,
+    TwinConsumer,
+    TwinRecord,
+)
+
+TOPIC = "orders"
+DLQ = f"{TOPIC}.dlq"
+PARTITIONS = 2
+GROUP = "model"
+SCOPE = f"{GROUP}:{TOPIC}"
+
+effects_metadata = sa.MetaData()
+#: One row per effect; ``message_id`` is deliberately not unique.
+model_effects = sa.Table(
+    "model_effects",
+    effects_metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("message_id", sa.String(255), nullable=False),
+    sa.Column("payload", sa.Text, nullable=False),
+)
+
+#: Payload behaviours: the handler applies, always fails, or fails its first N calls.
+BEHAVIOURS = ["ok", "ok", "ok", "always", "first1", "first2"]
+
+#: Bad records: (JSON value or raw bytes, expected dead-letter reason).
+BAD_VALUES: dict[str, tuple[bytes, str]] = {
+    "no-id": (b'{"v": 1}', "invalid-message-id"),
+    "empty": (b'{"id": ""}', "invalid-message-id"),
+    "nul": (b'{"id": "a\\u0000b"}', "invalid-message-id"),
+    "surrogate": (b'{"id": "x\\ud800"}', "invalid-message-id"),
+    "reserved": (b'{"id": "@orders/0/0"}', "invalid-message-id"),
+    "too-long": (json.dumps({"id": "x" * 256}).encode(), "invalid-message-id"),
+    "float": (b'{"id": 1.5}', "invalid-message-id"),
+    "not-json": (b"\xff not json", "undecodable-value"),
+}
+
+COMMIT_FAULTS = [CRASH_BEFORE, CRASH_AFTER, REFUSE]
+PUBLISH_FAULTS: list[Any] = [
+    kafka.errors.KafkaTimeoutError,  # retriable
+    kafka.errors.TopicAuthorizationFailedError,  # permanent
+    LOST_ACK,  # appended, but the acknowledgement never came
+    CRASH_BEFORE,
+    CRASH_AFTER,
+]
+
+
+def model_settings() -> settings:
+    """A fixed, modest budget (derandomized under CI); ``MODEL_EXAMPLES`` / ``MODEL_STEPS`` for longer runs."""
+    examples = int(os.environ.get("MODEL_EXAMPLES", "25"))
+    steps = int(os.environ.get("MODEL_STEPS", "30"))
+    return settings(
+        max_examples=examples,
+        stateful_step_count=steps,
+        deadline=None,
+        derandomize=os.environ.get("CI") == "true" and "MODEL_EXAMPLES" not in os.environ,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much],
+        print_blob=True,
+    )
+
+
+def transient_error(dialect: str) -> sa.exc.OperationalError:
+    """A deadlock as the dialect's driver reports it (what ``exactlyonce._db`` classifies as transient)."""
+    orig: Exception
+    if dialect == "sqlite":
+        orig = sqlite3.OperationalError("database is locked")
+    elif dialect in ("mysql", "mariadb"):
+        import pymysql.err
+
+        orig = pymysql.err.OperationalError(1213, "Deadlock found when trying to get lock; try restarting transaction")
+    else:
+        import psycopg.errors
+
+        orig = psycopg.errors.DeadlockDetected("deadlock detected")
+    return sa.exc.OperationalError("UPDATE model (injected)", {}, orig)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A record the model sent: its coordinates, value, and what it should become."""
+
+    partition: int
+    offset: int
+    value: bytes
+    #: The valid message ID, or None for a bad record.
+    message_id: str | None
+    #: For a bad record: the dead-letter reason expected.
+    bad_reason: str | None = None
+
+    @property
+    def coordinates(self) -> tuple[int, int]:
+        return (self.partition, self.offset)
+
+    @property
+    def behaviour(self) -> str:
+        return str(json.loads(self.value).get("b", "ok")) if self.message_id is not None else "-"
+
+
+class RuntimeModel(RuleBasedStateMachine):
+    """Drives Runners over the twins against ``DATABASE_URL`` (set by the test that runs it)."""
+
+    #: Set by the test: a database upgraded to head with ``model_effects`` created.
+    database_url: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cluster = Cluster()
+        self.cluster.create_topic(TOPIC, PARTITIONS)
+        self.sent: list[Sent] = []
+        self.payloads: dict[str, list[bytes]] = {}
+        self.next_id = 0
+        self.calls: Counter[bytes] = Counter()
+        self.handler_faults: list[str] = []
+        #: Dead letters sent inside a transaction that has not committed yet.
+        self.unsettled: list[tuple[int, int]] = []
+        #: Source records whose dead letter may have more than one copy.
+        self.may_repeat: set[tuple[int, int]] = set()
+        self.runs = 0
+        self.app: App | None = None
+
+    # -- set-up -------------------------------------------------------------
+
+    @initialize(batch_size=st.sampled_from([1, 2, 3, 100]), max_poll=st.sampled_from([1, 2, 5, 500]))
+    def start(self, batch_size: int, max_poll: int) -> None:
+        app = App(
+            GROUP,
+            bootstrap_servers="twin:9092",
+            database_url=self.database_url,
+            consumer_config={"max_poll_records": max_poll},
+            transient_retry_budget=timedelta(0),
+            outbox=False,
+        )
+
+        @app.handler(TOPIC, message_id=ids.json_field("id"), batch_size=batch_size,
+                     retry=Retry(attempts=3, backoff=timedelta(0), max_backoff=timedelta(0)))
+        def handle(message: Any, session: Any) -> None:
+            self._handle(message, session)
+
+        self.app = app
+        self.dialect = app.engine.dialect.name
+        with app.engine.begin() as conn:
+            for table in (model_effects, processed, counters):
+                conn.execute(sa.delete(table))
+        sa.event.listen(app.engine, "commit", self._on_db_commit)
+        sa.event.listen(app.engine, "rollback", self._on_db_rollback)
+        self.cluster.on_append = self._on_append
+
+    def teardown(self) -> None:
+        if self.app is None:
+            return
+        try:
+            self.drain()
+        finally:
+            sa.event.remove(self.app.engine, "commit", self._on_db_commit)
+            sa.event.remove(self.app.engine, "rollback", self._on_db_rollback)
+            self.app.engine.dispose()
+
+    # -- the handler --------------------------------------------------------
+
+    def _handle(self, message: Any, session: Any) -> None:
+        if self.handler_faults:
+            fault = self.handler_faults.pop(0)
+            if fault == "crash":
+                self._crash()
+                raise Crash("crashed in the handler, before the database commit")
+            raise transient_error(self.dialect)
+        body = message.json()
+        self.calls[message.value] += 1
+        behaviour = body.get("b", "ok")
+        if behaviour == "always" or (
+            behaviour.startswith("first") and self.calls[message.value] <= int(behaviour[5:])
+        ):
+            raise ValueError(f"handler failure ({behaviour}, call {self.calls[message.value]})")
+        session.execute(sa.insert(model_effects).values(message_id=body["id"], payload=message.value.decode()))
+
+    def _crash(self) -> None:
+        """The process dies: its consumer and producers answer nothing any more."""
+        for member in self.cluster.members:
+            member.fake.dead = True
+        for producer in self.cluster.producers:
+            producer.dead = True
+
+    # -- dead letters inside transactions -----------------------------------
+
+    def _on_append(self, record: TwinRecord) -> None:
+        if record.topic == DLQ:
+            self.unsettled.append(_source(record))
+
+    def _on_db_commit(self, conn: Any) -> None:
+        self.unsettled.clear()
+
+    def _on_db_rollback(self, conn: Any) -> None:
+        self.may_repeat.update(self.unsettled)
+        self.unsettled.clear()
+
+    # -- sending ------------------------------------------------------------
+
+    def _send(self, partition: int, value: bytes, message_id: str | None, bad_reason: str | None = None) -> None:
+        record = self.cluster.append(TOPIC, partition, key=b"k", value=value)
+        self.sent.append(Sent(partition, record.offset, value, message_id, bad_reason))
+        if message_id is not None and value not in self.payloads.setdefault(message_id, []):
+            self.payloads[message_id].append(value)
+
+    @rule(batch=st.lists(st.tuples(st.integers(0, PARTITIONS - 1), st.sampled_from(BEHAVIOURS),
+                                   st.sampled_from(["", "", "é", "😀"])), min_size=1, max_size=6))
+    def send_new(self, batch: list[tuple[int, str, str]]) -> None:
+        for partition, behaviour, suffix in batch:
+            self._send_new(partition, behaviour, suffix)
+
+    def _send_new(self, partition: int, behaviour: str, suffix: str) -> None:
+        self.next_id += 1
+        message_id = f"m{self.next_id}{suffix}"
+        self._send(partition, json.dumps({"id": message_id, "b": behaviour}).encode(), message_id)
+
+    @precondition(lambda self: bool(self.payloads))
+    @rule(data=st.data(), copies=st.integers(1, 4))
+    def send_duplicates(self, data: st.DataObject, copies: int) -> None:
+        for _ in range(copies):
+            message_id = data.draw(st.sampled_from(sorted(self.payloads)))
+            value = data.draw(st.sampled_from(self.payloads[message_id]))
+            self._send(data.draw(st.integers(0, PARTITIONS - 1)), value, message_id)
+
+    @precondition(lambda self: bool(self.payloads))
+    @rule(data=st.data(), partition=st.integers(0, PARTITIONS - 1))
+    def send_other_payload(self, data: st.DataObject, partition: int) -> None:
+        message_id = data.draw(st.sampled_from(sorted(self.payloads)))
+        variant = len(self.payloads[message_id])
+        self._send(partition, json.dumps({"id": message_id, "b": "ok", "v": variant}).encode(), message_id)
+
+    @precondition(lambda self: bool(self.payloads))
+    @rule(data=st.data(), partition=st.integers(0, PARTITIONS - 1), how=st.sampled_from(["upper", "space"]))
+    def send_lookalike(self, data: st.DataObject, partition: int, how: str) -> None:
+        """An ID that differs from a known one only by case or a trailing space: another message."""
+        base = data.draw(st.sampled_from(sorted(self.payloads)))
+        message_id = base.upper() if how == "upper" else base + " "
+        if len(message_id) > 255:
+            return
+        self._send(partition, json.dumps({"id": message_id, "b": "ok"}).encode(), message_id)
+
+    @rule(partition=st.integers(0, PARTITIONS - 1), kind=st.sampled_from(sorted(BAD_VALUES)))
+    def send_bad(self, partition: int, kind: str) -> None:
+        value, reason = BAD_VALUES[kind]
+        self._send(partition, value, None, reason)
+
+    # -- faults -------------------------------------------------------------
+
+    @rule(fault=st.sampled_from(["crash", "transient", "transient2"]))
+    def arm_handler_fault(self, fault: str) -> None:
+        self.handler_faults += ["transient", "transient"] if fault == "transient2" else [fault]
+
+    @rule(fault=st.sampled_from(COMMIT_FAULTS))
+    def arm_commit_fault(self, fault: str) -> None:
+        self.cluster.commit_faults.append(fault)
+
+    @rule()
+    def arm_poll_fault(self) -> None:
+        self.cluster.poll_faults.append(True)
+
+    @rule(fault=st.sampled_from(PUBLISH_FAULTS))
+    def arm_publish_fault(self, fault: Any) -> None:
+        self.cluster.publish_faults.append(fault)
+
+    @rule()
+    def arm_rebalance(self) -> None:
+        self.cluster.rebalance_pending = True
+
+    # -- running ------------------------------------------------------------
+
+    def _run_worker(self, max_polls: int, arrivals: list[tuple[int, str, str]] | None = None) -> str:
+        """Run a new Runner until it has polled ``max_polls`` times or read everything; return how it ended.
+
+        ``arrivals``: fresh records sent while it runs, one before each poll after the first.
+        """
+        assert self.app is not None
+        stop = FastStop()
+        polls = 0
+        arriving = list(arrivals or [])
+
+        def before_poll(member: TwinConsumer) -> bool:
+            nonlocal polls
+            polls += 1
+            if polls > 1 and arriving:
+                self._send_new(*arriving.pop(0))
+            fake = member.fake
+            idle = fake.generation is not None and not fake.stale and not self.cluster.rebalance_pending and all(
+                fake.positions.get(tp, 0) >= self.cluster.end_offset(tp) for tp in fake.assigned
+            )
+            if polls > max_polls or (idle and not arriving):
+                stop.set()
+                return True
+            return False
+
+        self.cluster.before_poll = before_poll
+        self.runs += 1
+        runner = Runner(self.app, stop, poll_timeout_s=0,
+                        consumer_factory=self.cluster.consumer_factory(),
+                        producer_factory=self.cluster.producer_factory())
+        try:
+            runner.run()
+        except Crash:
+            return "crashed"
+        finally:
+            self.cluster.before_poll = None
+        return "stopped"
+
+    @rule(max_polls=st.integers(1, 8), arrivals=st.lists(
+        st.tuples(st.integers(0, PARTITIONS - 1), st.sampled_from(BEHAVIOURS), st.just("")), max_size=4))
+    def run_worker(self, max_polls: int, arrivals: list[tuple[int, str, str]]) -> None:
+        event(f"worker {self._run_worker(max_polls, arrivals)}")
+
+    @rule()
+    def drain(self) -> None:
+        """Faults off; run until everything is read; then the final checks."""
+        self.handler_faults.clear()
+        self.cluster.commit_faults.clear()
+        self.cluster.poll_faults.clear()
+        self.cluster.publish_faults.clear()
+        self.cluster.rebalance_pending = False
+        ended = self._run_worker(max_polls=10 + 2 * len(self.sent))
+        assert ended == "stopped", ended
+        for tp in self.cluster.partitions(TOPIC):
+            committed, end = self.cluster.committed_offset(GROUP, tp), self.cluster.end_offset(tp)
+            assert committed == end, f"{tp} stuck: committed {committed}, end {end}"
+        self._check_outcomes()
+        dead = Counter(reason for _, reason in self._dead_letters())
+        event(f"drained: {len(self.sent)} records, dead letters: {sorted(dead)}")
+        event(f"drained: {len(self.may_repeat)} dead letters allowed to repeat")
+
+    # -- what the database and the dead-letter topic say ---------------------
+
+    def _effects(self) -> list[tuple[str, str]]:
+        assert self.app is not None
+        with self.app.engine.connect() as conn:
+            return [(m, p) for m, p in conn.execute(sa.select(model_effects.c.message_id, model_effects.c.payload))]
+
+    def _dedup_rows(self) -> dict[str, str]:
+        assert self.app is not None
+        with self.app.engine.connect() as conn:
+            rows = conn.execute(sa.select(processed.c.message_id, processed.c.fingerprint)
+                                .where(processed.c.scope == SCOPE))
+            return {message_id: fingerprint for message_id, fingerprint in rows}
+
+    def _dead_letters(self) -> list[tuple[tuple[int, int], str]]:
+        return [(_source(record), (record.header("x-exactlyonce-reason") or b"").decode())
+                for record in self.cluster.records(DLQ)]
+
+    # -- invariants (after every step) ----------------------------------------
+
+    @invariant()
+    def no_effect_twice(self) -> None:
+        if self.app is None:
+            return
+        doubled = {m: n for m, n in Counter(m for m, _ in self._effects()).items() if n > 1}
+        assert not doubled, f"effects applied more than once: {doubled}"
+
+    @invariant()
+    def committed_offsets_cover_only_decided_records(self) -> None:
+        if self.app is None:
+            return
+        rows = self._dedup_rows()
+        for record in self.sent:
+            committed = self.cluster.committed_offset(GROUP, TopicPartition(TOPIC, record.partition))
+            if record.offset >= committed:
+                continue
+            coordinates = f"@{TOPIC}/{record.partition}/{record.offset}"
+            if record.message_id is None:
+                assert coordinates in rows, f"offset committed past {record}, dead letter not recorded"
+                continue
+            assert record.message_id in rows, f"offset committed past {record}, which is not in the database"
+            if rows[record.message_id] != _sha256(record.value):
+                assert coordinates in rows, f"offset committed past {record} (another payload), not recorded"
+
+    @invariant()
+    def committed_offsets_never_move_backwards(self) -> None:
+        last: dict[TopicPartition, int] = {}
+        for _, tp, offset in self.cluster.commit_history:
+            assert offset >= last.get(tp, 0), f"{tp}: committed offset moved back from {last[tp]} to {offset}"
+            last[tp] = offset
+
+    @invariant()
+    def dead_letters_are_right_and_single(self) -> None:
+        by_coordinates = {record.coordinates: record for record in self.sent}
+        copies = Counter(source for source, _ in self._dead_letters())
+        for source, reason in self._dead_letters():
+            record = by_coordinates.get(source)
+            assert record is not None, f"a dead letter from {source}, which was never sent"
+            if record.message_id is None:
+                assert reason == record.bad_reason, f"{record}: dead-lettered as {reason}"
+            else:
+                assert reason in ("handler-error", "fingerprint-mismatch"), f"{record}: dead-lettered as {reason}"
+                if reason == "handler-error":
+                    assert record.behaviour != "ok", f"{record} never fails, yet dead-lettered as {reason}"
+            assert copies[source] == 1 or source in self.may_repeat, (
+                f"{record} dead-lettered {copies[source]} times (no transaction rolled back after its publish)"
+            )
+
+    # -- after a drain ------------------------------------------------------
+
+    def _check_outcomes(self) -> None:
+        effects = self._effects()
+        dead = self._dead_letters()
+        dead_sources = {source for source, _ in dead}
+        reasons = dict(dead)
+        effect_payloads: dict[str, list[str]] = {}
+        for message_id, payload in effects:
+            effect_payloads.setdefault(message_id, []).append(payload)
+        assert set(effect_payloads) <= set(self.payloads), f"effects of IDs never sent: {effect_payloads}"
+        for record in self.sent:
+            if record.message_id is None:
+                assert record.coordinates in dead_sources, f"{record} never dead-lettered"
+        for message_id in self.payloads:
+            records = [r for r in self.sent if r.message_id == message_id]
+            applied = effect_payloads.get(message_id, [])
+            failed = [r for r in records if reasons.get(r.coordinates) == "handler-error"]
+            assert len(applied) + len(failed) == 1, (
+                f"{message_id!r}: {len(applied)} effect(s) and {len(failed)} handler-error dead letter(s); "
+                f"records {records}"
+            )
+            winner = applied[0].encode() if applied else failed[0].value
+            for record in records:
+                if record.value != winner:
+                    assert reasons.get(record.coordinates) == "fingerprint-mismatch", (
+                        f"{record}: another payload under {message_id!r} (the first was {winner!r}), "
+                        f"but dead-lettered as {reasons.get(record.coordinates)}"
+                    )
+                elif not failed or record is not failed[0]:
+                    assert record.coordinates not in dead_sources, f"{record} (a duplicate) dead-lettered"
+
+
+def _source(record: TwinRecord) -> tuple[int, int]:
+    return (int(record.header("x-exactlyonce-partition") or b"-1"), int(record.header("x-exactlyonce-offset") or b"-1"))
+
+
+def _sha256(value: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(value).hexdigest()
