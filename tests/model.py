@@ -52,7 +52,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from exactlyonce import App, Retry, ids
 from exactlyonce.runner import Runner
-from exactlyonce.schema import counters, processed
+from exactlyonce.schema import counters, parked, processed, sequence_streams
 from tests.twins import (
     CRASH_AFTER,
     CRASH_BEFORE,
@@ -68,9 +68,14 @@ from tests.twins import (
 
 TOPIC = "orders"
 DLQ = f"{TOPIC}.dlq"
+#: The sequenced handler's topic: ``{"s": stream, "n": number}`` records.
+LEDGER = "ledger"
+LEDGER_DLQ = f"{LEDGER}.dlq"
+STREAMS = ["a", "b"]
 PARTITIONS = 2
 GROUP = "model"
 SCOPE = f"{GROUP}:{TOPIC}"
+LEDGER_SCOPE = f"{GROUP}:{LEDGER}"
 
 effects_metadata = sa.MetaData()
 #: One row per effect; ``message_id`` is deliberately not unique.
@@ -144,14 +149,18 @@ class Sent:
     partition: int
     offset: int
     value: bytes
-    #: The valid message ID, or None for a bad record.
+    #: The valid message ID (``orders``), or None for a bad or a sequenced record.
     message_id: str | None
     #: For a bad record: the dead-letter reason expected.
     bad_reason: str | None = None
+    topic: str = TOPIC
+    #: A good ``ledger`` record's stream and number.
+    stream: str | None = None
+    number: int | None = None
 
     @property
-    def coordinates(self) -> tuple[int, int]:
-        return (self.partition, self.offset)
+    def coordinates(self) -> tuple[str, int, int]:
+        return (self.topic, self.partition, self.offset)
 
     @property
     def behaviour(self) -> str:
@@ -168,6 +177,9 @@ class RuntimeModel(RuleBasedStateMachine):
         super().__init__()
         self.cluster = Cluster()
         self.cluster.create_topic(TOPIC, PARTITIONS)
+        self.cluster.create_topic(LEDGER, PARTITIONS)
+        #: Numbers sent per stream of the sequenced handler.
+        self.numbers: dict[str, set[int]] = {stream: set() for stream in STREAMS}
         self.sent: list[Sent] = []
         self.payloads: dict[str, list[bytes]] = {}
         self.next_id = 0
@@ -198,10 +210,15 @@ class RuntimeModel(RuleBasedStateMachine):
         def handle(message: Any, session: Any) -> None:
             self._handle(message, session)
 
+        @app.handler(LEDGER, sequence=lambda m: (m.json()["s"], m.json()["n"]), batch_size=batch_size,
+                     retry=Retry(attempts=3, backoff=timedelta(0), max_backoff=timedelta(0)))
+        def handle_in_order(message: Any, session: Any) -> None:
+            self._handle(message, session)
+
         self.app = app
         self.dialect = app.engine.dialect.name
         with app.engine.begin() as conn:
-            for table in (model_effects, processed, counters):
+            for table in (model_effects, processed, counters, parked, sequence_streams):
                 conn.execute(sa.delete(table))
         sa.event.listen(app.engine, "commit", self._on_db_commit)
         sa.event.listen(app.engine, "rollback", self._on_db_rollback)
@@ -227,6 +244,10 @@ class RuntimeModel(RuleBasedStateMachine):
                 raise Crash("crashed in the handler, before the database commit")
             raise transient_error(self.dialect)
         body = message.json()
+        if message.topic == LEDGER:
+            session.execute(sa.insert(model_effects).values(message_id=f"{body['s']}#{body['n']}",
+                                                            payload=message.value.decode()))
+            return
         self.calls[message.value] += 1
         behaviour = body.get("b", "ok")
         if behaviour == "always" or (
@@ -245,7 +266,7 @@ class RuntimeModel(RuleBasedStateMachine):
     # -- dead letters inside transactions -----------------------------------
 
     def _on_append(self, record: TwinRecord) -> None:
-        if record.topic == DLQ:
+        if record.topic in (DLQ, LEDGER_DLQ):
             self.unsettled.append(_source(record))
 
     def _on_db_commit(self, conn: Any) -> None:
@@ -257,9 +278,10 @@ class RuntimeModel(RuleBasedStateMachine):
 
     # -- sending ------------------------------------------------------------
 
-    def _send(self, partition: int, value: bytes, message_id: str | None, bad_reason: str | None = None) -> None:
-        record = self.cluster.append(TOPIC, partition, key=b"k", value=value)
-        self.sent.append(Sent(partition, record.offset, value, message_id, bad_reason))
+    def _send(self, partition: int, value: bytes, message_id: str | None, bad_reason: str | None = None,
+              topic: str = TOPIC, stream: str | None = None, number: int | None = None) -> None:
+        record = self.cluster.append(topic, partition, key=b"k", value=value)
+        self.sent.append(Sent(partition, record.offset, value, message_id, bad_reason, topic, stream, number))
         if message_id is not None and value not in self.payloads.setdefault(message_id, []):
             self.payloads[message_id].append(value)
 
@@ -303,6 +325,20 @@ class RuntimeModel(RuleBasedStateMachine):
     def send_bad(self, partition: int, kind: str) -> None:
         value, reason = BAD_VALUES[kind]
         self._send(partition, value, None, reason)
+
+    @rule(stream=st.sampled_from(STREAMS), numbers=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+          partitions=st.lists(st.integers(0, PARTITIONS - 1), min_size=5, max_size=5))
+    def send_sequenced(self, stream: str, numbers: list[int], partitions: list[int]) -> None:
+        """A stream's numbers in any order, with gaps and repeats, over both partitions."""
+        for number, partition in zip(numbers, partitions, strict=False):
+            self._send(partition, json.dumps({"s": stream, "n": number}).encode(), None,
+                       topic=LEDGER, stream=stream, number=number)
+            self.numbers[stream].add(number)
+
+    @rule(partition=st.integers(0, PARTITIONS - 1),
+          value=st.sampled_from([b'{"s": "a", "n": 0}', b'{"s": "", "n": 1}', b'{"n": 1}', b'{"s": "a", "n": "1"}']))
+    def send_bad_sequence(self, partition: int, value: bytes) -> None:
+        self._send(partition, value, None, "bad-sequence", topic=LEDGER)
 
     # -- faults -------------------------------------------------------------
 
@@ -380,7 +416,7 @@ class RuntimeModel(RuleBasedStateMachine):
         self.cluster.rebalance_pending = False
         ended = self._run_worker(max_polls=10 + 2 * len(self.sent))
         assert ended == "stopped", ended
-        for tp in self.cluster.partitions(TOPIC):
+        for tp in self.cluster.partitions(TOPIC) + self.cluster.partitions(LEDGER):
             committed, end = self.cluster.committed_offset(GROUP, tp), self.cluster.end_offset(tp)
             assert committed == end, f"{tp} stuck: committed {committed}, end {end}"
         self._check_outcomes()
@@ -395,16 +431,25 @@ class RuntimeModel(RuleBasedStateMachine):
         with self.app.engine.connect() as conn:
             return [(m, p) for m, p in conn.execute(sa.select(model_effects.c.message_id, model_effects.c.payload))]
 
-    def _dedup_rows(self) -> dict[str, str]:
+    def _streams(self) -> tuple[dict[str, int], set[tuple[str, int]]]:
+        """The sequenced scope's watermarks, and its parked (stream, number)s."""
+        assert self.app is not None
+        with self.app.engine.connect() as conn:
+            watermarks = conn.execute(sa.select(sequence_streams.c.stream, sequence_streams.c.watermark)
+                                      .where(sequence_streams.c.scope == LEDGER_SCOPE))
+            numbers = conn.execute(sa.select(parked.c.stream, parked.c.number).where(parked.c.scope == LEDGER_SCOPE))
+            return {s: int(w) for s, w in watermarks}, {(s, int(n)) for s, n in numbers}
+
+    def _dedup_rows(self, scope: str = SCOPE) -> dict[str, str]:
         assert self.app is not None
         with self.app.engine.connect() as conn:
             rows = conn.execute(sa.select(processed.c.message_id, processed.c.fingerprint)
-                                .where(processed.c.scope == SCOPE))
+                                .where(processed.c.scope == scope))
             return {message_id: fingerprint for message_id, fingerprint in rows}
 
-    def _dead_letters(self) -> list[tuple[tuple[int, int], str]]:
+    def _dead_letters(self) -> list[tuple[tuple[str, int, int], str]]:
         return [(_source(record), (record.header("x-exactlyonce-reason") or b"").decode())
-                for record in self.cluster.records(DLQ)]
+                for topic in (DLQ, LEDGER_DLQ) for record in self.cluster.records(topic)]
 
     # -- invariants (after every step) ----------------------------------------
 
@@ -420,17 +465,43 @@ class RuntimeModel(RuleBasedStateMachine):
         if self.app is None:
             return
         rows = self._dedup_rows()
+        ledger_rows = self._dedup_rows(LEDGER_SCOPE)
+        watermarks, parked_numbers = self._streams()
         for record in self.sent:
-            committed = self.cluster.committed_offset(GROUP, TopicPartition(TOPIC, record.partition))
+            committed = self.cluster.committed_offset(GROUP, TopicPartition(record.topic, record.partition))
             if record.offset >= committed:
                 continue
-            coordinates = f"@{TOPIC}/{record.partition}/{record.offset}"
+            coordinates = f"@{record.topic}/{record.partition}/{record.offset}"
+            if record.topic == LEDGER:
+                if record.bad_reason is not None:
+                    assert coordinates in ledger_rows, f"offset committed past {record}, dead letter not recorded"
+                else:
+                    assert record.stream is not None and record.number is not None
+                    assert (record.number <= watermarks.get(record.stream, 0)
+                            or (record.stream, record.number) in parked_numbers), (
+                        f"offset committed past {record}, neither handled nor parked"
+                    )
+                continue
             if record.message_id is None:
                 assert coordinates in rows, f"offset committed past {record}, dead letter not recorded"
                 continue
             assert record.message_id in rows, f"offset committed past {record}, which is not in the database"
             if rows[record.message_id] != _sha256(record.value):
                 assert coordinates in rows, f"offset committed past {record} (another payload), not recorded"
+
+    @invariant()
+    def each_stream_in_order_once(self) -> None:
+        if self.app is None:
+            return
+        for stream in STREAMS:
+            numbers = self._stream_effects(stream)
+            assert numbers == list(range(1, len(numbers) + 1)), f"stream {stream!r} handled as {numbers}"
+
+    def _stream_effects(self, stream: str) -> list[int]:
+        assert self.app is not None
+        with self.app.engine.connect() as conn:
+            rows = conn.execute(sa.select(model_effects.c.message_id).order_by(model_effects.c.seq)).scalars()
+            return [int(m.split("#")[1]) for m in rows if m.startswith(f"{stream}#")]
 
     @invariant()
     def committed_offsets_never_move_backwards(self) -> None:
@@ -446,7 +517,8 @@ class RuntimeModel(RuleBasedStateMachine):
         for source, reason in self._dead_letters():
             record = by_coordinates.get(source)
             assert record is not None, f"a dead letter from {source}, which was never sent"
-            if record.message_id is None:
+            assert record.topic == TOPIC or record.bad_reason is not None, f"{record} dead-lettered as {reason}"
+            if record.bad_reason is not None:
                 assert reason == record.bad_reason, f"{record}: dead-lettered as {reason}"
             else:
                 assert reason in ("handler-error", "fingerprint-mismatch"), f"{record}: dead-lettered as {reason}"
@@ -466,9 +538,17 @@ class RuntimeModel(RuleBasedStateMachine):
         effect_payloads: dict[str, list[str]] = {}
         for message_id, payload in effects:
             effect_payloads.setdefault(message_id, []).append(payload)
+        for stream in STREAMS:
+            prefix = 0
+            while prefix + 1 in self.numbers[stream]:
+                prefix += 1
+            assert self._stream_effects(stream) == list(range(1, prefix + 1)), (
+                f"stream {stream!r}: handled {self._stream_effects(stream)}, sent {sorted(self.numbers[stream])}"
+            )
+            effect_payloads = {m: p for m, p in effect_payloads.items() if not m.startswith(f"{stream}#")}
         assert set(effect_payloads) <= set(self.payloads), f"effects of IDs never sent: {effect_payloads}"
         for record in self.sent:
-            if record.message_id is None:
+            if record.bad_reason is not None:
                 assert record.coordinates in dead_sources, f"{record} never dead-lettered"
         for message_id in self.payloads:
             records = [r for r in self.sent if r.message_id == message_id]
@@ -489,8 +569,9 @@ class RuntimeModel(RuleBasedStateMachine):
                     assert record.coordinates not in dead_sources, f"{record} (a duplicate) dead-lettered"
 
 
-def _source(record: TwinRecord) -> tuple[int, int]:
-    return (int(record.header("x-exactlyonce-partition") or b"-1"), int(record.header("x-exactlyonce-offset") or b"-1"))
+def _source(record: TwinRecord) -> tuple[str, int, int]:
+    return ((record.header("x-exactlyonce-topic") or b"").decode(),
+            int(record.header("x-exactlyonce-partition") or b"-1"), int(record.header("x-exactlyonce-offset") or b"-1"))
 
 
 def _sha256(value: bytes) -> str:
