@@ -190,6 +190,8 @@ class RuntimeModel(RuleBasedStateMachine):
         #: Source records whose dead letter may have more than one copy.
         self.may_repeat: set[tuple[int, int]] = set()
         self.runs = 0
+        #: (first member, first producer) of each worker running, innermost last.
+        self.running: list[tuple[int, int]] = []
         self.app: App | None = None
 
     # -- set-up -------------------------------------------------------------
@@ -257,10 +259,11 @@ class RuntimeModel(RuleBasedStateMachine):
         session.execute(sa.insert(model_effects).values(message_id=body["id"], payload=message.value.decode()))
 
     def _crash(self) -> None:
-        """The process dies: its consumer and producers answer nothing any more."""
-        for member in self.cluster.members:
+        """The process dies: the innermost worker's consumer and producers answer nothing any more."""
+        members, producers = self.running[-1]
+        for member in self.cluster.members[members:]:
             member.fake.dead = True
-        for producer in self.cluster.producers:
+        for producer in self.cluster.producers[producers:]:
             producer.dead = True
 
     # -- dead letters inside transactions -----------------------------------
@@ -346,9 +349,9 @@ class RuntimeModel(RuleBasedStateMachine):
     def arm_handler_fault(self, fault: str) -> None:
         self.handler_faults += ["transient", "transient"] if fault == "transient2" else [fault]
 
-    @rule(fault=st.sampled_from(COMMIT_FAULTS))
+    @rule(fault=st.sampled_from([*COMMIT_FAULTS, "zombie"]))
     def arm_commit_fault(self, fault: str) -> None:
-        self.cluster.commit_faults.append(fault)
+        self.cluster.commit_faults.append(self._take_over if fault == "zombie" else fault)
 
     @rule()
     def arm_poll_fault(self) -> None:
@@ -388,8 +391,10 @@ class RuntimeModel(RuleBasedStateMachine):
                 return True
             return False
 
+        outer_hook = self.cluster.before_poll
         self.cluster.before_poll = before_poll
         self.runs += 1
+        self.running.append((len(self.cluster.members), len(self.cluster.producers)))
         runner = Runner(self.app, stop, poll_timeout_s=0,
                         consumer_factory=self.cluster.consumer_factory(),
                         producer_factory=self.cluster.producer_factory())
@@ -398,8 +403,15 @@ class RuntimeModel(RuleBasedStateMachine):
         except Crash:
             return "crashed"
         finally:
-            self.cluster.before_poll = None
+            self.cluster.before_poll = outer_hook
+            self.running.pop()
         return "stopped"
+
+    def _take_over(self) -> None:
+        """Armed as a commit fault: the committing worker was evicted (a zombie); another
+        worker joins, handles what is not committed yet and commits; then the zombie's commit goes on."""
+        if len(self.running) < 2:
+            event(f"zombie: the other worker {self._run_worker(max_polls=3)}")
 
     @rule(max_polls=st.integers(1, 8), arrivals=st.lists(
         st.tuples(st.integers(0, PARTITIONS - 1), st.sampled_from(BEHAVIOURS), st.just("")), max_size=4))

@@ -89,7 +89,8 @@ class Cluster:
     producers: list[_FakeKafkaProducer] = field(default_factory=list)
 
     # -- faults, spent as they fire --
-    #: Next offset commits (sync or async): CRASH_BEFORE, CRASH_AFTER, REFUSE, or None (succeed).
+    #: Next offset commits (sync or async): CRASH_BEFORE, CRASH_AFTER, REFUSE, None (succeed), or
+    #: a callable run first (e.g. another member taking over), then the commit proceeds.
     commit_faults: list[str | None] = field(default_factory=list)
     #: Next polls that fail as a lost connection (True) or work (False).
     poll_faults: list[bool] = field(default_factory=list)
@@ -98,7 +99,8 @@ class Cluster:
     #: Next dead-letter sends: CRASH_BEFORE / CRASH_AFTER (the append), LOST_ACK,
     #: a Kafka error class to refuse with, or None (succeed).
     publish_faults: list[Any] = field(default_factory=list)
-    #: Called before every poll of every member (e.g. to stop the runner); True: the poll returns nothing.
+    #: Called before every poll of the members created while it is set (e.g. to stop the runner);
+    #: True: the poll returns nothing.
     before_poll: Callable[[TwinConsumer], bool] | None = None
     #: Called after every record a producer appended.
     on_append: Callable[[TwinRecord], None] | None = None
@@ -203,7 +205,7 @@ class _FakeKafkaConsumer:
     def poll(self, timeout_ms: int = 0) -> dict[TopicPartition, list[TwinRecord]]:
         self._alive()
         self.polls += 1
-        if self.cluster.before_poll is not None and self.cluster.before_poll(self.owner):
+        if self.owner.before_poll is not None and self.owner.before_poll(self.owner):
             return {}
         if self.cluster.poll_faults and self.cluster.poll_faults.pop(0):
             raise kafka.errors.KafkaConnectionError("twin: connection to the broker cut")
@@ -249,6 +251,9 @@ class _FakeKafkaConsumer:
     def _commit(self, offsets: Mapping[TopicPartition, Any]) -> None:
         self._alive()
         fault = self.cluster.commit_faults.pop(0) if self.cluster.commit_faults else None
+        if callable(fault):
+            fault()
+            fault = None
         if fault == CRASH_BEFORE:
             self.dead = True
             raise Crash("crashed before the offset commit")
@@ -294,6 +299,7 @@ class TwinConsumer(Consumer):
         self.cluster = cluster
         self.group_id = group_id
         self.on_revoked = on_revoked
+        self.before_poll = cluster.before_poll
         #: Each assignment this member received, in order.
         self.assigned_log: list[set[TopicPartition]] = []
         max_poll = int(config.get("max_poll_records", 500))
