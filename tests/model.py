@@ -51,6 +51,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from exactlyonce import App, Retry, ids
+from exactlyonce import runner as runner_module
 from exactlyonce.runner import Runner
 from exactlyonce.schema import counters, parked, processed, sequence_streams
 from tests.twins import (
@@ -64,6 +65,7 @@ from tests.twins import (
     TopicPartition,
     TwinConsumer,
     TwinRecord,
+    VirtualTime,
 )
 
 TOPIC = "orders"
@@ -196,14 +198,18 @@ class RuntimeModel(RuleBasedStateMachine):
 
     # -- set-up -------------------------------------------------------------
 
-    @initialize(batch_size=st.sampled_from([1, 2, 3, 100]), max_poll=st.sampled_from([1, 2, 5, 500]))
-    def start(self, batch_size: int, max_poll: int) -> None:
+    @initialize(batch_size=st.sampled_from([1, 2, 3, 100]), max_poll=st.sampled_from([1, 2, 5, 500]),
+                batch_wait=st.sampled_from([0, 0, 1]))
+    def start(self, batch_size: int, max_poll: int, batch_wait: int) -> None:
         app = App(
             GROUP,
             bootstrap_servers="twin:9092",
             database_url=self.database_url,
             consumer_config={"max_poll_records": max_poll},
             transient_retry_budget=timedelta(0),
+            # With a batch wait the runner polls again to fill a batch (on the twin's clock), so a
+            # rebalance can land in the middle of one.
+            batch_wait=timedelta(seconds=batch_wait),
             outbox=False,
         )
 
@@ -361,9 +367,12 @@ class RuntimeModel(RuleBasedStateMachine):
     def arm_publish_fault(self, fault: Any) -> None:
         self.cluster.publish_faults.append(fault)
 
-    @rule()
-    def arm_rebalance(self) -> None:
+    @rule(keep=st.sampled_from(["all", "all", "p0", "p1"]))
+    def arm_rebalance(self, keep: str) -> None:
+        """A rebalance at the next poll; the member may get back only one partition (until the next join)."""
         self.cluster.rebalance_pending = True
+        if keep != "all":
+            self.cluster.assign_only = {TopicPartition(t, int(keep[1])) for t in (TOPIC, LEDGER)}
 
     # -- running ------------------------------------------------------------
 
@@ -377,8 +386,10 @@ class RuntimeModel(RuleBasedStateMachine):
         polls = 0
         arriving = list(arrivals or [])
 
+        idle_polls = 0
+
         def before_poll(member: TwinConsumer) -> bool:
-            nonlocal polls
+            nonlocal polls, idle_polls
             polls += 1
             if polls > 1 and arriving:
                 self._send_new(*arriving.pop(0))
@@ -386,7 +397,10 @@ class RuntimeModel(RuleBasedStateMachine):
             idle = fake.generation is not None and not fake.stale and not self.cluster.rebalance_pending and all(
                 fake.positions.get(tp, 0) >= self.cluster.end_offset(tp) for tp in fake.assigned
             )
-            if polls > max_polls or (idle and not arriving):
+            idle_polls = idle_polls + 1 if idle and not arriving else 0
+            # Stop at the second idle poll in a row: the first may be one that fills a batch
+            # (batch_wait), whose records are handled after it.
+            if polls > max_polls or idle_polls >= 2:
                 stop.set()
                 return True
             return False
@@ -395,14 +409,16 @@ class RuntimeModel(RuleBasedStateMachine):
         self.cluster.before_poll = before_poll
         self.runs += 1
         self.running.append((len(self.cluster.members), len(self.cluster.producers)))
-        runner = Runner(self.app, stop, poll_timeout_s=0,
+        runner = Runner(self.app, stop, poll_timeout_s=0.5,
                         consumer_factory=self.cluster.consumer_factory(),
                         producer_factory=self.cluster.producer_factory())
+        clock, runner_module.time = runner_module.time, VirtualTime(self.cluster)  # type: ignore[assignment]
         try:
             runner.run()
         except Crash:
             return "crashed"
         finally:
+            runner_module.time = clock
             self.cluster.before_poll = outer_hook
             self.running.pop()
         return "stopped"
@@ -426,6 +442,7 @@ class RuntimeModel(RuleBasedStateMachine):
         self.cluster.poll_faults.clear()
         self.cluster.publish_faults.clear()
         self.cluster.rebalance_pending = False
+        self.cluster.assign_only = None
         ended = self._run_worker(max_polls=10 + 2 * len(self.sent))
         assert ended == "stopped", ended
         for tp in self.cluster.partitions(TOPIC) + self.cluster.partitions(LEDGER):

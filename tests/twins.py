@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,6 +97,11 @@ class Cluster:
     poll_faults: list[bool] = field(default_factory=list)
     #: The current member revokes everything and rejoins at its next poll.
     rebalance_pending: bool = False
+    #: The partitions the next join gets (None: all; the others stay with a
+    #: member outside the test, until a later join).
+    assign_only: set[TopicPartition] | None = None
+    #: A clock for the runner (see :class:`VirtualTime`): an empty poll waits its whole timeout.
+    now_s: float = 1000.0
     #: Next dead-letter sends: CRASH_BEFORE / CRASH_AFTER (the append), LOST_ACK,
     #: a Kafka error class to refuse with, or None (succeed).
     publish_faults: list[Any] = field(default_factory=list)
@@ -191,6 +197,9 @@ class _FakeKafkaConsumer:
     def _join(self) -> None:
         self.generation = self.cluster.join(self.group)
         self.assigned = {tp for topic in self.topics for tp in self.cluster.partitions(topic)}
+        if self.cluster.assign_only is not None:
+            self.assigned &= self.cluster.assign_only
+            self.cluster.assign_only = None
         self.positions = {tp: self.cluster.committed_offset(self.group, tp) for tp in self.assigned}
         self.owner.assigned_log.append(set(self.assigned))
 
@@ -230,6 +239,8 @@ class _FakeKafkaConsumer:
                 room -= len(records)
             if room <= 0:
                 break
+        # An empty poll waits its whole timeout (kafka-python rounds it down to milliseconds: one more).
+        self.cluster.now_s += 0.001 if batch else (timeout_ms + 1) / 1000
         return batch
 
     def assignment(self) -> set[TopicPartition]:
@@ -371,6 +382,19 @@ class TwinProducer(RecordProducer):
         self.cluster = cluster
         self._producer = _FakeKafkaProducer(cluster)
         cluster.producers.append(self._producer)
+
+
+class VirtualTime:
+    """Stands in for the ``time`` module of ``exactlyonce.runner``: ``monotonic()`` is the cluster's clock."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def monotonic(self) -> float:
+        return self._cluster.now_s
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
 
 
 class FastStop(threading.Event):
