@@ -1,9 +1,11 @@
 """A model-based test of the runtime: a Hypothesis state machine drives real Runners over the twins.
 
-Each example is one consumer group on one topic of two partitions, one
-handler (``ids.json_field("id")``, batch size drawn per example) that writes
-one row per effect into ``model_effects`` (no unique constraint: a double
-shows), a real database (SQLite here, PostgreSQL and MariaDB in
+Each example is one consumer group on two topics of two partitions each:
+``orders``, whose handler (``ids.json_field("id")``, batch size, poll size
+and batch wait drawn per example) writes one row per effect into
+``model_effects`` (no unique constraint: a double shows), and ``ledger``,
+whose ``sequence=`` handler does the same per ``(stream, number)``; a real
+database (SQLite here, PostgreSQL and MariaDB in
 ``tests/integration/test_model_databases.py``) and the twins of
 ``tests/twins.py`` for the broker.
 
@@ -11,27 +13,32 @@ Rules send records (fresh IDs, exact duplicates onto either partition,
 re-sends of an ID with another payload, IDs that differ only by case or a
 trailing space, bad IDs: missing, empty, NUL, a lone surrogate, a leading
 ``@``, 256 characters, a value that is not JSON; handlers that always fail or
-fail their first one or two calls), arm faults (a crash in the handler, i.e.
+fail their first one or two calls; sequenced records out of order, with gaps
+and repeats, and bad sequences), arm faults (a crash in the handler, i.e.
 before the database commit; a crash right before or right after the offset
-commit; a refused offset commit; a cut poll; a deadlock-like transient
+commit; a refused offset commit; a zombie: another worker takes over and
+commits while one is committing; a cut poll; a deadlock-like transient
 database error for the next one or two handler calls; a dead-letter publish
-refused as retriable or permanent, acknowledged and then lost, or a crash
-before or after it; a rebalance at the next poll), and run a worker for a few
+refused as retriable or permanent, appended with its acknowledgement lost, or
+a crash before or after it; a rebalance at the next poll, which may land in a
+batch being filled and hand back only one partition), and run a worker for a few
 polls (a new Runner each time: a restart from the committed offsets; a
 crash abandons it and its consumer, as a dead process would). ``drain`` (and
 the teardown) switches the faults off and runs a worker until the log is
 consumed.
 
-Checked after every step: no effect twice; no offset committed past a record
-whose decision is not in the database (its dedup row, or its coordinates row
-for a dead letter under coordinates); committed offsets never move backwards;
+Checked after every step: no effect twice; each stream handled 1, 2, ... in
+order; no offset committed past a record whose decision is not in the
+database (its dedup row, its coordinates row for a dead letter under
+coordinates, its stream's watermark or parked row); committed offsets never move backwards;
 each dead letter comes from a record that may be dead-lettered, with the
 right reason, once (several copies only for a dead letter whose transaction
 rolled back after the publish, which README allows: the publish is inside the
 transaction). After a drain: every partition committed to its end; each valid
 ID's effect exactly once, or its one dead letter (``handler-error``) when its
 payload fails; every other payload under that ID dead-lettered as
-``fingerprint-mismatch``; every bad record dead-lettered once with its reason.
+``fingerprint-mismatch``; every bad record dead-lettered once with its reason;
+each stream handled up to its first gap.
 """
 
 from __future__ import annotations

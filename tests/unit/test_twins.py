@@ -124,3 +124,24 @@ def test_producer_appends_refuses_and_crashes() -> None:
     with pytest.raises(Crash):
         other.publish("t.dlq", key=None, value=b"w", headers=[])
     assert len(cluster.records("t.dlq")) == 2
+
+
+def test_partial_reassignment_a_takeover_at_commit_and_the_clock() -> None:
+    cluster = _cluster()
+    revoked: list[Any] = []
+    consumer = _consumer(cluster, revoked, max_poll=1)
+    consumer.poll(0)
+    cluster.rebalance_pending, cluster.assign_only = True, {TP1}
+    assert _values(consumer.poll(0)) == {1: [b"b0"]}
+    assert consumer.assignment() == {TP1}
+    with pytest.raises(ValueError, match="Unassigned"):
+        consumer.seek(TP0, 0)
+    before = cluster.now_s
+    consumer.poll(0.5)  # returns a record: the clock barely moves
+    cluster.log[TP1] = cluster.log[TP1][:2]  # nothing left to read
+    consumer.poll(0.5)  # an empty poll waits its whole timeout
+    assert cluster.now_s - before > 0.5
+    takeover = _consumer(cluster)
+    cluster.commit_faults = [lambda: takeover.poll(0)]  # another member joins during the commit
+    assert not consumer.commit({TP1: 2})
+    assert cluster.committed_offset("g", TP1) == 0
