@@ -179,7 +179,7 @@ class Sent:
 
 
 class RuntimeModel(RuleBasedStateMachine):
-    """Drives Runners over the twins against ``DATABASE_URL`` (set by the test that runs it)."""
+    """Drives Runners over the twins against ``database_url`` (set by the test that runs it)."""
 
     #: Set by the test: a database upgraded to head with ``model_effects`` created.
     database_url: str = ""
@@ -199,9 +199,9 @@ class RuntimeModel(RuleBasedStateMachine):
         self.calls: Counter[bytes] = Counter()
         self.handler_faults: list[str] = []
         #: Dead letters sent inside a transaction that has not committed yet.
-        self.unsettled: list[tuple[int, int]] = []
+        self.unsettled: list[tuple[str, int, int]] = []
         #: Source records whose dead letter may have more than one copy.
-        self.may_repeat: set[tuple[int, int]] = set()
+        self.may_repeat: set[tuple[str, int, int]] = set()
         self.runs = 0
         #: (first member, first producer) of each worker running, innermost last.
         self.running: list[tuple[int, int]] = []
