@@ -30,15 +30,17 @@ consumed.
 Checked after every step: no effect twice; each stream handled 1, 2, ... in
 order; no offset committed past a record whose decision is not in the
 database (its dedup row, its coordinates row for a dead letter under
-coordinates, its stream's watermark or parked row); committed offsets never move backwards;
-each dead letter comes from a record that may be dead-lettered, with the
-right reason, once (several copies only for a dead letter whose transaction
-rolled back after the publish, which README allows: the publish is inside the
-transaction). After a drain: every partition committed to its end; each valid
-ID's effect exactly once, or its one dead letter (``handler-error``) when its
-payload fails; every other payload under that ID dead-lettered as
-``fingerprint-mismatch``; every bad record dead-lettered once with its reason;
-each stream handled up to its first gap.
+coordinates, its stream's watermark or parked row); committed offsets never
+move backwards; each dead letter comes from a record that may be
+dead-lettered, with the right reason; no record has two dead letters whose
+transactions committed (copies published in a transaction that then rolled
+back, "phantoms", are told apart through the engine's commit and rollback
+events, and left out of the final accounting: the publish is inside the
+transaction). After a drain: every partition committed to its end; each
+valid ID's effect exactly once, or its one dead letter (``handler-error``)
+when its payload fails; every other payload under that ID dead-lettered as
+``fingerprint-mismatch``; every bad record dead-lettered once with its
+reason; each stream handled up to its first gap.
 """
 
 from __future__ import annotations
@@ -198,10 +200,12 @@ class RuntimeModel(RuleBasedStateMachine):
         self.next_id = 0
         self.calls: Counter[bytes] = Counter()
         self.handler_faults: list[str] = []
-        #: Dead letters sent inside a transaction that has not committed yet.
-        self.unsettled: list[tuple[str, int, int]] = []
-        #: Source records whose dead letter may have more than one copy.
-        self.may_repeat: set[tuple[str, int, int]] = set()
+        #: Dead letters (topic, offset) sent inside a transaction that has not committed yet.
+        self.unsettled: list[tuple[str, int]] = []
+        #: Dead letters whose transaction rolled back after the publish: copies the broker has,
+        #: which the database does not record (a redelivery sends the record's dead letter again,
+        #: or finds it a duplicate of another copy that won).
+        self.phantoms: set[tuple[str, int]] = set()
         self.runs = 0
         #: (first member, first producer) of each worker running, innermost last.
         self.running: list[tuple[int, int]] = []
@@ -288,13 +292,13 @@ class RuntimeModel(RuleBasedStateMachine):
 
     def _on_append(self, record: TwinRecord) -> None:
         if record.topic in (DLQ, LEDGER_DLQ):
-            self.unsettled.append(_source(record))
+            self.unsettled.append((record.topic, record.offset))
 
     def _on_db_commit(self, conn: Any) -> None:
         self.unsettled.clear()
 
     def _on_db_rollback(self, conn: Any) -> None:
-        self.may_repeat.update(self.unsettled)
+        self.phantoms.update(self.unsettled)
         self.unsettled.clear()
 
     # -- sending ------------------------------------------------------------
@@ -474,7 +478,7 @@ class RuntimeModel(RuleBasedStateMachine):
         self._check_outcomes()
         dead = Counter(reason for _, reason in self._dead_letters())
         event(f"drained: {len(self.sent)} records, dead letters: {sorted(dead)}")
-        event(f"drained: {len(self.may_repeat)} dead letters allowed to repeat")
+        event(f"drained: {len(self.phantoms)} dead letters of rolled-back transactions")
 
     # -- what the database and the dead-letter topic say ---------------------
 
@@ -499,9 +503,12 @@ class RuntimeModel(RuleBasedStateMachine):
                                 .where(processed.c.scope == scope))
             return {message_id: fingerprint for message_id, fingerprint in rows}
 
-    def _dead_letters(self) -> list[tuple[tuple[str, int, int], str]]:
+    def _dead_letters(self, *, settled_only: bool = False) -> list[tuple[tuple[str, int, int], str]]:
+        """(source coordinates, reason) of every dead letter; ``settled_only``: of those whose transaction
+        committed (not the phantoms)."""
         return [(_source(record), (record.header("x-exactlyonce-reason") or b"").decode())
-                for topic in (DLQ, LEDGER_DLQ) for record in self.cluster.records(topic)]
+                for topic in (DLQ, LEDGER_DLQ) for record in self.cluster.records(topic)
+                if not (settled_only and (topic, record.offset) in self.phantoms)]
 
     # -- invariants (after every step) ----------------------------------------
 
@@ -565,7 +572,7 @@ class RuntimeModel(RuleBasedStateMachine):
     @invariant()
     def dead_letters_are_right_and_single(self) -> None:
         by_coordinates = {record.coordinates: record for record in self.sent}
-        copies = Counter(source for source, _ in self._dead_letters())
+        copies = Counter(source for source, _ in self._dead_letters(settled_only=True))
         for source, reason in self._dead_letters():
             record = by_coordinates.get(source)
             assert record is not None, f"a dead letter from {source}, which was never sent"
@@ -576,15 +583,13 @@ class RuntimeModel(RuleBasedStateMachine):
                 assert reason in ("handler-error", "fingerprint-mismatch"), f"{record}: dead-lettered as {reason}"
                 if reason == "handler-error":
                     assert record.behaviour != "ok", f"{record} never fails, yet dead-lettered as {reason}"
-            assert copies[source] == 1 or source in self.may_repeat, (
-                f"{record} dead-lettered {copies[source]} times (no transaction rolled back after its publish)"
-            )
+            assert copies[source] <= 1, f"{record} dead-lettered {copies[source]} times (each committed)"
 
     # -- after a drain ------------------------------------------------------
 
     def _check_outcomes(self) -> None:
         effects = self._effects()
-        dead = self._dead_letters()
+        dead = self._dead_letters(settled_only=True)
         dead_sources = {source for source, _ in dead}
         reasons = dict(dead)
         effect_payloads: dict[str, list[str]] = {}
