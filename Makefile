@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-compose test unit smoke-tansu services kafka chaos cluster-chaos lint bench clean
+.PHONY: demo demo-compose test unit model smoke-tansu services kafka chaos cluster-chaos lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ test: $(STAMP)
 ## Tests that need no services.
 unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit
+
+## A longer run of the model-based test (tests/model.py) on SQLite, PostgreSQL and
+## MariaDB, with random seeds: make model MODEL_EXAMPLES=500 MODEL_STEPS=50
+MODEL_EXAMPLES ?= 500
+MODEL_STEPS ?= 50
+model: $(STAMP)
+	MODEL_EXAMPLES=$(MODEL_EXAMPLES) MODEL_STEPS=$(MODEL_STEPS) $(BIN)/python -m pytest -q -ra -p no:cacheprovider --timeout=3600 \
+		tests/unit/test_model.py tests/integration/test_model_databases.py
 
 ## A smoke set on the embedded broker (tansu): the zero-setup path keeps working.
 SMOKE_TESTS := tests/integration/test_dedup.py tests/integration/test_crash_redelivery.py \
@@ -73,4 +81,4 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache .hypothesis

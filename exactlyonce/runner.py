@@ -103,8 +103,20 @@ def _is_handler_failure(exc: BaseException) -> bool:
 class Runner:
     """Runs an :class:`~exactlyonce.App` until its stop event is set."""
 
-    def __init__(self, app: App, stop: threading.Event, *, poll_timeout_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        app: App,
+        stop: threading.Event,
+        *,
+        poll_timeout_s: float = 0.5,
+        consumer_factory: Callable[..., Consumer] = Consumer,
+        producer_factory: Callable[..., RecordProducer] = RecordProducer,
+    ) -> None:
+        """``consumer_factory`` / ``producer_factory`` are for tests (the in-memory twins of
+        ``tests/twins.py``): called with :class:`Consumer`'s / :class:`RecordProducer`'s keywords."""
         self._app = app
+        self._consumer_factory = consumer_factory
+        self._producer_factory = producer_factory
         self._handlers = app.handlers
         self._stop = stop
         self._poll_timeout_s = poll_timeout_s
@@ -129,7 +141,7 @@ class Runner:
             self._check_schema()
         except _Stopped:
             return
-        self._consumer = Consumer(
+        self._consumer = self._consumer_factory(
             bootstrap_servers=self._app.bootstrap_servers,
             group_id=self._app.group_id,
             topics=self._handlers.keys(),
@@ -814,7 +826,7 @@ class Runner:
 
     def _dead_letter_producer(self) -> RecordProducer:
         if self._producer is None:
-            self._producer = RecordProducer(
+            self._producer = self._producer_factory(
                 bootstrap_servers=self._app.bootstrap_servers, config=self._app.producer_config
             )
         return self._producer
