@@ -19,7 +19,7 @@ before the database commit; a crash right before or right after the offset
 commit; a refused offset commit; a zombie: another worker takes over and
 commits while one is committing; a cut poll; a deadlock-like transient
 database error for the next one or two handler calls; a dead-letter publish
-refused as retriable or permanent, appended with its acknowledgement lost, or
+refused as retriable, appended with its acknowledgement lost, or
 a crash before or after it; a rebalance at the next poll, which may land in a
 batch being filled and hand back only one partition), and run a worker for a few
 polls (a new Runner each time: a restart from the committed offsets; a
@@ -116,7 +116,8 @@ BAD_VALUES: dict[str, tuple[bytes, str]] = {
 COMMIT_FAULTS = [CRASH_BEFORE, CRASH_AFTER, REFUSE]
 PUBLISH_FAULTS: list[Any] = [
     kafka.errors.KafkaTimeoutError,  # retriable
-    kafka.errors.TopicAuthorizationFailedError,  # permanent
+    # A permanent refusal (TopicAuthorizationFailedError, ...) stops the worker
+    # with a ConfigurationError by design: tests/integration/test_dead_letter_refusals.py.
     LOST_ACK,  # appended, but the acknowledgement never came
     CRASH_BEFORE,
     CRASH_AFTER,

@@ -8,7 +8,8 @@ callback it calls inside ``poll``) and
 here *subclass* those wrappers and replace only the kafka-python client
 inside them, so the wrappers' own translations stay under test: a retriable
 poll error becomes ``TransientError``, a failed offset commit returns
-``False``, a refused publish (retriable or not) becomes ``TransientError``.
+``False``, a retriable publish failure becomes ``TransientError`` and a
+permanent refusal a ``ConfigurationError``.
 
 ``Runner(app, stop, consumer_factory=cluster.consumer_factory(),
 producer_factory=cluster.producer_factory())`` runs against a :class:`Cluster`:

@@ -7,7 +7,7 @@ from typing import Any
 import kafka.errors
 import pytest
 
-from exactlyonce.errors import TransientError
+from exactlyonce.errors import ConfigurationError, TransientError
 from tests.twins import CRASH_AFTER, CRASH_BEFORE, REFUSE, Cluster, Crash, TopicPartition, TwinConsumer
 
 TP0, TP1 = TopicPartition("t", 0), TopicPartition("t", 1)
@@ -108,10 +108,12 @@ def test_producer_appends_refuses_and_crashes() -> None:
     producer.publish("t.dlq", key=b"k", value=b"v", headers=[("h", b"1")])
     (record,) = cluster.records("t.dlq")
     assert (record.key, record.value, record.header("h"), record.offset) == (b"k", b"v", b"1", 0)
-    for error in (kafka.errors.KafkaTimeoutError, kafka.errors.TopicAuthorizationFailedError):
-        cluster.publish_faults = [error]
-        with pytest.raises(TransientError, match=r"publish to 't\.dlq' failed"):
-            producer.publish("t.dlq", key=None, value=b"x", headers=[])
+    cluster.publish_faults = [kafka.errors.KafkaTimeoutError]
+    with pytest.raises(TransientError, match=r"publish to 't\.dlq' failed"):
+        producer.publish("t.dlq", key=None, value=b"x", headers=[])
+    cluster.publish_faults = [kafka.errors.TopicAuthorizationFailedError]
+    with pytest.raises(ConfigurationError, match=r"topic 't\.dlq' refuses the record for good"):
+        producer.publish("t.dlq", key=None, value=b"x", headers=[])
     assert len(cluster.records("t.dlq")) == 1
     cluster.publish_faults = [CRASH_AFTER]
     with pytest.raises(Crash):
