@@ -72,6 +72,9 @@ MAX_REFUSAL_LENGTH = 1000
 _MAX_PROVEN_TOPICS = 10_000
 #: How often a flush checks whether a stop was requested.
 _CANCEL_CHECK_S = 0.1
+#: The longest a relay waits for one flight's acknowledgements before it
+#: gives up on them (they stay pending) and starts over with a new producer.
+FLUSH_LIMIT = timedelta(seconds=30)
 
 
 class OutboxMetrics(Protocol):
@@ -529,11 +532,17 @@ class Relay:
         return outcomes
 
     def _flush(self, producer: _kafka.RecordProducer, futures: list[Any]) -> None:
-        """Wait for every future's outcome, or until a stop is requested (the rest then report a timeout)."""
-        if self._cancel is None:
-            producer.flush()
-            return
-        while not self._cancel.is_set() and not all(future.is_done for future in futures):
+        """Wait for every future's outcome, for at most FLUSH_LIMIT or until a stop is requested.
+
+        The futures still open then report a timeout: their rows stay pending,
+        and the failure gives the relay a new producer. Bounded because
+        kafka-python's futures were seen never to complete after every broker
+        of a cluster had been restarted (the relay then waited for good).
+        """
+        deadline = time.monotonic() + FLUSH_LIMIT.total_seconds()
+        while not all(future.is_done for future in futures):
+            if (self._cancel is not None and self._cancel.is_set()) or time.monotonic() >= deadline:
+                return
             producer.flush(_CANCEL_CHECK_S)
 
     def _prove(self, topic: str, size: int) -> None:
