@@ -72,6 +72,8 @@ MAX_GAP_CHECK_INTERVAL_S = 30.0
 #: The longest pause (a random share of it) before the halves of a batch
 #: that hit a deadlock or serialization failure are tried.
 CONFLICT_BACKOFF_S = 0.2
+#: Lock conflicts a batch may lose and be retried whole before it is retried in halves.
+CONFLICT_RETRIES = 2
 
 
 class _Stopped(BaseException):
@@ -88,9 +90,24 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TransientError) or _db.is_transient(exc, chained=True)
 
 
-def _is_transient_not_conflict(exc: BaseException) -> bool:
-    """Transient, but not a deadlock or serialization failure (retried smaller instead)."""
-    return _is_transient(exc) and not _db.is_conflict(exc)
+def _conflicts_allowed(limit: int) -> Callable[[BaseException], bool]:
+    """A retry predicate: transient failures, but at most ``limit`` deadlocks or serialization failures.
+
+    A batch that lost a lock conflict is first retried as it is, after the
+    usual jittered backoff (most conflicts are a chance meeting, and the
+    backoff parts the workers); one that keeps losing is then retried in
+    halves, which hold fewer locks for less time.
+    """
+    conflicts = 0
+
+    def retry_on(exc: BaseException) -> bool:
+        nonlocal conflicts
+        if _db.is_conflict(exc):
+            conflicts += 1
+            return conflicts <= limit
+        return _is_transient(exc)
+
+    return retry_on
 
 
 def _is_handler_failure(exc: BaseException) -> bool:
@@ -305,7 +322,7 @@ class Runner:
             return [self._transient_safe(handler, message, lambda: self._handle(handler, message, message_id))]
         try:
             results = self._transient_safe(handler, items[0][0], lambda: self._apply(handler, items),
-                                           retry_on=_is_transient_not_conflict)
+                                           retry_on=_conflicts_allowed(CONFLICT_RETRIES))
         except TransientError as exc:
             if not _db.is_conflict(exc):
                 raise
@@ -474,7 +491,7 @@ class Runner:
             return self._transient_safe(handler, items[0][0], lambda: self._apply_sequenced(handler, items))
         try:
             return self._transient_safe(handler, items[0][0], lambda: self._apply_sequenced(handler, items),
-                                        retry_on=_is_transient_not_conflict)
+                                        retry_on=_conflicts_allowed(CONFLICT_RETRIES))
         except TransientError as exc:
             if not _db.is_conflict(exc):
                 raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -32,6 +33,10 @@ def no_registered_secrets() -> Iterator[None]:
 
 @pytest.fixture
 def stream(monkeypatch: pytest.MonkeyPatch) -> Iterator[io.StringIO]:
+    # The test services' URLs (EXACTLYONCE_TEST_POSTGRES_URL, ...) carry
+    # passwords such as "postgres" that configure() would register, masking words here.
+    for name in [name for name in os.environ if name.startswith("EXACTLYONCE_TEST_")]:
+        monkeypatch.delenv(name)
     monkeypatch.setenv("EXACTLYONCE_SIGNING_KEY", f"k1:{SIGNING_SECRET}")
     buffer = io.StringIO()
     yield buffer
