@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -81,8 +80,6 @@ def stamp_headers(
         stamped += sign(message_id, key, value, signing_key)
     return stamped
 
-#: How often a cancellable flush checks its ``cancel`` event.
-_CANCEL_CHECK_S = 0.1
 
 
 @dataclass(slots=True)
@@ -172,7 +169,7 @@ class Producer:
         self._pending.append(record)
         return message_id
 
-    def flush(self, timeout: timedelta | None = None, *, cancel: threading.Event | None = None) -> None:
+    def flush(self, timeout: timedelta | None = None) -> None:
         """Wait until every queued record is acknowledged, re-sending failures.
 
         Raises :class:`~exactlyonce.TransientError` naming the undelivered
@@ -181,42 +178,39 @@ class Producer:
         :class:`~exactlyonce.ConfigurationError` for a record the broker will
         never take (too large, invalid topic).
 
-        ``timeout`` bounds the whole wait, re-sends included, and ``cancel``
-        ends it as soon as it is set: the records not acknowledged by then
-        are given up as when the budget runs out (``TransientError``; they
-        may still arrive). Without either, the wait ends when every record
-        is acknowledged or has failed (kafka-python's ``delivery_timeout_ms``).
+        ``timeout`` bounds the whole wait, re-sends included: the records not
+        acknowledged by then are given up as when the budget runs out
+        (``TransientError``; they may still arrive). Without it, the wait ends
+        when every record is acknowledged or has failed (kafka-python's
+        ``delivery_timeout_ms``).
         """
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
 
         def over() -> bool:
-            return (cancel is not None and cancel.is_set()) or (deadline is not None and time.monotonic() >= deadline)
+            return deadline is not None and time.monotonic() >= deadline
 
         def sleep(seconds: float) -> None:
             if deadline is not None:
                 seconds = max(min(seconds, deadline - time.monotonic()), 0.0)
-            if cancel is not None:
-                cancel.wait(seconds)
-            else:
-                time.sleep(seconds)
+            time.sleep(seconds)
 
         retrying = self._retry.retrying(
             retryable=lambda exc: isinstance(exc, TransientError) and not over(), sleep=sleep
         )
         try:
-            retrying(lambda: self._flush_once(deadline, cancel))
+            retrying(lambda: self._flush_once(deadline))
         except TransientError as exc:
             undelivered = [r.message_id for r in self._pending]
             self._pending = []
             raise TransientError(f"{len(undelivered)} record(s) not acknowledged: {undelivered[:10]}") from exc
 
-    def _flush_once(self, deadline: float | None = None, cancel: threading.Event | None = None) -> None:
+    def _flush_once(self, deadline: float | None = None) -> None:
         # Re-send what failed last round, then wait for every outcome (a record
         # still unacknowledged when the wait ends counts as failed).
         for record in self._pending:
             if record.future is None:
                 self._transmit(record)
-        self._wait(deadline, cancel)
+        self._wait(deadline)
         failed: list[tuple[_Outgoing, BaseException]] = []
         refused: list[tuple[_Outgoing, BaseException]] = []
         for record in self._pending:
@@ -236,21 +230,14 @@ class Producer:
         if failed:
             raise TransientError(f"{len(failed)} record(s) not acknowledged, first: {failed[0][1]}")
 
-    def _wait(self, deadline: float | None, cancel: threading.Event | None) -> None:
-        """Wait for every record's outcome, until ``deadline`` (monotonic) or ``cancel`` is set."""
-        if deadline is None and cancel is None:
+    def _wait(self, deadline: float | None) -> None:
+        """Wait for every record's outcome, until ``deadline`` (monotonic) if given."""
+        if deadline is None:
             self._producer.flush()
             return
-        while not (cancel is not None and cancel.is_set()):
-            step = _CANCEL_CHECK_S if cancel is not None else None
-            if deadline is not None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return
-                step = remaining if step is None else min(step, remaining)
-            self._producer.flush(step)
-            if all(record.future is None or record.future.is_done for record in self._pending):
-                return
+        remaining = deadline - time.monotonic()
+        if remaining > 0:
+            self._producer.flush(remaining)
 
     def _transmit(self, record: _Outgoing) -> None:
         record.future = self._producer.send(
