@@ -147,6 +147,9 @@ class Runner:
         self._signing_keys = app.signing_keys
         self._sequenced = [h for h in self._handlers.values() if h.sequence is not None]
         self._next_gap_check = 0.0
+        #: A bounded step of sequence work stopped with more to do: continue
+        #: right after the next poll, which then does not wait.
+        self._more_sequence_work = False
         #: (scope, stream, gap_since) of the gaps already logged, to log each once.
         self._reported_gaps: set[tuple[str, str, Any]] = set()
 
@@ -169,7 +172,7 @@ class Runner:
         try:
             while not self._stop.is_set():
                 try:
-                    batch = self._consumer.poll(self._poll_timeout_s)
+                    batch = self._consumer.poll(0 if self._more_sequence_work else self._poll_timeout_s)
                 except TransientError as exc:
                     log.warning("%s; polling again", exc)
                     self._stop.wait(1.0)
@@ -179,7 +182,7 @@ class Runner:
                     self._process_batch(batch)
                     self._commit()
                     self._report_lag(batch)
-                self._check_gaps()
+                self._continue_sequences()
         except _session.Unrunnable as unrunnable:
             # A handler that can never succeed (it returned a coroutine): stop
             # loudly. Its transaction rolled back; what committed before is
@@ -543,8 +546,9 @@ class Runner:
 
         Per record: a number at or below the stream's watermark is a
         duplicate; the next number is handled, the watermark advances, and
-        the parked successors it unblocks are handled after it; a later
-        number is parked. A record whose handler keeps failing is
+        the parked successors it unblocks are handled after it (at most
+        ``batch_size`` of them in this transaction; the rest in transactions
+        of their own, see :meth:`_release_ready`); a later number is parked. A record whose handler keeps failing is
         dead-lettered and its number counts as handled, so the stream moves
         on. Dead letters are sent inside the transaction: if it rolls back,
         they may be sent again (at least once), never lost.
@@ -553,6 +557,8 @@ class Runner:
         dead: list[tuple[Message, BaseException]] = []
         tally = Tally()
         scope = handler.scope
+        #: Parked records this transaction may still release (see _release).
+        budget = handler.batch_size
         with _session.HandlerSession(self._engine) as session, session.begin():
             now = seq.utcnow()
             streams = seq.lock(session, scope, (name for _, _, name, _ in items), now)
@@ -571,19 +577,17 @@ class Runner:
                     else:
                         outcome = self._sequenced_mismatch(handler, message, message_id, name, number, dead)
                 else:
-                    outcome = self._call_in_order(handler, session, message, message_id, dead)
-                    stream.watermark = number
-                    while stream.parked:
-                        taken = seq.take(session, scope, name, stream.watermark + 1)
-                        if taken is None:
-                            break
-                        parked_id, parked_message = taken
-                        stream.parked -= 1
-                        stream.watermark += 1
-                        released = self._call_in_order(handler, session, parked_message, parked_id, dead)
-                        tally.add(parked_message, released)
-                        outcomes.append(released)
-                    stream.gap_since = now if stream.parked else None
+                    stored = seq.parked_fingerprint(session, scope, name, number) if stream.parked else None
+                    if stored is None:
+                        outcome = self._call_in_order(handler, session, message, message_id, dead)
+                        stream.watermark = number
+                        stream.gap_since = None  # the gap, if any, moves on: its clock restarts
+                    elif stored == message.fingerprint():
+                        # Parked already, by a release cut short: released below.
+                        outcome = "duplicate"
+                    else:
+                        outcome = self._sequenced_mismatch(handler, message, message_id, name, number, dead)
+                    budget -= self._release(handler, session, stream, budget, dead, tally, outcomes, now)
                 tally.add(message, outcome)
                 outcomes.append(outcome)
                 _log_decision(handler, message, message_id, outcome, stream=name, number=number)
@@ -592,6 +596,78 @@ class Runner:
         for message, exc in dead:
             self._dead_lettered(handler, message, exc)
         return outcomes
+
+    def _release(
+        self,
+        handler: Handler,
+        session: _session.HandlerSession,
+        stream: seq.Stream,
+        budget: int,
+        dead: list[tuple[Message, BaseException]],
+        tally: Tally,
+        outcomes: list[str],
+        now: Any,
+    ) -> int:
+        """Handle the parked successors of ``stream``'s watermark, at most ``budget``; return how many.
+
+        A gap filled after a long wait may have unblocked any number of
+        parked records; one transaction takes a bounded share, so that its
+        locks, its memory and its time stay bounded. When the budget runs out
+        with the next number parked, the stream is *ready*: its gap clock is
+        stopped and :meth:`_release_ready` continues (on this worker right
+        away, or on any worker of the group after a crash).
+        """
+        released = 0
+        while stream.parked and released < budget:
+            taken = seq.take(session, handler.scope, stream.stream, stream.watermark + 1)
+            if taken is None:
+                break
+            parked_id, parked_message = taken
+            stream.parked -= 1
+            stream.watermark += 1
+            released += 1
+            outcome = self._call_in_order(handler, session, parked_message, parked_id, dead)
+            tally.add(parked_message, outcome)
+            outcomes.append(outcome)
+        if not stream.parked:
+            stream.gap_since = None
+        elif released >= budget and seq.parked_fingerprint(
+            session, handler.scope, stream.stream, stream.watermark + 1
+        ) is not None:
+            stream.gap_since = None
+            self._more_sequence_work = True
+        elif released or stream.gap_since is None:
+            stream.gap_since = now
+        return released
+
+    def _release_ready(self, handler: Handler) -> bool:
+        """Continue releases cut short, in ONE transaction of at most ``batch_size`` records.
+
+        Returns whether more may be ready.
+        """
+        outcomes: list[str] = []
+        dead: list[tuple[Message, BaseException]] = []
+        tally = Tally()
+        scope = handler.scope
+        budget = handler.batch_size
+        with _session.HandlerSession(self._engine) as session, session.begin():
+            names = seq.ready(session, scope, limit=budget)
+            if not names:
+                return False
+            now = seq.utcnow()
+            streams = seq.lock(session, scope, names, now)
+            for stream in streams.values():
+                if budget <= 0:
+                    break
+                budget -= self._release(handler, session, stream, budget, dead, tally, outcomes, now)
+            seq.save(session, scope, streams.values(), now)
+            store.count(session, self._app.group_id, scope, tally)
+        for message, exc in dead:
+            self._dead_lettered(handler, message, exc)
+        for outcome in outcomes:
+            self.stats[outcome] += 1
+            self._metrics.outcome(scope, outcome)
+        return budget <= 0
 
     def _sequenced_mismatch(
         self, handler: Handler, message: Message, message_id: str, stream: str, number: int,
@@ -651,21 +727,33 @@ class Runner:
         self._count_retries(handler, attempts)
         return outcome
 
-    def _check_gaps(self) -> None:
-        """Report the streams that have waited longer than ``gap_timeout``; apply the gap policy."""
-        if not self._sequenced or time.monotonic() < self._next_gap_check:
+    def _continue_sequences(self) -> None:
+        """Between polls: continue cut-short releases, report old gaps and apply the gap policy.
+
+        Runs every ``gap_timeout / 4`` (at most every 30 s), and after every
+        poll while a bounded step left more to do. Each step is one bounded
+        transaction per handler, so polls (and the group's liveness) go on
+        between steps.
+        """
+        if not self._sequenced:
+            return
+        if not self._more_sequence_work and time.monotonic() < self._next_gap_check:
             return
         interval = min(min(h.gap_timeout.total_seconds() for h in self._sequenced) / 4, MAX_GAP_CHECK_INTERVAL_S)
         self._next_gap_check = time.monotonic() + max(interval, 0.2)
+        more = False
         for handler in self._sequenced:
             try:
-                self._handle_gaps(handler)
+                more = self._release_ready(handler) or more
+                more = self._handle_gaps(handler) or more
             except Exception as exc:
                 if not _is_transient(exc):
                     raise
-                log.warning("gap check for %s failed, trying again later: %s", handler.scope, exc)
+                log.warning("sequence work for %s failed, trying again later: %s", handler.scope, exc)
+        self._more_sequence_work = more
 
-    def _handle_gaps(self, handler: Handler) -> None:
+    def _handle_gaps(self, handler: Handler) -> bool:
+        """Report or give up the gaps older than ``gap_timeout``; return whether more are left to give up."""
         scope = handler.scope
         now = seq.utcnow()
         cutoff = now - handler.gap_timeout
@@ -686,13 +774,19 @@ class Runner:
                         stream.parked, extra={"scope": scope, "stream": stream.stream,
                                               "number": stream.watermark + 1, "outcome": "gap"},
                     )
-            return
+            return False
+        # Give up: dead-letter the parked records, at most batch_size in one
+        # transaction (it holds the streams' locks while it publishes them).
         dead: list[tuple[Message, BaseException]] = []
         tally = Tally()
+        budget = handler.batch_size
         with Session(self._engine) as session, session.begin():
-            late = seq.overdue(session, scope, cutoff, lock_rows=True)
+            late = seq.overdue(session, scope, cutoff, lock_rows=True, limit=budget)
             for stream in late:
-                for number, message_id, message in seq.take_all(session, scope, stream.stream):
+                if budget <= 0:
+                    break
+                taken = seq.take_first(session, scope, stream.stream, budget)
+                for number, message_id, message in taken:
                     exc = SequenceGap(
                         f"stream {stream.stream!r} of {scope} waited for number {stream.watermark + 1} "
                         f"since {stream.gap_since} UTC, longer than gap_timeout {handler.gap_timeout}: "
@@ -701,15 +795,21 @@ class Runner:
                     self._publish_dead_letter(handler, message, message_id, exc, attempts=0)
                     dead.append((message, exc))
                     tally.add(message, "dead_lettered")
-                stream.parked = 0
-                stream.gap_since = None
+                if len(taken) < budget:
+                    stream.parked = 0  # all of them
+                else:
+                    stream.parked = max(stream.parked - len(taken), 1)
+                budget -= len(taken)
+                if not stream.parked:
+                    stream.gap_since = None
             seq.save(session, scope, late, now)
             store.count(session, self._app.group_id, scope, tally)
-        self._metrics.open_gaps(scope, 0)
+        self._metrics.open_gaps(scope, sum(1 for stream in late if stream.parked))
         for message, error in dead:
             self._dead_lettered(handler, message, error)
             self.stats["dead_lettered"] += 1
             self._metrics.outcome(scope, "dead_lettered")
+        return budget <= 0
 
     # -- dead letters -------------------------------------------------------
 

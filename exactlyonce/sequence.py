@@ -140,10 +140,9 @@ def park(
     session: Session, scope: str, stream: str, number: int, message_id: str, message: Message, now: datetime
 ) -> str | None:
     """Park ``message`` as number ``number``; return ``None``, or the fingerprint already parked there."""
-    key = (parked.c.scope == scope, parked.c.stream == stream, parked.c.number == number)
-    existing = session.execute(sa.select(parked.c.fingerprint).where(*key).with_for_update()).scalar()
+    existing = parked_fingerprint(session, scope, stream, number)
     if existing is not None:
-        return str(existing)
+        return existing
     session.execute(
         sa.insert(parked).values(
             scope=scope,
@@ -164,6 +163,13 @@ def park(
     return None
 
 
+def parked_fingerprint(session: Session, scope: str, stream: str, number: int) -> str | None:
+    """The fingerprint of the message parked as ``number`` (locked), or ``None``."""
+    key = (parked.c.scope == scope, parked.c.stream == stream, parked.c.number == number)
+    existing = session.execute(sa.select(parked.c.fingerprint).where(*key).with_for_update()).scalar()
+    return None if existing is None else str(existing)
+
+
 def take(session: Session, scope: str, stream: str, number: int) -> tuple[str, Message] | None:
     """Remove and return the message parked as ``number`` (its ID and the message), if any."""
     key = (parked.c.scope == scope, parked.c.stream == stream, parked.c.number == number)
@@ -174,22 +180,48 @@ def take(session: Session, scope: str, stream: str, number: int) -> tuple[str, M
     return row.message_id, _message(row)
 
 
-def take_all(session: Session, scope: str, stream: str) -> list[tuple[int, str, Message]]:
-    """Remove and return every message parked for ``stream``, in number order."""
+def take_first(session: Session, scope: str, stream: str, limit: int) -> list[tuple[int, str, Message]]:
+    """Remove and return the ``limit`` lowest-numbered messages parked for ``stream``, in number order.
+
+    Bounded, so that giving up a long gap holds its locks and its memory for
+    one chunk at a time.
+    """
     where = (parked.c.scope == scope, parked.c.stream == stream)
-    rows = session.execute(sa.select(parked).where(*where).order_by(parked.c.number).with_for_update()).all()
+    rows = session.execute(
+        sa.select(parked).where(*where).order_by(parked.c.number).limit(limit).with_for_update()
+    ).all()
     if rows:
-        session.execute(sa.delete(parked).where(*where))
+        session.execute(sa.delete(parked).where(*where, parked.c.number.in_([row.number for row in rows])))
     return [(row.number, row.message_id, _message(row)) for row in rows]
 
 
-def overdue(session: Session, scope: str, cutoff: datetime, *, lock_rows: bool = False) -> Sequence[Stream]:
-    """The streams of ``scope`` whose gap opened before ``cutoff`` (oldest first)."""
+def ready(session: Session, scope: str, limit: int) -> list[str]:
+    """Streams of ``scope`` whose next number is parked: a release was cut short, to be continued.
+
+    Not locked: the caller locks them with :func:`lock` and takes what is
+    still there.
+    """
+    s, p = sequence_streams, parked
+    stmt = (
+        sa.select(s.c.stream)
+        .join(p, sa.and_(p.c.scope == s.c.scope, p.c.stream == s.c.stream, p.c.number == s.c.watermark + 1))
+        .where(s.c.scope == scope, s.c.parked > 0)
+        .order_by(s.c.stream)
+        .limit(limit)
+    )
+    return list(session.execute(stmt).scalars())
+
+
+def overdue(
+    session: Session, scope: str, cutoff: datetime, *, lock_rows: bool = False, limit: int | None = None
+) -> Sequence[Stream]:
+    """The streams of ``scope`` whose gap opened before ``cutoff`` (by stream name), at most ``limit``."""
     table = sequence_streams
     stmt = (
         sa.select(table.c.stream, table.c.watermark, table.c.parked, table.c.gap_since)
         .where(table.c.scope == scope, table.c.gap_since < cutoff, table.c.parked > 0)
         .order_by(table.c.stream)
+        .limit(limit)
     )
     if lock_rows:
         stmt = stmt.with_for_update()

@@ -415,6 +415,7 @@ class RuntimeModel(RuleBasedStateMachine):
         arriving = list(arrivals or [])
 
         idle_polls = 0
+        runner: Runner | None = None
 
         def before_poll(member: TwinConsumer) -> bool:
             nonlocal polls, idle_polls
@@ -425,7 +426,9 @@ class RuntimeModel(RuleBasedStateMachine):
             idle = fake.generation is not None and not fake.stale and not self.cluster.rebalance_pending and all(
                 fake.positions.get(tp, 0) >= self.cluster.end_offset(tp) for tp in fake.assigned
             )
-            idle_polls = idle_polls + 1 if idle and not arriving else 0
+            # A runner with sequence work left (a release cut short at batch_size) is not idle.
+            busy = runner is not None and runner._more_sequence_work
+            idle_polls = idle_polls + 1 if idle and not arriving and not busy else 0
             # Stop at the second idle poll in a row: the first may be one that fills a batch
             # (batch_wait), whose records are handled after it.
             if polls > max_polls or idle_polls >= 2:
