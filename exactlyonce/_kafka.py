@@ -14,11 +14,12 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import kafka
 import kafka.errors
-from kafka.structs import OffsetAndMetadata, TopicPartition
+from kafka.structs import OffsetAndMetadata
+from kafka.structs import TopicPartition as _KafkaTopicPartition
 
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.message import Message
@@ -52,6 +53,21 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     # block a minute (kafka-python's default) on metadata for a missing topic.
     "max_block_ms": 10_000,
 }
+
+
+class TopicPartition(NamedTuple):
+    """A topic's partition (kafka-python's own stays behind this seam; the two compare equal)."""
+
+    topic: str
+    partition: int
+
+
+def _theirs(tp: TopicPartition) -> Any:
+    return _KafkaTopicPartition(tp.topic, tp.partition)
+
+
+def _ours(partitions: Iterable[Any]) -> set[TopicPartition]:
+    return {TopicPartition(tp.topic, tp.partition) for tp in partitions}
 
 
 class RecordTooLarge(ConfigurationError):
@@ -108,21 +124,25 @@ class Consumer:
         # block on the consumer (a synchronous commit there raises), and an
         # exception escaping them would surface from poll().
         class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
-            def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-                consumer._call_safely(on_revoked, set(revoked), False)
+            def on_partitions_revoked(self, revoked: set[Any]) -> None:
+                consumer._call_safely(on_revoked, _ours(revoked), False)
 
-            def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
-                consumer._call_safely(on_revoked, set(lost), True)
+            def on_partitions_lost(self, lost: set[Any]) -> None:
+                consumer._call_safely(on_revoked, _ours(lost), True)
 
-            def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+            def on_partitions_assigned(self, assigned: set[Any]) -> None:
                 log.info("assigned partitions: %s", _fmt(assigned))
 
         self._consumer.subscribe(topics=sorted(topics), listener=_Listener())
 
-    def poll(self, timeout_s: float) -> dict[TopicPartition, list[Any]]:
-        """Fetch records; rebalance callbacks run inside this call."""
+    def poll(self, timeout_s: float) -> dict[TopicPartition, list[Message]]:
+        """Fetch records as :class:`Message` objects; rebalance callbacks run inside this call."""
         try:
-            return dict(self._consumer.poll(timeout_ms=int(timeout_s * 1000)))
+            fetched = self._consumer.poll(timeout_ms=int(timeout_s * 1000))
+            return {
+                TopicPartition(tp.topic, tp.partition): [to_message(record) for record in records]
+                for tp, records in fetched.items()
+            }
         except kafka.errors.KafkaError as exc:
             if getattr(exc, "retriable", False) or isinstance(
                 exc, kafka.errors.KafkaConnectionError
@@ -132,16 +152,16 @@ class Consumer:
 
     def assignment(self) -> set[TopicPartition]:
         """The partitions this member owns now."""
-        return set(self._consumer.assignment())
+        return _ours(self._consumer.assignment())
 
     def highwater(self, partition: TopicPartition) -> int | None:
         """The partition's end offset as of the last fetch (no network call), if known."""
-        value = self._consumer.highwater(partition)
+        value = self._consumer.highwater(_theirs(partition))
         return int(value) if value is not None else None
 
     def seek(self, partition: TopicPartition, offset: int) -> None:
         """Make the next poll return ``partition`` from ``offset`` again."""
-        self._consumer.seek(partition, offset)
+        self._consumer.seek(_theirs(partition), offset)
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
         """Commit ``offsets`` (the next offset to read per partition) synchronously.
@@ -154,7 +174,7 @@ class Consumer:
             return True
         try:
             self._consumer.commit(
-                {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+                {_theirs(tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
             )
         # CommitFailedError (evicted), RebalanceInProgressError, a lost
         # connection: all KafkaErrors, all handled the same way.
@@ -179,7 +199,7 @@ class Consumer:
                             "redelivered and skipped as duplicates", result)
 
         self._consumer.commit_async(
-            {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}, callback=done
+            {_theirs(tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}, callback=done
         )
 
     @staticmethod

@@ -32,7 +32,7 @@ from exactlyonce import outbox as _outbox
 from exactlyonce._kafka import bootstrap_failure
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER
-from exactlyonce.runner import DLQ_HEADER_PREFIX
+from exactlyonce.runtime import deadletter
 from exactlyonce.schema import Outcome, counters, outbox, parked, processed, sequence_streams
 
 log = logging.getLogger("exactlyonce.admin")
@@ -269,6 +269,8 @@ class PartitionStatus:
     skipped: int = 0
     dead_lettered: int = 0
     parked: int = 0
+    #: Records whose ID (or number) came with another payload than the first time.
+    fingerprint_mismatches: int = 0
     last_offset: int | None = None
     last_processed_at: datetime | None = None
     committed: int | None = None
@@ -282,7 +284,8 @@ class PartitionStatus:
         return {
             "topic": self.topic, "partition": self.partition, "applied": self.applied,
             "duplicates": self.duplicates, "skipped": self.skipped, "dead_lettered": self.dead_lettered,
-            "parked": self.parked, "last_offset": self.last_offset,
+            "parked": self.parked, "fingerprint_mismatches": self.fingerprint_mismatches,
+            "last_offset": self.last_offset,
             "last_processed_at": _iso(self.last_processed_at), "committed": self.committed,
             "end_offset": self.end_offset, "lag": self.lag,
         }
@@ -320,7 +323,8 @@ class ScopeStatus:
             "scope": self.scope, "group_id": self.group_id,
             "applied": self.total("applied"), "duplicates": self.total("duplicates"),
             "skipped": self.total("skipped"), "dead_lettered": self.total("dead_lettered"),
-            "parked": self.total("parked"), "open_gaps": self.open_gaps,
+            "parked": self.total("parked"), "fingerprint_mismatches": self.total("fingerprint_mismatches"),
+            "open_gaps": self.open_gaps,
             "last_processed_at": _iso(self.last_processed_at), "lag": self.lag,
             "partitions": [p.to_json() for p in self.partitions],
         }
@@ -398,7 +402,7 @@ def status(engine: Engine, reader: KafkaReader | None) -> Status:
         scope.partitions.append(PartitionStatus(
             topic=row.topic, partition=row.kafka_partition, applied=row.applied, duplicates=row.duplicates,
             skipped=row.skipped, dead_lettered=row.dead_lettered, parked=row.parked,
-            last_offset=row.last_offset, last_processed_at=row.last_processed_at,
+            fingerprint_mismatches=row.fingerprint_mismatches, last_offset=row.last_offset, last_processed_at=row.last_processed_at,
         ))
     for name, count in gaps.items():
         scopes.setdefault(name, ScopeStatus(scope=name, group_id="")).open_gaps = int(count)
@@ -627,13 +631,7 @@ class DeadLetterRecord:
 
 def to_dead_letter(record: Any) -> DeadLetterRecord:
     """Decode a kafka-python ``ConsumerRecord`` of a dead-letter topic."""
-    headers: list[tuple[str, bytes]] = []
-    meta: dict[str, str] = {}
-    for name, value in record.headers or ():
-        if name.startswith(DLQ_HEADER_PREFIX):
-            meta[name[len(DLQ_HEADER_PREFIX):]] = (value or b"").decode("utf-8", "replace")
-        else:
-            headers.append((name, value or b""))
+    headers, meta = deadletter.split_headers(record.headers or ())
     timestamp = None if record.timestamp is None or record.timestamp < 0 else datetime.fromtimestamp(
         record.timestamp / 1000, UTC)
     return DeadLetterRecord(
@@ -692,7 +690,7 @@ class ReplayItem:
 def replay_problem(record: DeadLetterRecord) -> str | None:
     """Why ``record`` cannot usefully be replayed, or ``None``."""
     if not record.topic:
-        return f"no {DLQ_HEADER_PREFIX}topic header: the original topic is unknown"
+        return f"no {deadletter.HEADER_PREFIX}topic header: the original topic is unknown"
     if record.meta.get("reason") == "bad-signature":
         # A replaying Producer signs with the operator's key (EXACTLYONCE_SIGNING_KEY):
         # that would turn a forged record into a genuine-looking one.

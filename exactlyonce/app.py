@@ -368,7 +368,7 @@ class App:
         alongside, until ``run`` returns.
         """
         from exactlyonce.outbox import RelayThread
-        from exactlyonce.runner import Runner
+        from exactlyonce.runtime import Runner
 
         if not self._handlers:
             raise ConfigurationError("no handlers registered")

@@ -20,18 +20,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from .errors import ConfigurationError
+from .outcome import Outcome
 
 __all__ = ["OUTCOMES", "RETRY_KINDS", "Metrics"]
 
 #: The values of the ``outcome`` label of ``exactlyonce_messages_total``.
-OUTCOMES = (
-    "applied",
-    "duplicate",
-    "skipped",
-    "dead_lettered",
-    "fingerprint_mismatch",
-    "parked",
-)
+OUTCOMES = tuple(str(outcome) for outcome in Outcome)
 
 #: The values of the ``kind`` label of ``exactlyonce_retries_total``.
 RETRY_KINDS = ("handler", "transient")

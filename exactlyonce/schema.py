@@ -6,15 +6,15 @@ module; a test upgrades an empty database and checks it matches :data:`metadata`
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text
+from sqlalchemy import BigInteger, Column, DateTime, Index, Integer, LargeBinary, MetaData, String, Table, Text, text
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from exactlyonce.ids import MAX_MESSAGE_ID_LENGTH
+from exactlyonce.outcome import Outcome as _Outcome
 
 #: Kafka limits topic names to 249 characters.
 MAX_TOPIC_LENGTH = 249
@@ -54,15 +54,9 @@ class ExactString(TypeDecorator[str]):
         return self.impl_instance
 
 
-class Outcome(enum.StrEnum):
-    """What happened to a claimed message, as stored in ``processed.outcome``."""
-
-    #: The handler ran and its writes committed.
-    APPLIED = "applied"
-    #: The handler raised :class:`~exactlyonce.Skip`: handled, no effects kept.
-    SKIPPED = "skipped"
-    #: Published to the dead-letter topic; no effects kept.
-    DEAD_LETTERED = "dead_lettered"
+#: What ``exactlyonce_processed.outcome`` holds: ``applied``, ``skipped`` or
+#: ``dead_lettered`` (the outcomes that claim a message ID).
+Outcome = _Outcome
 
 
 #: One row per (scope, message ID) ever handled. The primary key is the dedup
@@ -182,6 +176,7 @@ counters = Table(
     Column("skipped", BigInteger, nullable=False),
     Column("dead_lettered", BigInteger, nullable=False),
     Column("parked", BigInteger, nullable=False),
+    Column("fingerprint_mismatches", BigInteger, nullable=False, server_default=text("0")),
     Column("last_offset", BigInteger, nullable=True),
     Column("last_processed_at", DateTime(timezone=False), nullable=True),
 )

@@ -31,7 +31,8 @@ from sqlalchemy.orm import Session
 from exactlyonce import _db
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
-from exactlyonce.schema import Outcome, counters, processed
+from exactlyonce.outcome import Outcome
+from exactlyonce.schema import counters, processed
 
 _CLAIM_COLUMNS = (
     "scope", "message_id", "topic", "kafka_partition", "kafka_offset", "fingerprint", "outcome", "processed_at",
@@ -406,27 +407,16 @@ def prune(
             time.sleep(pause.total_seconds())
 
 
-#: Runner outcomes and the ``exactlyonce_counters`` column each one adds to.
-_COUNTED = {
-    "applied": "applied",
-    "duplicate": "duplicates",
-    "skipped": "skipped",
-    "dead_lettered": "dead_lettered",
-    "parked": "parked",
-}
-
-
 class Tally:
     """Outcomes per partition, to be added to ``exactlyonce_counters`` by :func:`count`."""
 
     def __init__(self) -> None:
-        self._outcomes: dict[tuple[str, int], Counter[str]] = {}
+        self._outcomes: dict[tuple[str, int], Counter[Outcome]] = {}
         self._last_offset: dict[tuple[str, int], int] = {}
 
-    def add(self, message: Message, outcome: str, n: int = 1) -> None:
-        """Count ``outcome`` for ``message``'s partition (outcomes not counted there are ignored)."""
-        if outcome not in _COUNTED:
-            return
+    def add(self, message: Message, outcome: Outcome | str, n: int = 1) -> None:
+        """Count ``outcome`` (an :class:`~exactlyonce.outcome.Outcome`) for ``message``'s partition."""
+        outcome = Outcome(outcome)
         tp = (message.topic, message.partition)
         self._outcomes.setdefault(tp, Counter())[outcome] += n
         self._last_offset[tp] = max(self._last_offset.get(tp, -1), message.offset)
@@ -438,7 +428,7 @@ class Tally:
                 "topic": topic,
                 "kafka_partition": partition,
                 "group_id": group_id,
-                **{column: outcomes[outcome] for outcome, column in _COUNTED.items()},
+                **{outcome.column: outcomes[outcome] for outcome in Outcome},
                 "last_offset": self._last_offset[(topic, partition)],
                 "last_processed_at": now,
             }
@@ -456,7 +446,7 @@ def count(session: Session, group_id: str, scope: str, tally: Tally) -> None:
     if not rows:
         return
     dialect = session.get_bind().dialect.name
-    sums = list(_COUNTED.values())
+    sums = [outcome.column for outcome in Outcome]
     if dialect in ("postgresql", "sqlite"):
         insert = postgresql.insert(counters) if dialect == "postgresql" else sqlite.insert(counters)
         upsert = insert.on_conflict_do_update(

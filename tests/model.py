@@ -60,8 +60,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from exactlyonce import App, Retry, ids
-from exactlyonce import runner as runner_module
-from exactlyonce.runner import Runner
+from exactlyonce.runtime import Runner, loop, ordered
 from exactlyonce.schema import counters, parked, processed, sequence_streams
 from tests.twins import (
     CRASH_AFTER,
@@ -427,7 +426,7 @@ class RuntimeModel(RuleBasedStateMachine):
                 fake.positions.get(tp, 0) >= self.cluster.end_offset(tp) for tp in fake.assigned
             )
             # A runner with sequence work left (a release cut short at batch_size) is not idle.
-            busy = runner is not None and runner._more_sequence_work
+            busy = runner is not None and runner._ordered.more_work
             idle_polls = idle_polls + 1 if idle and not arriving and not busy else 0
             # Stop at the second idle poll in a row: the first may be one that fills a batch
             # (batch_wait), whose records are handled after it.
@@ -443,13 +442,14 @@ class RuntimeModel(RuleBasedStateMachine):
         runner = Runner(self.app, stop, poll_timeout_s=0.5,
                         consumer_factory=self.cluster.consumer_factory(),
                         producer_factory=self.cluster.producer_factory())
-        clock, runner_module.time = runner_module.time, VirtualTime(self.cluster)  # type: ignore[assignment]
+        clock = loop.time
+        loop.time = ordered.time = VirtualTime(self.cluster)  # type: ignore[assignment]
         try:
             runner.run()
         except Crash:
             return "crashed"
         finally:
-            runner_module.time = clock
+            loop.time = ordered.time = clock
             self.cluster.before_poll = outer_hook
             self.running.pop()
         return "stopped"

@@ -43,9 +43,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import kafka.errors
-from kafka.structs import TopicPartition
 
-from exactlyonce._kafka import Consumer, RecordProducer
+from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
 
 
 class Crash(BaseException):

@@ -19,7 +19,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from exactlyonce import App, Message, Retry, ids, runner
+from exactlyonce import App, Message, Retry, ids
+from exactlyonce.runtime import deadletter
 
 from .helpers import (
     Rec,
@@ -172,7 +173,7 @@ def test_a_dead_letter_whose_id_cannot_be_claimed_is_recorded_under_its_coordina
     create_topic(bootstrap_servers, f"{topic}.dlq")
     engine = engine_for(database_url)
     create_effects(engine)
-    real_claim = runner.claim
+    real_claim = deadletter.claim
 
     def claim(session: Session, scope: str, message_id: str, message: Message, **kwargs: Any) -> Any:
         if message_id == "refused":
@@ -181,7 +182,7 @@ def test_a_dead_letter_whose_id_cannot_be_claimed_is_recorded_under_its_coordina
             session.execute(sa.text("SELECT * FROM exactlyonce_no_such_table"))
         return real_claim(session, scope, message_id, message, **kwargs)
 
-    monkeypatch.setattr(runner, "claim", claim)
+    monkeypatch.setattr(deadletter, "claim", claim)
     app = make_app(bootstrap_servers, database_url, outbox=False)
 
     @app.handler(topic, retry=Retry(attempts=1))

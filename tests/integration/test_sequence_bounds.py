@@ -21,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 
 from exactlyonce import App, Message, OnGap, Retry, _db, migrate
-from exactlyonce.runner import Runner
+from exactlyonce.runtime import Runner
 from exactlyonce.schema import counters, parked, processed, sequence_streams
 from tests.twins import Cluster, Crash, TwinConsumer
 
@@ -111,7 +111,7 @@ class Ledger:
             read = fake.generation is not None and all(
                 fake.positions.get(tp, 0) >= self.cluster.end_offset(tp) for tp in fake.assigned
             )
-            if (read and not runner._more_sequence_work and (until is None or until())) \
+            if (read and not runner._ordered.more_work and (until is None or until())) \
                     or time.monotonic() > deadline:
                 stop.set()
                 return True
@@ -194,7 +194,7 @@ def test_a_release_cut_short_by_a_crash_is_continued_by_the_next_worker(database
         def crash(handler: Any) -> bool:
             raise Crash("killed after the gap-filling transaction")
 
-        first._release_ready = crash  # type: ignore[method-assign]
+        first._ordered.release_ready = crash  # type: ignore[method-assign]
         with pytest.raises(Crash):
             ledger.run(first)
         assert ledger.effects() == [("a", n) for n in range(1, BATCH + 2)]
@@ -224,7 +224,7 @@ def test_a_number_parked_by_a_cut_short_release_is_not_applied_twice(database_ur
         def crash(handler: Any) -> bool:
             raise Crash("killed after the gap-filling transaction")
 
-        first._release_ready = crash  # type: ignore[method-assign]
+        first._ordered.release_ready = crash  # type: ignore[method-assign]
         with pytest.raises(Crash):
             ledger.run(first)
         following = BATCH + 2  # the next number, parked

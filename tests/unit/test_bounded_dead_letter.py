@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from exactlyonce import Message
 from exactlyonce.admin import replay_problem, to_dead_letter
-from exactlyonce.runner import _bounded_copy, _size
+from exactlyonce.runtime.deadletter import bounded_copy as _bounded_copy
+from exactlyonce.runtime.deadletter import size as _size
 
 OURS = [("x-exactlyonce-reason", b"handler-error"), ("x-exactlyonce-error-message", "é".encode() * 2000)]
 

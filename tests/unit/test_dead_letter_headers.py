@@ -9,7 +9,8 @@ import sqlalchemy as sa
 
 from exactlyonce import Message, ids, logs
 from exactlyonce.errors import InvalidMessageId
-from exactlyonce.runner import _coordinates_id, _error_message
+from exactlyonce.runtime.deadletter import coordinates_id as _coordinates_id
+from exactlyonce.runtime.deadletter import error_message as _error_message
 
 SECRET_PARAM = "card-4111111111111111"
 

@@ -8,7 +8,8 @@ from typing import Any
 
 from exactlyonce import App, DeadLetter, Message
 from exactlyonce import sequence as seq
-from exactlyonce.runner import MAX_REASONS, Runner
+from exactlyonce.runtime import Runner
+from exactlyonce.runtime.booking import MAX_REASONS
 
 
 def _runner(tmp_path: Any) -> tuple[App, Runner]:
@@ -27,7 +28,7 @@ def test_free_text_dead_letter_reasons_are_counted_in_at_most_max_reasons_keys(t
     handler = app.handlers["t"]
     message = Message(topic="t", partition=0, offset=0, key=None, value=b"v")
     for n in range(MAX_REASONS + 30):
-        runner._dead_lettered(handler, message, DeadLetter(f"custom-{n}"))
+        runner._books._dead_lettered(handler, message, DeadLetter(f"custom-{n}"))
     keys = [key for key in runner.stats if key.startswith("dead_lettered:")]
     assert len(keys) == MAX_REASONS + 1
     assert runner.stats["dead_lettered:other"] == 30
@@ -43,10 +44,10 @@ def test_reported_gaps_keep_only_the_open_ones(tmp_path: Any, monkeypatch: Any) 
     monkeypatch.setattr(seq, "overdue", lambda session, scope, cutoff, **kw: list(open_gaps))
     for n in range(100):
         open_gaps[:] = [seq.Stream(f"s{n}", 1, 1, since + timedelta(seconds=n))]
-        runner._handle_gaps(handler)
-        runner._handle_gaps(handler)
-    assert runner._reported_gaps == {(handler.scope, "s99", since + timedelta(seconds=99))}
+        runner._ordered.handle_gaps(handler)
+        runner._ordered.handle_gaps(handler)
+    assert runner._ordered._reported_gaps == {(handler.scope, "s99", since + timedelta(seconds=99))}
     open_gaps[:] = []
-    runner._handle_gaps(handler)
-    assert runner._reported_gaps == set()
+    runner._ordered.handle_gaps(handler)
+    assert runner._ordered._reported_gaps == set()
     app.engine.dispose()

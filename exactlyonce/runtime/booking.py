@@ -1,0 +1,141 @@
+"""Booking outcomes: one call per record, counted in four places.
+
+Every transaction that decides records opens a :class:`Book` with
+:meth:`Bookkeeper.transaction` and books each decision with one call,
+:meth:`Book.add`. The book is written to ``exactlyonce_counters`` inside the
+transaction (so a rolled-back decision is never counted and a committed one
+always is), and reported to the runner's ``stats``, the
+``exactlyonce_messages_total`` metric and the log only after the commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from exactlyonce import _session, store
+from exactlyonce.errors import Skip
+from exactlyonce.message import Message
+from exactlyonce.metrics import Metrics
+from exactlyonce.outcome import Outcome
+from exactlyonce.store import Tally
+
+if TYPE_CHECKING:
+    from exactlyonce.app import Handler
+
+log = logging.getLogger("exactlyonce")
+
+#: Distinct dead-letter reasons counted in ``Runner.stats``; more are counted as "other".
+MAX_REASONS = 50
+
+
+@dataclass(slots=True)
+class _Entry:
+    message: Message
+    outcome: Outcome
+    message_id: str | None
+    #: Why a record was dead-lettered (its ``reason`` is the dead letter's).
+    error: BaseException | None
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+class Book:
+    """The outcomes one transaction decides for one handler."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.entries: list[_Entry] = []
+
+    def add(
+        self, message: Message, outcome: Outcome, message_id: str | None = None, *,
+        error: BaseException | None = None, **fields: Any,
+    ) -> Outcome:
+        """Book ``outcome`` for ``message``; ``fields`` go into the decision's log line. Returns ``outcome``."""
+        self.entries.append(_Entry(message, Outcome(outcome), message_id, error, fields))
+        return outcome
+
+    def write(self, session: Session, group_id: str) -> None:
+        """Add the book to ``exactlyonce_counters`` in ``session``'s transaction."""
+        tally = Tally()
+        for entry in self.entries:
+            tally.add(entry.message, entry.outcome)
+        store.count(session, group_id, self.handler.scope, tally)
+
+
+class Bookkeeper:
+    """Opens booked transactions, and reports the books that committed."""
+
+    def __init__(self, engine: Engine, group_id: str, stats: Counter[str], metrics: Metrics) -> None:
+        self._engine = engine
+        self._group_id = group_id
+        self.stats = stats
+        self._metrics = metrics
+
+    @contextlib.contextmanager
+    def transaction(self, handler: Handler) -> Iterator[tuple[_session.HandlerSession, Book]]:
+        """A transaction and its book: written before the commit, reported after it.
+
+        The session is a :class:`~exactlyonce._session.HandlerSession`: it may
+        be lent to the handler, which cannot end the transaction.
+        """
+        book = Book(handler)
+        with _session.HandlerSession(self._engine) as session, session.begin():
+            yield session, book
+            book.write(session, self._group_id)
+        self.report(book)
+
+    def report(self, book: Book) -> None:
+        """Count a committed book in ``stats`` and the metrics, and log its decisions."""
+        handler = book.handler
+        for entry in book.entries:
+            self.stats[str(entry.outcome)] += 1
+            self._metrics.outcome(handler.scope, str(entry.outcome))
+            if entry.outcome is Outcome.DEAD_LETTERED and entry.error is not None:
+                self._dead_lettered(handler, entry.message, entry.error)
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("%s: %s %r", entry.message.where(), entry.outcome, entry.message_id,
+                          extra=fields(handler, entry.message, entry.message_id, entry.outcome, **entry.fields))
+
+    def _dead_lettered(self, handler: Handler, message: Message, exc: BaseException) -> None:
+        reason = reason_of(exc)
+        # A DeadLetter's reason is the handler's free text: count at most
+        # MAX_REASONS distinct ones, the rest as "other".
+        counted = reason
+        known = sum(1 for key in self.stats if key.startswith("dead_lettered:"))
+        if f"dead_lettered:{reason}" not in self.stats and known >= MAX_REASONS:
+            counted = "other"
+        self.stats[f"dead_lettered:{counted}"] += 1
+        log.error("%s: dead-lettered to %s (%s: %s)", message.where(), handler.dead_letter_topic, reason, exc,
+                  extra=fields(handler, message, None, Outcome.DEAD_LETTERED, reason=reason))
+
+
+def reason_of(exc: BaseException) -> str:
+    """The dead-letter reason of ``exc``: its ``reason``, or ``handler-error``."""
+    return getattr(exc, "reason", None) or "handler-error"
+
+
+def fields(handler: Handler, message: Message, message_id: str | None, outcome: str, **more: Any) -> dict[str, Any]:
+    """The structured fields of a log line about one record (``exactlyonce run --log-format json``)."""
+    found = {"scope": handler.scope, "topic": message.topic, "partition": message.partition,
+             "offset": message.offset, "outcome": str(outcome), **more}
+    if message_id is not None:
+        found["message_id"] = message_id
+    return found
+
+
+def log_skip(handler: Handler, message: Message, message_id: str, signal: Skip) -> None:
+    log.info("%s: handler skipped %r: %s", message.where(), message_id, signal.reason,
+             extra=fields(handler, message, message_id, Outcome.SKIPPED, reason=signal.reason))
+
+
+def log_failure(handler: Handler, message: Message, message_id: str, attempts: int, exc: BaseException) -> None:
+    log.error("%s: handler for %s failed after %d attempt(s): %s: %s", message.where(), handler.scope, attempts,
+              type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG),
+              extra=fields(handler, message, message_id, "failed"))

@@ -1,0 +1,218 @@
+"""The loop: poll -> claim -> handle -> database commit -> offset commit.
+
+Ordering is the whole guarantee:
+
+1. the message ID is computed once, before anything is written;
+2. the dedup row and the handler's writes commit in ONE database transaction;
+3. the Kafka offset is committed only after that database commit.
+
+A crash before (2) leaves nothing behind: the record is redelivered and
+applied. A crash between (2) and (3) redelivers a record whose dedup row
+exists: it is skipped. Nothing is lost and nothing is applied twice.
+
+A record's route: :meth:`Runner.run` polls a batch; :meth:`Runner._process`
+hands each topic's records, ``batch_size`` at a time, to its handler's path
+(:mod:`~exactlyonce.runtime.dedup` or :mod:`~exactlyonce.runtime.ordered`),
+which decides and commits them (:mod:`~exactlyonce.runtime.booking` counts
+each decision, :mod:`~exactlyonce.runtime.deadletter` sends dead letters);
+then the offsets of the committed records are committed. A transient failure
+that outlasts its budget (:mod:`~exactlyonce.runtime.transient`) rewinds the
+batch instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from exactlyonce import _session, migrate
+from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
+from exactlyonce.errors import TransientError
+from exactlyonce.message import Message
+from exactlyonce.runtime.booking import Bookkeeper
+from exactlyonce.runtime.calls import Calls
+from exactlyonce.runtime.deadletter import DeadLetters
+from exactlyonce.runtime.dedup import Dedup
+from exactlyonce.runtime.ordered import Ordered
+from exactlyonce.runtime.transient import Stopped, Transient
+from exactlyonce.schema import counters, parked, processed, sequence_streams
+
+if TYPE_CHECKING:
+    from exactlyonce.app import App
+
+log = logging.getLogger("exactlyonce")
+
+Batch = dict[TopicPartition, list[Message]]
+
+
+class Runner:
+    """Runs an :class:`~exactlyonce.App` until its stop event is set."""
+
+    def __init__(
+        self,
+        app: App,
+        stop: threading.Event,
+        *,
+        poll_timeout_s: float = 0.5,
+        consumer_factory: Callable[..., Consumer] = Consumer,
+        producer_factory: Callable[..., RecordProducer] = RecordProducer,
+    ) -> None:
+        """``consumer_factory`` / ``producer_factory`` are for tests (the in-memory twins of
+        ``tests/twins.py``): called with :class:`Consumer`'s / :class:`RecordProducer`'s keywords."""
+        self._app = app
+        self._consumer_factory = consumer_factory
+        self._handlers = app.handlers
+        self._stop = stop
+        self._poll_timeout_s = poll_timeout_s
+        #: Next offset to commit per partition: everything below is in the database.
+        self._done: dict[TopicPartition, int] = {}
+        self._consumer: Consumer | None = None
+        self.stats = app.stats
+        self._metrics = app.metrics
+        self._transient = Transient(stop, app.transient_retry_budget, app.metrics)
+        self._books = Bookkeeper(app.engine, app.group_id, app.stats, app.metrics)
+        self._dead_letters = DeadLetters(self._books, self._transient, lambda: producer_factory(
+            bootstrap_servers=app.bootstrap_servers, config=app.producer_config))
+        calls = Calls(app.signing_keys, app.metrics)
+        self._dedup = Dedup(self._books, self._transient, self._dead_letters, calls)
+        self._ordered = Ordered([h for h in self._handlers.values() if h.sequence is not None], app.engine,
+                                self._books, self._transient, self._dead_letters, calls, app.metrics)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until stopped; always commit what is done and leave the group."""
+        try:
+            self._check_schema()
+        except Stopped:
+            return
+        self._consumer = self._consumer_factory(
+            bootstrap_servers=self._app.bootstrap_servers,
+            group_id=self._app.group_id,
+            topics=self._handlers.keys(),
+            config=self._app.consumer_config,
+            on_revoked=self._on_revoked,
+        )
+        log.info("consuming %s as group %r", ", ".join(sorted(self._handlers)), self._app.group_id)
+        try:
+            while not self._stop.is_set():
+                try:
+                    batch = self._consumer.poll(0 if self._ordered.more_work else self._poll_timeout_s)
+                except TransientError as exc:
+                    log.warning("%s; polling again", exc)
+                    self._stop.wait(1.0)
+                    continue
+                if batch:
+                    batch = self._fill(batch)
+                    self._process(batch)
+                    self._commit()
+                    self._report_lag(batch)
+                self._ordered.between_polls()
+        except _session.Unrunnable as unrunnable:
+            # A handler that can never succeed (it returned a coroutine): stop
+            # loudly. Its transaction rolled back; what committed before is
+            # committed below; the record in hand is redelivered after the fix.
+            log.error("%s", unrunnable.error)
+            raise unrunnable.error from None
+        finally:
+            self._commit()
+            self._consumer.close()
+            self._dead_letters.close()
+            log.info("stopped: %s", dict(self.stats))
+
+    def _check_schema(self) -> None:
+        needed = [processed, counters]
+        if any(handler.sequence is not None for handler in self._handlers.values()):
+            needed += [sequence_streams, parked]
+        self._transient.retry(lambda: migrate.require_tables(self._app.engine, *needed))
+
+    def _fill(self, batch: Batch) -> Batch:
+        """Keep polling for up to ``batch_wait`` while the batch is below the largest batch size."""
+        wait = self._app.batch_wait.total_seconds()
+        target = max(handler.batch_size for handler in self._handlers.values())
+        deadline = time.monotonic() + wait
+        count = sum(map(len, batch.values()))
+        while wait and count < target and not self._stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                more = self._consumer_or_fail().poll(remaining)
+            except TransientError:
+                break
+            for tp, records in more.items():
+                batch.setdefault(tp, []).extend(records)
+                count += len(records)
+        # A rebalance inside those polls may have moved partitions away: their
+        # records are the new owner's now.
+        assigned = self._consumer_or_fail().assignment()
+        return {tp: records for tp, records in batch.items() if tp in assigned}
+
+    # -- the poll batch -----------------------------------------------------
+
+    def _process(self, batch: Batch) -> None:
+        """Decide and commit ``batch``'s records, chunk by chunk; mark what committed as done."""
+        # Next record to process per partition; on an abort every partition is
+        # rewound to it so that the next poll hands those records back.
+        pending = {tp: records[0].offset for tp, records in batch.items() if records}
+        by_topic: dict[str, list[Message]] = {}
+        for records in batch.values():
+            for record in records:
+                by_topic.setdefault(record.topic, []).append(record)
+        try:
+            for topic, messages in by_topic.items():
+                handler = self._handlers[topic]
+                path = self._dedup if handler.sequence is None else self._ordered
+                for start in range(0, len(messages), handler.batch_size):
+                    if self._stop.is_set():
+                        raise Stopped
+                    chunk = messages[start : start + handler.batch_size]
+                    path.process(handler, chunk)
+                    # The chunk committed: everything in it is done.
+                    for message in chunk:
+                        tp = TopicPartition(message.topic, message.partition)
+                        pending[tp] = self._done[tp] = message.offset + 1
+        except TransientError as exc:
+            log.error("%s; rewinding to retry after the next poll", exc)
+            for tp, offset in pending.items():
+                self._consumer_or_fail().seek(tp, offset)
+        except Stopped:
+            # Unprocessed records stay uncommitted: the next owner gets them.
+            return
+
+    # -- offsets ------------------------------------------------------------
+
+    def _commit(self) -> None:
+        offsets = dict(self._done)
+        if offsets and self._consumer_or_fail().commit(offsets):
+            for tp, offset in offsets.items():
+                if self._done.get(tp) == offset:
+                    del self._done[tp]
+
+    def _on_revoked(self, revoked: set[TopicPartition], lost: bool) -> None:
+        # Called inside poll() before the partitions move to another member.
+        # Offsets are committed after every batch, so something is left only
+        # if that commit failed; send it now unless this member was evicted
+        # (then the commit cannot succeed). Either way nothing is lost: an
+        # uncommitted record is redelivered to the next owner and skipped.
+        offsets = {tp: self._done.pop(tp) for tp in revoked if tp in self._done}
+        if offsets and not lost:
+            self._consumer_or_fail().commit_async(offsets)
+        for tp in revoked:
+            self._metrics.forget_partition(tp.topic, tp.partition)
+
+    def _report_lag(self, batch: Batch) -> None:
+        """Publish each polled partition's lag: records behind the end as of the last fetch."""
+        consumer = self._consumer_or_fail()
+        for tp, records in batch.items():
+            end = consumer.highwater(tp)
+            if end is not None and records:
+                self._metrics.consumer_lag(tp.topic, tp.partition, max(end - records[-1].offset - 1, 0))
+
+    def _consumer_or_fail(self) -> Consumer:
+        if self._consumer is None:  # pragma: no cover - run() sets it first
+            raise RuntimeError("consumer not started")
+        return self._consumer

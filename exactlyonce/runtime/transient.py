@@ -1,0 +1,130 @@
+"""Transient failures, and the retry budget that outlasts them.
+
+A failure that may pass by itself (a lost connection, a deadlock, a lock
+wait timeout, a broker that does not answer) is never a record's fault: it
+is retried for the App's ``transient_retry_budget`` with jittered
+exponential backoff; after that the batch is rewound and polled again, so no
+record is dead-lettered or skipped because of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from exactlyonce import _db
+from exactlyonce.errors import HandlerSignal, MessageError, TransientError
+from exactlyonce.message import Message
+from exactlyonce.metrics import Metrics
+
+log = logging.getLogger("exactlyonce")
+
+T = TypeVar("T")
+
+#: The longest pause (a random share of it) before the halves of a batch
+#: that hit a deadlock or serialization failure are tried.
+CONFLICT_BACKOFF_S = 0.2
+#: Lock conflicts a batch may lose and be retried whole before it is retried in halves.
+CONFLICT_RETRIES = 2
+
+
+class Stopped(BaseException):
+    """Raised out of a retry wait when a stop was requested (never escapes ``Runner.run``)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or, for a database error, its cause) is a failure a retry may fix."""
+    # A handler's exception raised from (or while handling) a deadlock is the
+    # deadlock: the database may already have rolled the transaction back.
+    return isinstance(exc, TransientError) or _db.is_transient(exc, chained=True)
+
+
+def conflicts_allowed(limit: int) -> Callable[[BaseException], bool]:
+    """A retry predicate: transient failures, but at most ``limit`` deadlocks or serialization failures.
+
+    A batch that lost a lock conflict is first retried as it is, after the
+    usual jittered backoff (most conflicts are a chance meeting, and the
+    backoff parts the workers); one that keeps losing is then retried in
+    halves, which hold fewer locks for less time.
+    """
+    conflicts = 0
+
+    def retry_on(exc: BaseException) -> bool:
+        nonlocal conflicts
+        if _db.is_conflict(exc):
+            conflicts += 1
+            return conflicts <= limit
+        return is_transient(exc)
+
+    return retry_on
+
+
+def is_handler_failure(exc: BaseException) -> bool:
+    """Whether a handler's exception is worth another attempt (policy permitting)."""
+    return isinstance(exc, Exception) and not (
+        isinstance(exc, MessageError | HandlerSignal) or is_transient(exc)
+    )
+
+
+class Transient:
+    """Retries of transient failures for the App's budget; waits that end when the worker stops."""
+
+    def __init__(self, stop: threading.Event, budget: timedelta, metrics: Metrics) -> None:
+        self._stop = stop
+        self._budget_s = budget.total_seconds()
+        self._metrics = metrics
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds``; raise :class:`Stopped` if the worker is stopped meanwhile."""
+        if self._stop.wait(seconds):
+            raise Stopped
+
+    def retry(
+        self, fn: Callable[[], T], *, scope: str = "", retry_on: Callable[[BaseException], bool] = is_transient
+    ) -> T:
+        """Run ``fn``, retrying the failures ``retry_on`` accepts for the budget; then raise the last one."""
+
+        def before_sleep(state: Any) -> None:
+            self._metrics.retry(scope, "transient")
+            log.warning("transient failure, retrying: %s", state.outcome and state.outcome.exception())
+
+        return Retrying(
+            retry=retry_if_exception(retry_on),
+            stop=stop_after_delay(self._budget_s),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
+            sleep=self.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )(fn)
+
+    def safe(
+        self, scope: str, message: Message, fn: Callable[[], T],
+        retry_on: Callable[[BaseException], bool] = is_transient,
+    ) -> T:
+        """:meth:`retry`, then a transient failure becomes a :class:`TransientError` (the batch is rewound)."""
+        try:
+            return self.retry(fn, scope=scope, retry_on=retry_on)
+        except TransientError:
+            raise
+        except Exception as exc:
+            if is_transient(exc):
+                raise TransientError(f"{message.where()}: {exc}") from exc
+            raise
+
+    def back_off_conflict(self, scope: str, size: int, exc: BaseException) -> None:
+        """Count and log a batch lost to a deadlock or serialization failure; wait a random moment.
+
+        Retrying the same batch would meet the same rows in the same order
+        again; halves (down to single records) hold fewer locks for less
+        time, and the random pause desynchronizes the workers that collided.
+        """
+        self._metrics.retry(scope, "transient")
+        log.warning("a batch of %d records of %s lost a lock conflict (%s); retrying it in halves",
+                    size, scope, exc)
+        self.sleep(random.uniform(0, CONFLICT_BACKOFF_S))
