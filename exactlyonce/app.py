@@ -5,8 +5,6 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-import os
-import re
 import signal
 import threading
 from collections import Counter
@@ -19,20 +17,26 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db, ids, signing
+from exactlyonce import _db, ids, settings, signing
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.metrics import Metrics
 from exactlyonce.retry import Retry
 from exactlyonce.schema import MAX_SCOPE_LENGTH
+from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
 
-BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_BOOTSTRAP_SERVERS"
-DATABASE_URL_ENV = "EXACTLYONCE_DATABASE_URL"
+__all__ = [
+    "BOOTSTRAP_SERVERS_ENV",
+    "DATABASE_URL_ENV",
+    "App",
+    "Handler",
+    "HandlerFunc",
+    "OnGap",
+    "OnMismatch",
+    "SequenceFunc",
+]
 
 #: ``func(message, session)``, or ``func(messages, session)`` for a batch handler.
 HandlerFunc = Callable[[Any, Session], Any]
-
-# Kafka's rule for topic names (the dead-letter topic's ".dlq" suffix included).
-_LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
 
 
 class OnMismatch(enum.StrEnum):
@@ -168,8 +172,7 @@ class App:
         )
         if self.signing_keys is not None and not self.signing_keys:
             raise ConfigurationError("signing_keys is empty: give at least one key, or None to not verify")
-        key = signing_key if signing_key is not None else signing.signing_key_from_env()
-        self.signing_key: signing.SigningKey | None = signing.check_signing_key(key) if key is not None else None
+        self.signing_key: signing.SigningKey | None = signing.resolve_signing_key(signing_key)
         max_poll = timedelta(milliseconds=self.consumer_config.get(
             "max_poll_interval_ms", _db.DEFAULT_MAX_POLL_INTERVAL / timedelta(milliseconds=1)))
         timeouts = {"lock_timeout": lock_timeout, "idle_in_transaction_timeout": idle_in_transaction_timeout}
@@ -250,11 +253,7 @@ class App:
         """
         dead_letter_topic = dead_letter_topic or f"{topic}.dlq"
         for value in (topic, dead_letter_topic):
-            if not isinstance(value, str) or not _LEGAL_TOPIC.fullmatch(value) or value in (".", ".."):
-                raise ConfigurationError(
-                    f"illegal topic name {value!r}: Kafka allows 1 to 249 ASCII letters, "
-                    "digits, '.', '_' and '-', but not '.' or '..'"
-                )
+            settings.check_topic(value)
         if topic in self._handlers:
             raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
         if retry is not None and not isinstance(retry, Retry):
@@ -329,22 +328,12 @@ class App:
     @property
     def bootstrap_servers(self) -> str:
         """The Kafka bootstrap servers (argument, else environment)."""
-        value = self._bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
-        if not value:
-            raise ConfigurationError(
-                f"no Kafka bootstrap servers: pass bootstrap_servers= or set {BOOTSTRAP_SERVERS_ENV}"
-            )
-        return value
+        return settings.bootstrap_servers(self._bootstrap_servers)
 
     @property
     def database_url(self) -> str:
         """The SQLAlchemy database URL (argument, else environment)."""
-        value = self._database_url or os.environ.get(DATABASE_URL_ENV)
-        if not value:
-            raise ConfigurationError(
-                f"no database: pass database_url= or set {DATABASE_URL_ENV}"
-            )
-        return value
+        return settings.database_url(self._database_url)
 
     @property
     def engine(self) -> Engine:

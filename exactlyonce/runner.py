@@ -45,6 +45,7 @@ from exactlyonce.errors import (
 from exactlyonce.logs import redact
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, counters, parked, processed, sequence_streams
+from exactlyonce.settings import utcnow
 from exactlyonce.store import Claim, Tally, claim, claim_many, stored_fingerprints
 
 if TYPE_CHECKING:
@@ -560,7 +561,7 @@ class Runner:
         #: Parked records this transaction may still release (see _release).
         budget = handler.batch_size
         with _session.HandlerSession(self._engine) as session, session.begin():
-            now = seq.utcnow()
+            now = utcnow()
             streams = seq.lock(session, scope, (name for _, _, name, _ in items), now)
             for message, message_id, name, number in items:
                 stream = streams[name]
@@ -654,7 +655,7 @@ class Runner:
             names = seq.ready(session, scope, limit=budget)
             if not names:
                 return False
-            now = seq.utcnow()
+            now = utcnow()
             streams = seq.lock(session, scope, names, now)
             for stream in streams.values():
                 if budget <= 0:
@@ -755,7 +756,7 @@ class Runner:
     def _handle_gaps(self, handler: Handler) -> bool:
         """Report or give up the gaps older than ``gap_timeout``; return whether more are left to give up."""
         scope = handler.scope
-        now = seq.utcnow()
+        now = utcnow()
         cutoff = now - handler.gap_timeout
         if handler.on_gap is OnGap.WAIT:
             with Session(self._engine) as session:
