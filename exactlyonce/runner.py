@@ -29,7 +29,6 @@ from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_expone
 from exactlyonce import _db, _session, ids, migrate, signing, store
 from exactlyonce import sequence as seq
 from exactlyonce._kafka import Consumer, RecordProducer, RecordTooLarge, TopicPartition, to_message
-from exactlyonce.app import OnGap, OnMismatch
 from exactlyonce.errors import (
     BadSequence,
     BadSignature,
@@ -42,6 +41,7 @@ from exactlyonce.errors import (
     Skip,
     TransientError,
 )
+from exactlyonce.handler import Handler, OnGap, OnMismatch
 from exactlyonce.logs import redact
 from exactlyonce.message import Message
 from exactlyonce.schema import Outcome, counters, parked, processed, sequence_streams
@@ -49,7 +49,7 @@ from exactlyonce.settings import utcnow
 from exactlyonce.store import Claim, Tally, claim, claim_many, stored_fingerprints
 
 if TYPE_CHECKING:
-    from exactlyonce.app import App, Handler
+    from exactlyonce.app import App
 
 log = logging.getLogger("exactlyonce")
 
