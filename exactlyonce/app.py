@@ -16,7 +16,9 @@ from exactlyonce import _db, ids, settings, signing
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.handler import Handler, HandlerFunc, OnGap, OnMismatch, SequenceFunc, check_registration
 from exactlyonce.metrics import Metrics
+from exactlyonce.outbox import RelayThread
 from exactlyonce.retry import Retry
+from exactlyonce.runner import Runner
 from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
 
 __all__ = [
@@ -255,9 +257,6 @@ class App:
         leaves its group. Unless ``outbox=False``, an outbox relay runs
         alongside, until ``run`` returns.
         """
-        from exactlyonce.outbox import RelayThread
-        from exactlyonce.runner import Runner
-
         if not self._handlers:
             raise ConfigurationError("no handlers registered")
         relay = (
