@@ -30,6 +30,7 @@ from exactlyonce.errors import BadSequence, InvalidStream
 from exactlyonce.ids import text_problem
 from exactlyonce.message import Message, headers_from_json, headers_to_json
 from exactlyonce.schema import MAX_STREAM_LENGTH, parked, sequence_streams
+from exactlyonce.settings import utcnow as utcnow  # re-exported: seq.utcnow() was defined here
 
 
 @dataclass(slots=True)

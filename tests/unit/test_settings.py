@@ -112,14 +112,16 @@ def test_signing_key_argument_else_environment(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_env_names_stay_importable_where_they_were() -> None:
-    """app and signing still export the names they defined before settings existed."""
+    """app, signing, embedded and sequence still export the names they defined before settings existed."""
     from exactlyonce import app, embedded
+    from exactlyonce import sequence as seq
 
     assert app.BOOTSTRAP_SERVERS_ENV == settings.BOOTSTRAP_SERVERS_ENV == "EXACTLYONCE_BOOTSTRAP_SERVERS"
     assert app.DATABASE_URL_ENV == settings.DATABASE_URL_ENV == "EXACTLYONCE_DATABASE_URL"
     assert signing.SIGNING_KEY_ENV == settings.SIGNING_KEY_ENV == "EXACTLYONCE_SIGNING_KEY"
     assert signing.SIGNING_KEYS_ENV == settings.SIGNING_KEYS_ENV == "EXACTLYONCE_SIGNING_KEYS"
     assert embedded.TANSU_BIN_ENV == settings.TANSU_BIN_ENV == "EXACTLYONCE_TANSU_BIN"
+    assert seq.utcnow is settings.utcnow
 
 
 def test_utcnow_is_naive_utc() -> None:
