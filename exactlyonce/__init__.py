@@ -11,7 +11,7 @@ migrations in :mod:`exactlyonce.migrate`.
 """
 
 from exactlyonce import ids
-from exactlyonce.app import App, Handler, OnGap, OnMismatch
+from exactlyonce.app import App
 from exactlyonce.embedded import EmbeddedBroker
 from exactlyonce.errors import (
     ConfigurationError,
@@ -22,6 +22,7 @@ from exactlyonce.errors import (
     Skip,
     TransientError,
 )
+from exactlyonce.handler import Handler, OnGap, OnMismatch
 from exactlyonce.message import Message
 from exactlyonce.outbox import publish
 from exactlyonce.producer import Producer

@@ -402,7 +402,8 @@ def status(engine: Engine, reader: KafkaReader | None) -> Status:
         scope.partitions.append(PartitionStatus(
             topic=row.topic, partition=row.kafka_partition, applied=row.applied, duplicates=row.duplicates,
             skipped=row.skipped, dead_lettered=row.dead_lettered, parked=row.parked,
-            fingerprint_mismatches=row.fingerprint_mismatches, last_offset=row.last_offset, last_processed_at=row.last_processed_at,
+            fingerprint_mismatches=row.fingerprint_mismatches, last_offset=row.last_offset,
+            last_processed_at=row.last_processed_at,
         ))
     for name, count in gaps.items():
         scopes.setdefault(name, ScopeStatus(scope=name, group_id="")).open_gaps = int(count)

@@ -2,87 +2,35 @@
 
 from __future__ import annotations
 
-import enum
-import functools
-import inspect
-import os
-import re
 import signal
 import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 from types import FrameType
 from typing import Any
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import Session
 
-from exactlyonce import _db, ids, signing
+from exactlyonce import _db, ids, settings, signing
 from exactlyonce.errors import ConfigurationError
+from exactlyonce.handler import Handler, HandlerFunc, OnGap, OnMismatch, SequenceFunc, check_registration
 from exactlyonce.metrics import Metrics
+from exactlyonce.outbox import RelayThread
 from exactlyonce.retry import Retry
-from exactlyonce.schema import MAX_SCOPE_LENGTH
+from exactlyonce.runtime import Runner
+from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
 
-BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_BOOTSTRAP_SERVERS"
-DATABASE_URL_ENV = "EXACTLYONCE_DATABASE_URL"
-
-#: ``func(message, session)``, or ``func(messages, session)`` for a batch handler.
-HandlerFunc = Callable[[Any, Session], Any]
-
-# Kafka's rule for topic names (the dead-letter topic's ".dlq" suffix included).
-_LEGAL_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-class OnMismatch(enum.StrEnum):
-    """What to do when a known message ID arrives with a different payload."""
-
-    #: Dead-letter the new record with reason ``fingerprint-mismatch`` (default).
-    DEAD_LETTER = "dead_letter"
-    #: Skip it like a duplicate, with a warning and a counter.
-    SKIP = "skip"
-
-
-class OnGap(enum.StrEnum):
-    """What a sequenced handler does when a stream's gap stays open past ``gap_timeout``."""
-
-    #: Report it (log and metric) and keep the parked messages waiting (default).
-    WAIT = "wait"
-    #: Report it and dead-letter the parked messages (reason ``sequence-gap``);
-    #: the stream still waits for the missing number.
-    DEAD_LETTER = "dead_letter"
-
-
-#: ``sequence(message) -> (stream, number)`` for a sequenced handler.
-SequenceFunc = Callable[[Any], tuple[str, int]]
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Handler:
-    """A registered handler and the settings it runs with."""
-
-    topic: str
-    func: HandlerFunc
-    #: ``None`` only for a sequenced handler: then the ``message-id`` header is
-    #: used where there is one, else ``"<stream>#<number>"`` (for dead letters).
-    message_id: ids.MessageIdStrategy | None
-    #: The dedup namespace: the same message ID in two scopes is two messages.
-    scope: str
-    dead_letter_topic: str
-    retry: Retry
-    #: Records with a larger value are dead-lettered unread (``None``: no limit).
-    max_value_bytes: int | None
-    on_fingerprint_mismatch: OnMismatch
-    #: ``func(messages, session)`` with a list of new messages instead of one.
-    batch: bool
-    #: Records claimed and handled per database transaction.
-    batch_size: int
-    #: Per-stream in-order delivery instead of per-ID dedup (``None``: ID dedup).
-    sequence: SequenceFunc | None = None
-    #: How long a stream may wait for a missing number before it is reported.
-    gap_timeout: timedelta = timedelta(minutes=5)
-    on_gap: OnGap = OnGap.WAIT
+__all__ = [
+    "BOOTSTRAP_SERVERS_ENV",
+    "DATABASE_URL_ENV",
+    "App",
+    "Handler",
+    "HandlerFunc",
+    "OnGap",
+    "OnMismatch",
+    "SequenceFunc",
+]
 
 
 class App:
@@ -168,8 +116,7 @@ class App:
         )
         if self.signing_keys is not None and not self.signing_keys:
             raise ConfigurationError("signing_keys is empty: give at least one key, or None to not verify")
-        key = signing_key if signing_key is not None else signing.signing_key_from_env()
-        self.signing_key: signing.SigningKey | None = signing.check_signing_key(key) if key is not None else None
+        self.signing_key: signing.SigningKey | None = signing.resolve_signing_key(signing_key)
         max_poll = timedelta(milliseconds=self.consumer_config.get(
             "max_poll_interval_ms", _db.DEFAULT_MAX_POLL_INTERVAL / timedelta(milliseconds=1)))
         timeouts = {"lock_timeout": lock_timeout, "idle_in_transaction_timeout": idle_in_transaction_timeout}
@@ -248,73 +195,26 @@ class App:
 
         The function is returned unchanged.
         """
-        dead_letter_topic = dead_letter_topic or f"{topic}.dlq"
-        for value in (topic, dead_letter_topic):
-            if not isinstance(value, str) or not _LEGAL_TOPIC.fullmatch(value) or value in (".", ".."):
-                raise ConfigurationError(
-                    f"illegal topic name {value!r}: Kafka allows 1 to 249 ASCII letters, "
-                    "digits, '.', '_' and '-', but not '.' or '..'"
-                )
-        if topic in self._handlers:
-            raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
-        if retry is not None and not isinstance(retry, Retry):
-            raise ConfigurationError("retry must be an exactlyonce.Retry")
-        if batch_size < 1:
-            raise ConfigurationError("batch_size must be at least 1")
-        if max_value_bytes is not None and max_value_bytes < 1:
-            raise ConfigurationError("max_value_bytes must be positive")
-        try:
-            mismatch = OnMismatch(on_fingerprint_mismatch)
-        except ValueError as exc:
-            raise ConfigurationError(f"on_fingerprint_mismatch must be one of "
-                                     f"{[m.value for m in OnMismatch]}") from exc
-        try:
-            gap_policy = OnGap(on_gap)
-        except ValueError as exc:
-            raise ConfigurationError(f"on_gap must be one of {[g.value for g in OnGap]}") from exc
-        if sequence is not None:
-            if not callable(sequence):
-                raise ConfigurationError("sequence must be a callable Message -> (stream, number)")
-            if batch:
-                raise ConfigurationError("a sequenced handler cannot be a batch handler (batch=True)")
-        if self.signing_keys is not None and message_id is not None:
-            name_read = ids.header_name(message_id)
-            if name_read is not None and name_read not in signing.SIGNED_HEADERS:
-                # A forged copy could carry any value there and still verify.
-                raise ConfigurationError(
-                    f"message_id=ids.header({name_read!r}) reads a header the signature does not cover; with "
-                    f"signing_keys, take the ID from the {ids.DEFAULT_HEADER!r} header (the default), the key "
-                    "(ids.key()) or the value (ids.json_field(...))"
-                )
-        if gap_timeout <= timedelta(0):
-            raise ConfigurationError("gap_timeout must be positive")
-        scope = name if name is not None else f"{self.group_id}:{topic}"
-        if not scope or len(scope) > MAX_SCOPE_LENGTH:
-            raise ConfigurationError(
-                f"handler scope {scope!r} must have 1 to {MAX_SCOPE_LENGTH} characters"
-            )
-        if any(h.scope == scope for h in self._handlers.values()):
-            raise ConfigurationError(f"scope {scope!r} is already used by another handler")
+        make = check_registration(
+            topic,
+            group_id=self.group_id,
+            registered=self._handlers.values(),
+            verifies_signatures=self.signing_keys is not None,
+            message_id=message_id,
+            name=name,
+            dead_letter_topic=dead_letter_topic,
+            retry=retry,
+            max_value_bytes=max_value_bytes,
+            on_fingerprint_mismatch=on_fingerprint_mismatch,
+            batch=batch,
+            batch_size=batch_size,
+            sequence=sequence,
+            gap_timeout=gap_timeout,
+            on_gap=on_gap,
+        )
 
         def register(func: HandlerFunc) -> HandlerFunc:
-            if not callable(func):
-                raise ConfigurationError("handler must be callable")
-            _refuse_unrunnable(func)
-            self._handlers[topic] = Handler(
-                topic=topic,
-                func=func,
-                message_id=message_id or (None if sequence is not None else ids.header()),
-                scope=scope,
-                dead_letter_topic=dead_letter_topic,
-                retry=retry or Retry(),
-                max_value_bytes=max_value_bytes,
-                on_fingerprint_mismatch=mismatch,
-                batch=batch,
-                batch_size=batch_size,
-                sequence=sequence,
-                gap_timeout=gap_timeout,
-                on_gap=gap_policy,
-            )
+            self._handlers[topic] = make(func)
             return func
 
         return register
@@ -329,22 +229,12 @@ class App:
     @property
     def bootstrap_servers(self) -> str:
         """The Kafka bootstrap servers (argument, else environment)."""
-        value = self._bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
-        if not value:
-            raise ConfigurationError(
-                f"no Kafka bootstrap servers: pass bootstrap_servers= or set {BOOTSTRAP_SERVERS_ENV}"
-            )
-        return value
+        return settings.bootstrap_servers(self._bootstrap_servers)
 
     @property
     def database_url(self) -> str:
         """The SQLAlchemy database URL (argument, else environment)."""
-        value = self._database_url or os.environ.get(DATABASE_URL_ENV)
-        if not value:
-            raise ConfigurationError(
-                f"no database: pass database_url= or set {DATABASE_URL_ENV}"
-            )
-        return value
+        return settings.database_url(self._database_url)
 
     @property
     def engine(self) -> Engine:
@@ -367,9 +257,6 @@ class App:
         leaves its group. Unless ``outbox=False``, an outbox relay runs
         alongside, until ``run`` returns.
         """
-        from exactlyonce.outbox import RelayThread
-        from exactlyonce.runtime import Runner
-
         if not self._handlers:
             raise ConfigurationError("no handlers registered")
         relay = (
@@ -405,34 +292,3 @@ class App:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop()
 
-
-def _refuse_unrunnable(func: Callable[..., Any]) -> None:
-    """Refuse a handler whose body would not run when the runner calls it.
-
-    Calling an ``async def`` function (or an async generator function) only
-    creates a coroutine (or an async generator): nothing of the body runs, yet
-    the record would be recorded as applied. Looks through
-    ``functools.partial`` and at a callable object's ``__call__``; a sync
-    wrapper around an ``async def`` function (``functools.wraps``) is not
-    refused here, since it may run the coroutine itself, but if it returns
-    one, the runner stops with a ConfigurationError.
-    """
-    target: Any = func
-    while isinstance(target, functools.partial):
-        target = target.func
-    if not (inspect.isfunction(target) or inspect.ismethod(target)):
-        target = type(target).__call__  # a callable object: what calling it runs
-    name = getattr(func, "__qualname__", None) or repr(func)
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
-        kind, made = (("an async generator function", "an async generator") if inspect.isasyncgenfunction(target)
-                      else ("an async def function", "a coroutine"))
-        raise ConfigurationError(
-            f"handler {name} is {kind}: native async handlers are not supported yet (calling it only "
-            f"creates {made}; none of its body would run). Register a plain "
-            "def handler(message, session); call async code from it with asyncio.run(...) if you must"
-        )
-    if inspect.isgeneratorfunction(target):
-        raise ConfigurationError(
-            f"handler {name} is a generator function: calling it runs none of its body. "
-            "Register a plain def handler(message, session) that does its work before it returns"
-        )

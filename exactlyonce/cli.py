@@ -47,16 +47,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
-from exactlyonce import _db, admin, logs, migrate, outbox, schema, signing, store
-from exactlyonce.app import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV, App
+from exactlyonce import _db, admin, logs, migrate, outbox, schema, settings, store
+from exactlyonce.app import App
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.metrics import Metrics
 from exactlyonce.producer import Producer
+from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV, LOG_FORMAT_ENV, LOG_LEVEL_ENV
 
 log = logging.getLogger("exactlyonce.cli")
-
-#: Default of ``--log-format``.
-LOG_FORMAT_ENV = "EXACTLYONCE_LOG_FORMAT"
 
 #: Exit status of ``inspect`` for an unknown message ID (errors exit 2).
 EXIT_UNKNOWN = 1
@@ -142,7 +140,7 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exactlyonce", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--log-level", default=os.environ.get("EXACTLYONCE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"))
     parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get(LOG_FORMAT_ENV, "text"),
                         help=f"log lines as text or one JSON object each (default: ${LOG_FORMAT_ENV} or text)")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -247,9 +245,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _database_url(args: argparse.Namespace) -> str:
-    url = args.database_url or os.environ.get(DATABASE_URL_ENV)
-    if not url:
-        raise ExactlyOnceError(f"no database: pass --database-url or set {DATABASE_URL_ENV}")
+    url = settings.database_url(args.database_url, option="--database-url")
     # A password typed on the command line is not in the environment configure() scanned.
     with contextlib.suppress(sa.exc.ArgumentError):
         logs.register_secret(make_url(url).password)
@@ -258,14 +254,13 @@ def _database_url(args: argparse.Namespace) -> str:
 
 
 def _bootstrap_servers(args: argparse.Namespace) -> str | None:
-    return args.bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV) or None
+    return settings.argument_or_environment(args.bootstrap_servers, BOOTSTRAP_SERVERS_ENV)
 
 
 def _reader(args: argparse.Namespace, *, required: bool) -> admin.KafkaReader | None:
-    servers = _bootstrap_servers(args)
+    servers = (settings.bootstrap_servers(args.bootstrap_servers, option="--bootstrap-servers") if required
+               else _bootstrap_servers(args))
     if servers is None:
-        if required:
-            raise ExactlyOnceError(f"no Kafka broker: pass --bootstrap-servers or set {BOOTSTRAP_SERVERS_ENV}")
         return None
     return admin.KafkaReader(servers, dict(args.kafka_config))
 
@@ -342,9 +337,9 @@ def _relay(args: argparse.Namespace) -> None:
     migrate.require_tables(engine, schema.outbox)
     outbox.require_columns(engine)
     metrics = Metrics() if args.metrics_port is not None else None
-    relay = outbox.Relay(engine, _bootstrap_servers(args), batch_size=args.batch_size,
-                         producer_config=admin.producer_settings(dict(args.kafka_config)),
-                         signing_key=signing.signing_key_from_env(), metrics=metrics)
+    servers = settings.bootstrap_servers(args.bootstrap_servers, option="--bootstrap-servers")
+    relay = outbox.Relay(engine, servers, batch_size=args.batch_size,
+                         producer_config=admin.producer_settings(dict(args.kafka_config)), metrics=metrics)
     try:
         if metrics is not None:
             metrics.serve(args.metrics_port)
@@ -437,7 +432,7 @@ def _prune(args: argparse.Namespace) -> None:
     broker_problem = None
     if not args.outbox:
         horizons, broker_problem = _redelivery_horizons(args, store.topics_to_prune(engine, args.older_than))
-    cutoff = datetime.now(UTC).replace(tzinfo=None) - args.older_than
+    cutoff = settings.utcnow() - args.older_than
     total = None
     if _is_terminal():
         column = schema.outbox.c.sent_at if args.outbox else schema.processed.c.processed_at

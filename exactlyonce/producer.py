@@ -13,7 +13,6 @@ consumer skips; never a loss.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -22,8 +21,7 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from exactlyonce import _kafka
-from exactlyonce.app import BOOTSTRAP_SERVERS_ENV
+from exactlyonce import _kafka, settings
 from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
 from exactlyonce.retry import Retry
@@ -31,9 +29,8 @@ from exactlyonce.signing import (
     KEY_ID_HEADER,
     SIGNATURE_HEADER,
     SigningKey,
-    check_signing_key,
+    resolve_signing_key,
     sign,
-    signing_key_from_env,
 )
 
 
@@ -126,12 +123,8 @@ class Producer:
                 raise ConfigurationError("signing_key and sign=False contradict each other")
             self._signing_key: SigningKey | None = None
         else:
-            self._signing_key = check_signing_key(signing_key) if signing_key is not None else signing_key_from_env()
-        servers = bootstrap_servers or os.environ.get(BOOTSTRAP_SERVERS_ENV)
-        if not servers:
-            raise ConfigurationError(
-                f"no Kafka bootstrap servers: pass bootstrap_servers= or set {BOOTSTRAP_SERVERS_ENV}"
-            )
+            self._signing_key = resolve_signing_key(signing_key)
+        servers = settings.bootstrap_servers(bootstrap_servers)
         self._retry = retry or Retry(attempts=5, backoff=timedelta(seconds=0.5), max_backoff=timedelta(seconds=10))
         self._producer = _kafka.RecordProducer(bootstrap_servers=servers, config=dict(config or {}))
         self._pending: list[_Outgoing] = []

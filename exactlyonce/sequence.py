@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -30,6 +30,7 @@ from exactlyonce.errors import BadSequence, InvalidStream
 from exactlyonce.ids import text_problem
 from exactlyonce.message import Message, headers_from_json, headers_to_json
 from exactlyonce.schema import MAX_STREAM_LENGTH, parked, sequence_streams
+from exactlyonce.settings import utcnow as utcnow  # re-exported: seq.utcnow() was defined here
 
 
 @dataclass(slots=True)
@@ -63,11 +64,6 @@ def parse(value: Any, message: Message) -> tuple[str, int]:
     if number >= 2**63:
         raise BadSequence(f"{message.where()}: sequence number {number} does not fit a 64-bit column")
     return stream, number
-
-
-def utcnow() -> datetime:
-    """Naive UTC, as every exactlyonce timestamp column stores it."""
-    return datetime.now(UTC).replace(tzinfo=None)
 
 
 def lock(session: Session, scope: str, streams: Iterable[str], now: datetime) -> dict[str, Stream]:

@@ -37,6 +37,7 @@ from typing import Any
 from exactlyonce.errors import BadSignature, ConfigurationError
 from exactlyonce.ids import DEFAULT_HEADER
 from exactlyonce.message import Message
+from exactlyonce.settings import SIGNING_KEY_ENV, SIGNING_KEYS_ENV
 
 __all__ = [
     "KEY_ID_HEADER",
@@ -49,6 +50,7 @@ __all__ = [
     "SigningKey",
     "check_signing_key",
     "check_verification_keys",
+    "resolve_signing_key",
     "sign",
     "signed_parts",
     "signing_key_from_env",
@@ -62,10 +64,6 @@ SIGNATURE_HEADER = "exactlyonce-signature"
 KEY_ID_HEADER = "exactlyonce-key-id"
 #: The headers the MAC covers (besides the key and the value).
 SIGNED_HEADERS = frozenset({DEFAULT_HEADER})
-#: ``key-id:secret``: the key a Producer, a relay or an App's relay signs with.
-SIGNING_KEY_ENV = "EXACTLYONCE_SIGNING_KEY"
-#: ``id1:secret1,id2:secret2``: the keys a consumer accepts.
-SIGNING_KEYS_ENV = "EXACTLYONCE_SIGNING_KEYS"
 #: Shorter secrets are refused: HMAC-SHA256 is only as strong as its key.
 MIN_SECRET_BYTES = 16
 
@@ -243,6 +241,11 @@ def signing_key_from_env(environ: Mapping[str, str] = os.environ) -> SigningKey 
     if not text:
         return None
     return _parse_entry(text, SIGNING_KEY_ENV, "'key-id:secret'")
+
+
+def resolve_signing_key(argument: SigningKey | None) -> SigningKey | None:
+    """The key to sign with: ``argument`` (checked), else ``EXACTLYONCE_SIGNING_KEY``, else ``None``: unsigned."""
+    return check_signing_key(argument) if argument is not None else signing_key_from_env()
 
 
 def verification_keys_from_env(environ: Mapping[str, str] = os.environ) -> dict[str, bytes] | None:

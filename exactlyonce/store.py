@@ -20,7 +20,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -33,6 +33,7 @@ from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
 from exactlyonce.outcome import Outcome
 from exactlyonce.schema import counters, processed
+from exactlyonce.settings import utcnow
 
 _CLAIM_COLUMNS = (
     "scope", "message_id", "topic", "kafka_partition", "kafka_offset", "fingerprint", "outcome", "processed_at",
@@ -96,7 +97,7 @@ def claim_many(
     """
     if not items:
         return set()
-    now = datetime.now(UTC).replace(tzinfo=None)
+    now = utcnow()
     rows = [_row(scope, message_id, message, outcome, now) for message_id, message in items]
     dialect = session.get_bind().dialect.name
     if dialect == "postgresql":
@@ -340,7 +341,7 @@ def at_least(horizon: TopicHorizon, floor: timedelta, why: str) -> TopicHorizon:
 
 def topics_to_prune(engine: Engine, older_than: timedelta) -> list[str]:
     """The topics of the dedup rows processed more than ``older_than`` ago: those a prune would touch."""
-    cutoff = datetime.now(UTC).replace(tzinfo=None) - older_than
+    cutoff = utcnow() - older_than
     with engine.connect() as conn:
         return sorted(conn.execute(
             sa.select(processed.c.topic).where(processed.c.processed_at < cutoff).distinct()
@@ -385,7 +386,7 @@ def prune(
                     f"{limit.reason}): a record still in the Kafka log could be redelivered and applied again "
                     "(override with --force, or force=True)"
                 )
-    cutoff = datetime.now(UTC).replace(tzinfo=None) - older_than
+    cutoff = utcnow() - older_than
     key = sa.tuple_(processed.c.scope, processed.c.message_id)
     deleted = 0
     while True:
@@ -442,7 +443,7 @@ def count(session: Session, group_id: str, scope: str, tally: Tally) -> None:
     Called by the transaction that decided the outcomes, so a rolled-back
     decision is never counted and a committed one always is.
     """
-    rows = tally.rows(group_id, scope, datetime.now(UTC).replace(tzinfo=None))
+    rows = tally.rows(group_id, scope, utcnow())
     if not rows:
         return
     dialect = session.get_bind().dialect.name

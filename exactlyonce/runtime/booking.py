@@ -28,7 +28,7 @@ from exactlyonce.outcome import Outcome
 from exactlyonce.store import Tally
 
 if TYPE_CHECKING:
-    from exactlyonce.app import Handler
+    from exactlyonce.handler import Handler
 
 log = logging.getLogger("exactlyonce")
 

@@ -17,7 +17,7 @@ from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
 
 if TYPE_CHECKING:
-    from exactlyonce.app import Handler
+    from exactlyonce.handler import Handler
 
 T = TypeVar("T")
 

@@ -30,7 +30,7 @@ from exactlyonce.runtime.transient import Transient, is_transient
 from exactlyonce.store import Claim, claim
 
 if TYPE_CHECKING:
-    from exactlyonce.app import Handler
+    from exactlyonce.handler import Handler
 
 log = logging.getLogger("exactlyonce")
 

@@ -16,8 +16,8 @@ import logging
 from typing import TYPE_CHECKING
 
 from exactlyonce import _db, ids
-from exactlyonce.app import OnMismatch
 from exactlyonce.errors import DeadLetter, FingerprintMismatch, MessageError, Skip, TransientError
+from exactlyonce.handler import OnMismatch
 from exactlyonce.message import Message
 from exactlyonce.outcome import Outcome
 from exactlyonce.runtime.booking import Bookkeeper, fields, log_failure, log_skip
@@ -33,7 +33,7 @@ from exactlyonce.runtime.transient import (
 from exactlyonce.store import Claim, claim, claim_many, stored_fingerprints
 
 if TYPE_CHECKING:
-    from exactlyonce.app import Handler
+    from exactlyonce.handler import Handler
 
 log = logging.getLogger("exactlyonce")
 

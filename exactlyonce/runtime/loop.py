@@ -25,13 +25,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections import Counter
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import Engine
 
 from exactlyonce import _session, migrate
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
 from exactlyonce.errors import TransientError
 from exactlyonce.message import Message
+from exactlyonce.metrics import Metrics
 from exactlyonce.runtime.booking import Bookkeeper
 from exactlyonce.runtime.calls import Calls
 from exactlyonce.runtime.deadletter import DeadLetters
@@ -41,11 +46,33 @@ from exactlyonce.runtime.transient import Stopped, Transient
 from exactlyonce.schema import counters, parked, processed, sequence_streams
 
 if TYPE_CHECKING:
-    from exactlyonce.app import App
+    from exactlyonce.handler import Handler
 
 log = logging.getLogger("exactlyonce")
 
 Batch = dict[TopicPartition, list[Message]]
+
+
+class Settings(Protocol):
+    """What a :class:`Runner` reads of its :class:`~exactlyonce.App` (the runtime does not import the App)."""
+
+    group_id: str
+    consumer_config: dict[str, Any]
+    producer_config: dict[str, Any]
+    transient_retry_budget: timedelta
+    batch_wait: timedelta
+    signing_keys: dict[str, bytes] | None
+    metrics: Metrics
+    stats: Counter[str]
+
+    @property
+    def handlers(self) -> Mapping[str, Handler]: ...
+
+    @property
+    def bootstrap_servers(self) -> str: ...
+
+    @property
+    def engine(self) -> Engine: ...
 
 
 class Runner:
@@ -53,7 +80,7 @@ class Runner:
 
     def __init__(
         self,
-        app: App,
+        app: Settings,
         stop: threading.Event,
         *,
         poll_timeout_s: float = 0.5,

@@ -24,7 +24,6 @@ from sqlalchemy.orm import Session
 
 from exactlyonce import _db, _session, ids
 from exactlyonce import sequence as seq
-from exactlyonce.app import OnGap, OnMismatch
 from exactlyonce.errors import (
     BadSequence,
     DeadLetter,
@@ -34,6 +33,7 @@ from exactlyonce.errors import (
     Skip,
     TransientError,
 )
+from exactlyonce.handler import OnGap, OnMismatch
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
 from exactlyonce.outcome import Outcome
@@ -47,11 +47,12 @@ from exactlyonce.runtime.transient import (
     is_handler_failure,
     is_transient,
 )
+from exactlyonce.settings import utcnow
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-    from exactlyonce.app import Handler
+    from exactlyonce.handler import Handler
 
 log = logging.getLogger("exactlyonce")
 
@@ -125,7 +126,7 @@ class Ordered:
         #: Parked records this transaction may still release (see _release).
         budget = handler.batch_size
         with self._books.transaction(handler) as (session, book):
-            now = seq.utcnow()
+            now = utcnow()
             streams = seq.lock(session, scope, (name for _, _, name, _ in items), now)
             for message, message_id, name, number in items:
                 stream = streams[name]
@@ -279,7 +280,7 @@ class Ordered:
             names = seq.ready(session, scope, limit=budget)
             if not names:
                 return False
-            now = seq.utcnow()
+            now = utcnow()
             streams = seq.lock(session, scope, names, now)
             for stream in streams.values():
                 if budget <= 0:
@@ -291,7 +292,7 @@ class Ordered:
     def handle_gaps(self, handler: Handler) -> bool:
         """Report or give up the gaps older than ``gap_timeout``; return whether more are left to give up."""
         scope = handler.scope
-        now = seq.utcnow()
+        now = utcnow()
         cutoff = now - handler.gap_timeout
         if handler.on_gap is OnGap.WAIT:
             with Session(self._engine) as session:
