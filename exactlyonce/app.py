@@ -19,11 +19,12 @@ from typing import Any
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db, ids, signing
+from exactlyonce import ids, signing
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.metrics import Metrics
 from exactlyonce.retry import Retry
-from exactlyonce.schema import MAX_SCOPE_LENGTH
+from exactlyonce.storage import engine as _db
+from exactlyonce.storage.schema import MAX_SCOPE_LENGTH
 
 BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_BOOTSTRAP_SERVERS"
 DATABASE_URL_ENV = "EXACTLYONCE_DATABASE_URL"

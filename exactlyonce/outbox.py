@@ -48,14 +48,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db, _kafka
+from exactlyonce import _kafka
 from exactlyonce.app import _LEGAL_TOPIC, BOOTSTRAP_SERVERS_ENV
 from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
 from exactlyonce.message import headers_from_json, headers_to_json
 from exactlyonce.producer import encode_value, new_message_id, stamp_headers
-from exactlyonce.schema import outbox
 from exactlyonce.signing import SigningKey, check_signing_key, signing_key_from_env
+from exactlyonce.storage import engine as _db
+from exactlyonce.storage.schema import outbox
 
 log = logging.getLogger("exactlyonce")
 

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from exactlyonce.errors import BadSequence, InvalidStream
 from exactlyonce.ids import text_problem
 from exactlyonce.message import Message, headers_from_json, headers_to_json
-from exactlyonce.schema import MAX_STREAM_LENGTH, parked, sequence_streams
+from exactlyonce.storage.schema import MAX_STREAM_LENGTH, parked, sequence_streams
 
 
 @dataclass(slots=True)

@@ -28,10 +28,10 @@ from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
-from exactlyonce.schema import Outcome, counters, processed
+from exactlyonce.storage import engine as _db
+from exactlyonce.storage.schema import Outcome, counters, processed
 
 _CLAIM_COLUMNS = (
     "scope", "message_id", "topic", "kafka_partition", "kafka_offset", "fingerprint", "outcome", "processed_at",
