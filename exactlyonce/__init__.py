@@ -6,8 +6,8 @@ transaction commits: redelivered and re-sent records are skipped, and none is
 lost. See README.md for the precise guarantee.
 
 The less common names live in their modules: every exception in
-:mod:`exactlyonce.errors`, the tables in :mod:`exactlyonce.schema`,
-migrations in :mod:`exactlyonce.migrate`.
+:mod:`exactlyonce.errors`, the tables in :mod:`exactlyonce.storage.schema`,
+migrations in :mod:`exactlyonce.storage.migrate`.
 """
 
 from exactlyonce import ids
@@ -27,7 +27,7 @@ from exactlyonce.message import Message
 from exactlyonce.outbox import publish
 from exactlyonce.producer import Producer
 from exactlyonce.retry import Retry
-from exactlyonce.store import Claim, claim
+from exactlyonce.storage.store import Claim, claim
 
 __all__ = [
     "App",

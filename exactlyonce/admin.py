@@ -27,13 +27,13 @@ import sqlalchemy as sa
 from kafka.structs import TopicPartition
 from sqlalchemy.engine import Engine
 
-from exactlyonce import migrate, store
 from exactlyonce import outbox as _outbox
 from exactlyonce._kafka import bootstrap_failure
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER
 from exactlyonce.runtime import deadletter
-from exactlyonce.schema import Outcome, counters, outbox, parked, processed, sequence_streams
+from exactlyonce.storage import migrate, store
+from exactlyonce.storage.schema import Outcome, counters, outbox, parked, processed, sequence_streams
 
 log = logging.getLogger("exactlyonce.admin")
 
@@ -442,7 +442,7 @@ def _add_lag(result: Status, reader: KafkaReader) -> None:
 
 # -- prune ------------------------------------------------------------------
 
-#: The topic settings :func:`exactlyonce.store.topic_horizon` computes a redelivery horizon from.
+#: The topic settings :func:`exactlyonce.storage.store.topic_horizon` computes a redelivery horizon from.
 HORIZON_SETTINGS = (
     "cleanup.policy",
     "retention.ms",

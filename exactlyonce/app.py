@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from exactlyonce import _db, ids, settings, signing
+from exactlyonce import ids, settings, signing
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.handler import Handler, HandlerFunc, OnGap, OnMismatch, SequenceFunc, check_registration
 from exactlyonce.metrics import Metrics
@@ -20,6 +20,7 @@ from exactlyonce.outbox import RelayThread
 from exactlyonce.retry import Retry
 from exactlyonce.runtime import Runner
 from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
+from exactlyonce.storage import engine as _db
 
 __all__ = [
     "BOOTSTRAP_SERVERS_ENV",

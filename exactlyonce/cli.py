@@ -47,12 +47,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
-from exactlyonce import _db, admin, logs, migrate, outbox, schema, settings, store
+from exactlyonce import admin, logs, outbox, settings
 from exactlyonce.app import App
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.metrics import Metrics
 from exactlyonce.producer import Producer
 from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV, LOG_FORMAT_ENV, LOG_LEVEL_ENV
+from exactlyonce.storage import engine as _db
+from exactlyonce.storage import migrate, schema, store
 
 log = logging.getLogger("exactlyonce.cli")
 

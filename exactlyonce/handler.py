@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from exactlyonce import ids, settings, signing
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.retry import Retry
-from exactlyonce.schema import MAX_SCOPE_LENGTH
+from exactlyonce.storage.schema import MAX_SCOPE_LENGTH
 
 __all__ = [
     "Handler",

@@ -47,13 +47,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db, _kafka, settings
+from exactlyonce import _kafka, settings
 from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
 from exactlyonce.message import headers_from_json, headers_to_json
 from exactlyonce.producer import encode_value, new_message_id, stamp_headers
-from exactlyonce.schema import outbox
 from exactlyonce.signing import SigningKey, resolve_signing_key
+from exactlyonce.storage import engine as _db
+from exactlyonce.storage.dialects import dialect_of
+from exactlyonce.storage.schema import outbox
 
 log = logging.getLogger("exactlyonce")
 
@@ -360,11 +362,13 @@ class Relay:
 
     def _connect(self) -> sa.Connection:
         conn = self._engine.connect()
-        if conn.dialect.name in ("postgresql", "mysql", "mariadb"):
-            # Each statement sees the latest commits, and MySQL takes no gap
-            # locks: under REPEATABLE READ the locked range would block the
-            # publishers' inserts until the batch is sent.
-            conn.execution_options(isolation_level="READ COMMITTED")
+        # READ COMMITTED on PostgreSQL and MySQL/MariaDB: each statement sees
+        # the latest commits, and MySQL takes no gap locks: under REPEATABLE
+        # READ the locked range would block the publishers' inserts until the
+        # batch is sent.
+        isolation_level = dialect_of(conn).relay_isolation_level
+        if isolation_level is not None:
+            conn.execution_options(isolation_level=isolation_level)
         return conn
 
     def _unblocked(self, conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[sa.Row[Any]]:

@@ -1,6 +1,6 @@
 """Alembic environment for exactlyonce's own tables.
 
-Run through ``exactlyonce db upgrade`` (or :mod:`exactlyonce.migrate`), which
+Run through ``exactlyonce db upgrade`` (or :mod:`exactlyonce.storage.migrate`), which
 passes the engine in ``config.attributes["engine"]``.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from alembic import context
 
-from exactlyonce.migrate import VERSION_TABLE
-from exactlyonce.schema import metadata
+from exactlyonce.storage.migrate import VERSION_TABLE
+from exactlyonce.storage.schema import metadata
 
 config = context.config
 engine = config.attributes.get("engine")
 if engine is None:
-    from exactlyonce import _db
+    from exactlyonce.storage import engine as _db
 
     engine = _db.create_engine(config.get_main_option("sqlalchemy.url") or "")
 

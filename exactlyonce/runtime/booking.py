@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _session, store
+from exactlyonce import _session
 from exactlyonce.errors import Skip
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
 from exactlyonce.outcome import Outcome
-from exactlyonce.store import Tally
+from exactlyonce.storage import store
+from exactlyonce.storage.store import Tally
 
 if TYPE_CHECKING:
     from exactlyonce.handler import Handler

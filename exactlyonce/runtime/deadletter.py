@@ -27,7 +27,7 @@ from exactlyonce.message import Message
 from exactlyonce.outcome import Outcome
 from exactlyonce.runtime.booking import Bookkeeper, fields, reason_of
 from exactlyonce.runtime.transient import Transient, is_transient
-from exactlyonce.store import Claim, claim
+from exactlyonce.storage.store import Claim, claim
 
 if TYPE_CHECKING:
     from exactlyonce.handler import Handler

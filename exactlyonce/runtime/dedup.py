@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from exactlyonce import _db, ids
+from exactlyonce import ids
 from exactlyonce.errors import DeadLetter, FingerprintMismatch, MessageError, Skip, TransientError
 from exactlyonce.handler import OnMismatch
 from exactlyonce.message import Message
@@ -30,7 +30,8 @@ from exactlyonce.runtime.transient import (
     is_handler_failure,
     is_transient,
 )
-from exactlyonce.store import Claim, claim, claim_many, stored_fingerprints
+from exactlyonce.storage import engine as _db
+from exactlyonce.storage.store import Claim, claim, claim_many, stored_fingerprints
 
 if TYPE_CHECKING:
     from exactlyonce.handler import Handler

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine
 
-from exactlyonce import _session, migrate
+from exactlyonce import _session
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
 from exactlyonce.errors import TransientError
 from exactlyonce.message import Message
@@ -43,7 +43,8 @@ from exactlyonce.runtime.deadletter import DeadLetters
 from exactlyonce.runtime.dedup import Dedup
 from exactlyonce.runtime.ordered import Ordered
 from exactlyonce.runtime.transient import Stopped, Transient
-from exactlyonce.schema import counters, parked, processed, sequence_streams
+from exactlyonce.storage import migrate
+from exactlyonce.storage.schema import counters, parked, processed, sequence_streams
 
 if TYPE_CHECKING:
     from exactlyonce.handler import Handler

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db, _session, ids
-from exactlyonce import sequence as seq
+from exactlyonce import _session, ids
 from exactlyonce.errors import (
     BadSequence,
     DeadLetter,
@@ -48,6 +47,8 @@ from exactlyonce.runtime.transient import (
     is_transient,
 )
 from exactlyonce.settings import utcnow
+from exactlyonce.storage import engine as _db
+from exactlyonce.storage import sequence as seq
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine

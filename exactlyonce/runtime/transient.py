@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from exactlyonce import _db
 from exactlyonce.errors import HandlerSignal, MessageError, TransientError
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
+from exactlyonce.storage import engine as _db
 
 log = logging.getLogger("exactlyonce")
 

@@ -25,7 +25,7 @@ VERSION_TABLE = "exactlyonce_alembic_version"
 def migrations_path() -> Path:
     """Where the Alembic environment is: inside the package, else the source tree."""
     packaged = Path(str(importlib.resources.files("exactlyonce"))) / "migrations"
-    source = Path(__file__).resolve().parent.parent / "migrations"
+    source = Path(__file__).resolve().parents[2] / "migrations"
     for candidate in (packaged, source):
         if (candidate / "env.py").is_file():
             return candidate

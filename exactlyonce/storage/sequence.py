@@ -23,14 +23,14 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from exactlyonce.errors import BadSequence, InvalidStream
 from exactlyonce.ids import text_problem
 from exactlyonce.message import Message, headers_from_json, headers_to_json
-from exactlyonce.schema import MAX_STREAM_LENGTH, parked, sequence_streams
 from exactlyonce.settings import utcnow as utcnow  # re-exported: seq.utcnow() was defined here
+from exactlyonce.storage.dialects import dialect_of
+from exactlyonce.storage.schema import MAX_STREAM_LENGTH, parked, sequence_streams
 
 
 @dataclass(slots=True)
@@ -80,7 +80,7 @@ def lock(session: Session, scope: str, streams: Iterable[str], now: datetime) ->
         {"scope": scope, "stream": name, "watermark": 0, "parked": 0, "gap_since": None, "updated_at": now}
         for name in names
     ]
-    _insert_missing(session, rows)
+    dialect_of(session).create_streams(session, rows)
     table = sequence_streams
     found = session.execute(
         sa.select(table.c.stream, table.c.watermark, table.c.parked, table.c.gap_since)
@@ -89,31 +89,6 @@ def lock(session: Session, scope: str, streams: Iterable[str], now: datetime) ->
         .with_for_update()
     ).all()
     return {row.stream: Stream(row.stream, row.watermark, row.parked, row.gap_since) for row in found}
-
-
-def _insert_missing(session: Session, rows: list[dict[str, Any]]) -> None:
-    dialect = session.get_bind().dialect.name
-    table = sequence_streams
-    if dialect == "postgresql":
-        session.execute(postgresql.insert(table).on_conflict_do_nothing(), rows)
-    elif dialect == "sqlite":
-        session.execute(sqlite.insert(table).on_conflict_do_nothing(), rows)
-    elif dialect in ("mysql", "mariadb"):
-        # "ON DUPLICATE KEY UPDATE scope = scope": a no-op for an existing row.
-        # (INSERT IGNORE would also swallow errors other than the duplicate.)
-        stmt = mysql.insert(table)
-        session.execute(stmt.on_duplicate_key_update(scope=table.c.scope), rows)
-    else:
-        existing = set(
-            session.execute(
-                sa.select(table.c.stream).where(
-                    table.c.scope == rows[0]["scope"], table.c.stream.in_([r["stream"] for r in rows])
-                )
-            ).scalars()
-        )
-        missing = [row for row in rows if row["stream"] not in existing]
-        if missing:
-            session.execute(sa.insert(table), missing)
 
 
 def save(session: Session, scope: str, streams: Iterable[Stream], now: datetime) -> None:

@@ -10,12 +10,12 @@ the first committed (DUPLICATE), or inserts if the first rolled back (NEW).
 for ``INSERT ... ON CONFLICT DO NOTHING``. PostgreSQL and SQLite report the
 insert through ``RETURNING``; MySQL/MariaDB through the duplicate-key error
 on the primary key (any other integrity error is an error, not a duplicate).
+Each database's statements are in :mod:`exactlyonce.storage.dialects`.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,37 +24,15 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from exactlyonce import _db
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
 from exactlyonce.outcome import Outcome
-from exactlyonce.schema import counters, processed
 from exactlyonce.settings import utcnow
-
-_CLAIM_COLUMNS = (
-    "scope", "message_id", "topic", "kafka_partition", "kafka_offset", "fingerprint", "outcome", "processed_at",
-)
-_PG_CLAIM_MANY = sa.text(
-    f"INSERT INTO {processed.name} ({', '.join(_CLAIM_COLUMNS)}) "
-    "SELECT * FROM unnest(CAST(:scope AS varchar[]), CAST(:message_id AS varchar[]), "
-    "CAST(:topic AS varchar[]), CAST(:kafka_partition AS integer[]), CAST(:kafka_offset AS bigint[]), "
-    "CAST(:fingerprint AS varchar[]), CAST(:outcome AS varchar[]), CAST(:processed_at AS timestamp[])) "
-    "ON CONFLICT (scope, message_id) DO NOTHING RETURNING message_id"
-)
-
-# MySQL / MariaDB error code for "Duplicate entry ... for key".
-_MYSQL_DUP_ENTRY = 1062
-# Its message ends with the key's name: 'PRIMARY' (MariaDB), or qualified by
-# the table ('exactlyonce_processed.PRIMARY', MySQL 8).
-_MYSQL_DEDUP_KEY = re.compile(rf"for key '(?:{processed.name}\.)?PRIMARY'$")
-# PostgreSQL's SQLSTATE unique_violation; the constraint name tells which key.
-_PG_UNIQUE_VIOLATION = "23505"
-# SQLite names the columns of the violated key.
-_SQLITE_DEDUP_KEY = f"UNIQUE constraint failed: {processed.name}.scope, {processed.name}.message_id"
+from exactlyonce.storage.dialects import dialect_of
+from exactlyonce.storage.schema import processed
 
 
 class Claim(enum.Enum):
@@ -99,23 +77,7 @@ def claim_many(
         return set()
     now = utcnow()
     rows = [_row(scope, message_id, message, outcome, now) for message_id, message in items]
-    dialect = session.get_bind().dialect.name
-    if dialect == "postgresql":
-        # One statement whose shape never changes (arrays of column values):
-        # about 10x faster for 500 IDs than a 500-row VALUES list, which
-        # SQLAlchemy compiles anew and psycopg binds 4,000 parameters for.
-        columns = {name: [row[name] for row in rows] for name in _CLAIM_COLUMNS}
-        return set(session.execute(_PG_CLAIM_MANY, columns).scalars())
-    if dialect == "sqlite":
-        # executemany with RETURNING: SQLAlchemy's "insertmanyvalues" batches it.
-        stmt = (
-            sqlite.insert(processed)
-            .on_conflict_do_nothing(index_elements=["scope", "message_id"])
-            .returning(processed.c.message_id)
-        )
-        return set(session.execute(stmt, rows).scalars())
-    savepoint = dialect not in ("mysql", "mariadb")
-    return {row["message_id"] for row in rows if _insert_one(session, row, savepoint=savepoint)}
+    return dialect_of(session).claim(session, rows)
 
 
 def _row(scope: str, message_id: str, message: Message, outcome: Outcome, now: datetime) -> dict[str, Any]:
@@ -129,51 +91,6 @@ def _row(scope: str, message_id: str, message: Message, outcome: Outcome, now: d
         "outcome": outcome.value,
         "processed_at": now,
     }
-
-
-def _insert_one(session: Session, row: dict[str, Any], *, savepoint: bool) -> bool:
-    # MySQL rolls back only the failed statement and keeps the transaction; other
-    # databases may abort the transaction, so they get a savepoint around it.
-    try:
-        if savepoint:
-            with _db.savepoint(session):
-                session.execute(sa.insert(processed).values(row))
-        else:
-            session.execute(sa.insert(processed).values(row))
-    except sa.exc.IntegrityError as exc:
-        # Only the dedup key's violation means "already claimed"; any other
-        # (a NOT NULL, another unique index, a trigger's insert) is an error.
-        if _is_dedup_conflict(session, exc, row):
-            return False
-        raise
-    return True
-
-
-def _is_dedup_conflict(session: Session, exc: sa.exc.IntegrityError, row: dict[str, Any]) -> bool:
-    """Whether ``exc`` is the violation of ``processed``'s primary key ``(scope, message_id)``."""
-    orig: Any = exc.orig
-    dialect = session.get_bind().dialect.name
-    if dialect in ("mysql", "mariadb"):
-        args: tuple[Any, ...] = getattr(orig, "args", ())
-        return (
-            len(args) >= 2 and args[0] == _MYSQL_DUP_ENTRY and bool(_MYSQL_DEDUP_KEY.search(str(args[1])))
-        )
-    if dialect == "postgresql":
-        diag = getattr(orig, "diag", None)
-        return (
-            getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-        ) == _PG_UNIQUE_VIOLATION and getattr(diag, "constraint_name", None) == processed.primary_key.name
-    if dialect == "sqlite":
-        return str(orig) == _SQLITE_DEDUP_KEY
-    # Another dialect (this statement ran in a savepoint, now rolled back):
-    # a duplicate is a row that exists. A locking read sees the latest
-    # committed row, whatever the isolation level.
-    existing = session.execute(
-        sa.select(processed.c.message_id)
-        .where(processed.c.scope == row["scope"], processed.c.message_id == row["message_id"])
-        .with_for_update()
-    ).first()
-    return existing is not None
 
 
 def stored_fingerprints(session: Session, scope: str, message_ids: Iterable[str]) -> dict[str, str]:
@@ -446,49 +363,4 @@ def count(session: Session, group_id: str, scope: str, tally: Tally) -> None:
     rows = tally.rows(group_id, scope, utcnow())
     if not rows:
         return
-    dialect = session.get_bind().dialect.name
-    sums = [outcome.column for outcome in Outcome]
-    if dialect in ("postgresql", "sqlite"):
-        insert = postgresql.insert(counters) if dialect == "postgresql" else sqlite.insert(counters)
-        upsert = insert.on_conflict_do_update(
-            index_elements=["scope", "topic", "kafka_partition"],
-            set_={
-                **{c: counters.c[c] + insert.excluded[c] for c in sums},
-                "group_id": insert.excluded.group_id,
-                "last_offset": insert.excluded.last_offset,
-                "last_processed_at": insert.excluded.last_processed_at,
-            },
-        )
-        session.execute(upsert, rows)
-    elif dialect in ("mysql", "mariadb"):
-        minsert = mysql.insert(counters)
-        session.execute(
-            minsert.on_duplicate_key_update(
-                {
-                    **{c: counters.c[c] + minsert.inserted[c] for c in sums},
-                    "group_id": minsert.inserted.group_id,
-                    "last_offset": minsert.inserted.last_offset,
-                    "last_processed_at": minsert.inserted.last_processed_at,
-                }
-            ),
-            rows,
-        )
-    else:
-        for row in rows:
-            key = (
-                counters.c.scope == row["scope"],
-                counters.c.topic == row["topic"],
-                counters.c.kafka_partition == row["kafka_partition"],
-            )
-            updated: sa.CursorResult[Any] = session.execute(  # type: ignore[assignment]
-                sa.update(counters)
-                .where(*key)
-                .values(
-                    **{c: counters.c[c] + row[c] for c in sums},
-                    group_id=row["group_id"],
-                    last_offset=row["last_offset"],
-                    last_processed_at=row["last_processed_at"],
-                )
-            )
-            if not updated.rowcount:
-                session.execute(sa.insert(counters).values(row))
+    dialect_of(session).add_counts(session, rows, [outcome.column for outcome in Outcome])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-from exactlyonce.schema import ExactString
+from exactlyonce.storage.schema import ExactString
 
 revision = "0001"
 down_revision = None

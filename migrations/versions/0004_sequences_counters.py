@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import mysql
 
-from exactlyonce.schema import ExactString
+from exactlyonce.storage.schema import ExactString
 
 revision = "0004"
 down_revision = "0003"

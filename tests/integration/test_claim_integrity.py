@@ -9,15 +9,16 @@ silently.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from exactlyonce import Claim, Message, claim, store
-from exactlyonce.schema import Outcome, processed
+from exactlyonce import Claim, Message, claim
+from exactlyonce.storage import store
+from exactlyonce.storage.dialects import GENERIC, dialect_of
+from exactlyonce.storage.schema import Outcome, processed
 
 from .helpers import engine_for
 
@@ -52,38 +53,43 @@ def test_claim_tells_the_dedup_key_from_another_unique_key(engine: sa.Engine) ->
         claim(session, SCOPE, "second", _message(1))
 
 
-def test_insert_one_calls_only_the_dedup_key_a_duplicate(engine: sa.Engine) -> None:
-    """The single-row insert (MySQL/MariaDB, and other dialects in a savepoint) on every database.
+def test_claim_one_calls_only_the_dedup_key_a_duplicate(engine: sa.Engine) -> None:
+    """The single-row claim (MySQL/MariaDB's, and the fallback's) with each database's reading of the error.
 
     Without a savepoint only on MySQL/MariaDB: only they keep a transaction
-    usable after a failed statement.
+    usable after a failed statement. There it is also tried in a savepoint.
     """
-    mysql = engine.dialect.name in ("mysql", "mariadb")
-    for savepoint in (True, False) if mysql else (True,):
-        second, third = f"second-{savepoint}", f"third-{savepoint}"
+    dialect = dialect_of(engine)
+    assert dialect.claims_in_savepoint is (engine.dialect.name not in ("mysql", "mariadb"))
+    variants = [dialect]
+    if not dialect.claims_in_savepoint:
+        variants.append(type("InSavepoint", (type(dialect),), {"claims_in_savepoint": True})())
+    for n, variant in enumerate(variants):
+        second, third = f"second-{n}", f"third-{n}"
         with Session(engine) as session, session.begin():  # "first": the fixture's claim
-            assert store._insert_one(session, _row("first", 2 + 10 * savepoint), savepoint=savepoint) is False
+            assert variant.claim_one(session, _row("first", 2 + 10 * n)) is False
         with Session(engine) as session, pytest.raises(sa.exc.IntegrityError), session.begin():
-            store._insert_one(session, _row(second, 1), savepoint=savepoint)
+            variant.claim_one(session, _row(second, 1))
         with Session(engine) as session, session.begin():
-            assert store._insert_one(session, _row(third, 3 + 10 * savepoint), savepoint=savepoint) is True
+            assert variant.claim_one(session, _row(third, 3 + 10 * n)) is True
 
 
-def test_another_dialect_decides_by_reading_the_row(engine: sa.Engine) -> None:
-    """A dialect whose errors are not parsed: a duplicate is a dedup row that exists."""
-
-    class OtherDialect:
-        def __init__(self, session: Session) -> None:
-            self._session = session
-
-        def get_bind(self) -> Any:
-            return SimpleNamespace(dialect=SimpleNamespace(name="other"))
-
-        def execute(self, *args: Any, **kwargs: Any) -> Any:
-            return self._session.execute(*args, **kwargs)
-
+def test_the_fallback_decides_by_reading_the_row(engine: sa.Engine) -> None:
+    """A database without a class of its own: a duplicate is a dedup row that exists."""
     for message_id, offset, duplicate in (("first", 2, True), ("second", 1, False)):
         with Session(engine) as session, session.begin():
             with pytest.raises(sa.exc.IntegrityError) as caught, session.begin_nested():
                 session.execute(sa.insert(processed).values(_row(message_id, offset)))
-            assert store._is_dedup_conflict(OtherDialect(session), caught.value, _row(message_id, offset)) is duplicate
+            assert GENERIC.is_dedup_conflict(session, caught.value, _row(message_id, offset)) is duplicate
+
+
+def test_the_fallback_claims_on_every_database(engine: sa.Engine) -> None:
+    """The portable claim (one row at a time in a savepoint) on this server: duplicates skipped, other errors raised."""
+    with Session(engine) as session, session.begin():
+        rows = [_row("first", 20), _row("fourth", 21), _row("fifth", 22)]
+        assert GENERIC.claim(session, rows) == {"fourth", "fifth"}
+    with Session(engine) as session, pytest.raises(sa.exc.IntegrityError), session.begin():
+        GENERIC.claim(session, [_row("sixth", 1)])  # another unique index's violation
+    with Session(engine) as session:
+        stored = set(session.execute(sa.select(processed.c.message_id).where(processed.c.scope == SCOPE)).scalars())
+    assert stored == {"first", "fourth", "fifth"}

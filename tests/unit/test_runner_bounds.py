@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from exactlyonce import App, DeadLetter, Message
-from exactlyonce import sequence as seq
+from exactlyonce.storage import sequence as seq
 from exactlyonce.runtime import Runner
 from exactlyonce.runtime.booking import MAX_REASONS
 

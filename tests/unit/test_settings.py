@@ -86,7 +86,7 @@ def test_every_bootstrap_servers_reader_fails_the_same_way(monkeypatch: pytest.M
 def test_cli_relay_names_its_option(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """`exactlyonce relay` without a broker names --bootstrap-servers, not the Python keyword."""
     monkeypatch.delenv(settings.BOOTSTRAP_SERVERS_ENV, raising=False)
-    monkeypatch.setattr("exactlyonce.migrate.require_tables", lambda *a, **kw: None)
+    monkeypatch.setattr("exactlyonce.storage.migrate.require_tables", lambda *a, **kw: None)
     monkeypatch.setattr("exactlyonce.outbox.require_columns", lambda *a, **kw: None)
     assert main(["relay", "--once", "--database-url", "sqlite://"]) == 2
     assert "pass --bootstrap-servers or set EXACTLYONCE_BOOTSTRAP_SERVERS" in capsys.readouterr().err
