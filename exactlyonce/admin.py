@@ -86,6 +86,18 @@ def producer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
     return client_config(kafka.KafkaProducer, config)
 
 
+def consumer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``config`` a ``KafkaConsumer`` takes."""
+    return client_config(kafka.KafkaConsumer, config)
+
+
+def unknown_kafka_settings(config: Iterable[str]) -> list[str]:
+    """The names in ``config`` that none of kafka-python's clients (consumer, producer, admin) knows."""
+    known = {*kafka.KafkaConsumer.DEFAULT_CONFIG, *kafka.KafkaProducer.DEFAULT_CONFIG,
+             *kafka.KafkaAdminClient.DEFAULT_CONFIG}
+    return [name for name in config if name not in known]
+
+
 class KafkaReader:
     """Group-less reads: partitions, offsets, a group's committed offsets, whole topics, topic settings.
 
@@ -453,6 +465,9 @@ HORIZON_SETTINGS = (
 )
 
 
+_SECOND = timedelta(seconds=1)
+
+
 def redelivery_horizons(
     reader: KafkaReader,
     topics: Iterable[str],
@@ -484,7 +499,9 @@ def redelivery_horizons(
             stamps = reader.oldest_timestamps(topic, reader.partitions(topic))
             ages = [now - datetime.fromtimestamp(ms / 1000, UTC) for ms in stamps.values()
                     if ms is not None and ms >= 0]
-            oldest = max(ages) if ages else None
+            # Up to whole seconds (a longer horizon, never a shorter one), so the
+            # horizon printed is the one checked: `--older-than` it is accepted.
+            oldest = -(-max(ages) // _SECOND) * _SECOND if ages else None
         except ExactlyOnceError as exc:
             problem = f"the oldest record could not be read ({exc})"
         try:

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.engine import Engine
 
 from exactlyonce import ids, settings, signing
+from exactlyonce._duration import format_duration
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.handler import Handler, HandlerFunc, OnGap, OnMismatch, SequenceFunc, check_registration
 from exactlyonce.metrics import Metrics
@@ -128,8 +129,9 @@ class App:
         self.lock_timeout = lock_timeout if lock_timeout is not None else max_poll / 10
         if self.lock_timeout >= max_poll:
             raise ConfigurationError(
-                f"lock_timeout ({self.lock_timeout}) must be below max_poll_interval_ms ({max_poll}): a claim "
-                "waiting longer for a row lock gets its worker evicted from the group"
+                f"lock_timeout ({format_duration(self.lock_timeout)}) must be below max_poll_interval_ms "
+                f"({format_duration(max_poll)}): a claim waiting longer for a row lock gets its worker evicted "
+                "from the group"
             )
         #: How long a session may be idle inside a transaction before the server ends it.
         self.idle_in_transaction_timeout = (

@@ -16,10 +16,16 @@
     exactlyonce dlq replay TOPIC                     send dead letters back to their original topic
 
 Connection settings come from ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
-``EXACTLYONCE_DATABASE_URL`` unless given as options. Every command prints
-tables on a terminal and JSON with ``--json``; an error is one line on stderr
-and a non-zero exit status. Secrets (URL passwords, SASL and signing
-secrets) are masked in everything printed and logged.
+``EXACTLYONCE_DATABASE_URL`` unless given as options (for ``run``, the
+options override what the App was given in code). The commands that print a
+report (``status``, ``inspect``, ``dlq``, ``prune``, ``outbox``) print JSON
+instead with ``--json``; ``run``, ``relay`` and ``db`` print no report
+(``relay`` and ``db`` end with one line: the count sent, the revision). An
+error is one line on stderr and a non-zero exit status. Secrets (URL
+passwords, SASL and signing secrets) are masked in everything printed and
+logged. ``--log-level`` and ``--log-format`` go before or after the
+subcommand; given in both places, the one after it wins. Durations are
+written and printed as ``15d``, ``1h30m``, ``500ms``.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
-from exactlyonce import admin, logs, outbox, settings
+from exactlyonce import _duration, admin, logs, outbox, settings
 from exactlyonce.app import App
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.metrics import Metrics
@@ -82,36 +88,44 @@ def load_app(spec: str) -> App:
 
 # -- argument types ---------------------------------------------------------
 
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+#: How a duration is printed: ``7d``, ``1h30m``, ``500ms`` (what :func:`parse_duration` reads back).
+format_duration = _duration.format_duration
 
 
 def parse_duration(text: str) -> timedelta:
-    """Parse ``30s``, ``90m``, ``36h``, ``14d`` or ``2w``."""
-    match = re.fullmatch(r"(\d+)([smhdw])", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: use a number and one of s, m, h, d, w")
-    return timedelta(**{_UNITS[match[2]]: int(match[1])})
+    """Parse ``30s``, ``90m``, ``14d``, ``2w``, ``1h30m``, ``500ms``: the inverse of :func:`format_duration`."""
+    try:
+        return _duration.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     """An aware UTC datetime from ISO-8601 (naive means UTC) or a duration ago (``2h``: two hours ago)."""
     text = text.strip()
-    if re.fullmatch(r"\d+[smhdw]", text):
-        return (now or datetime.now(UTC)) - parse_duration(text)
+    try:
+        ago = _duration.parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return (now or datetime.now(UTC)) - ago
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"invalid time {text!r}: use ISO-8601 (2026-11-29T14:00:00Z) or a duration ago (90m, 2h, 1d)"
+            f"invalid time {text!r}: use ISO-8601 (2026-11-29T14:00:00Z) or a duration ago (90m, 2h, 1d, 1h30m)"
         ) from None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def parse_kafka_setting(text: str) -> tuple[str, Any]:
-    """``KEY=VALUE`` for kafka-python; integers and true/false are converted."""
+    """``KEY=VALUE`` for kafka-python; integers and true/false are converted; an unknown KEY is refused."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {logs.redact(text)!r}")
+    if admin.unknown_kafka_settings([key.strip()]):
+        raise argparse.ArgumentTypeError(f"{key.strip()!r} is not a kafka-python client setting "
+                                         "(names as in KafkaConsumer/KafkaProducer, e.g. security_protocol)")
     value: Any = raw
     if re.fullmatch(r"-?\d+", raw):
         value = int(raw)
@@ -126,12 +140,13 @@ def parse_kafka_setting(text: str) -> tuple[str, Any]:
 
 
 def _database_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--database-url", default=None, help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
+    parser.add_argument("--database-url", default=None, metavar="URL",
+                        help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
 
 
 def _kafka_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bootstrap-servers", default=None,
-                        help=f"Kafka bootstrap servers (default: ${BOOTSTRAP_SERVERS_ENV})")
+    parser.add_argument("--bootstrap-servers", default=None, metavar="SERVERS",
+                        help=f"Kafka bootstrap servers, host:port[,...] (default: ${BOOTSTRAP_SERVERS_ENV})")
     parser.add_argument("--kafka-config", action="append", default=[], type=parse_kafka_setting,
                         metavar="KEY=VALUE", help="a kafka-python client setting (TLS, SASL); repeatable")
 
@@ -140,95 +155,152 @@ def _json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
+#: Default of ``--metrics-addr`` (``run`` and ``relay``).
+METRICS_ADDR = "0.0.0.0"
+
+
+def _metrics_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help=f"serve {what} at http://ADDR:PORT/metrics")
+    parser.add_argument("--metrics-addr", default=METRICS_ADDR, metavar="ADDR",
+                        help=f"the address --metrics-port listens on (default {METRICS_ADDR}: every interface)")
+
+
+_LOG_LEVELS = "DEBUG, INFO, WARNING, ERROR"
+_DESCRIPTION = "Run an exactlyonce App, and inspect, prune and repair what it keeps in the database and Kafka."
+_GLOBAL_EPILOG = (
+    "--log-level and --log-format also go after the subcommand (exactlyonce run X --log-level DEBUG); given in "
+    f"both places, the one after the subcommand wins. The database and the broker come from ${DATABASE_URL_ENV} "
+    f"and ${BOOTSTRAP_SERVERS_ENV} unless a command's --database-url and --bootstrap-servers say otherwise. "
+    "An error is one line on stderr and exit status 2. `exactlyonce COMMAND --help` tells more."
+)
+
+
+def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
+    """``--log-level`` and ``--log-format``: with defaults on the top-level parser, without after a subcommand.
+
+    After a subcommand they default to ``SUPPRESS``: absent there, the value
+    given before the subcommand (or its default) stays; given there, it wins,
+    since argparse copies a subcommand's values over the top-level ones.
+    """
+    if after_command:
+        level: Any = argparse.SUPPRESS
+        fmt: Any = argparse.SUPPRESS
+        where = "; wins over one given before the subcommand"
+    else:
+        level = os.environ.get(LOG_LEVEL_ENV, "INFO")
+        fmt = os.environ.get(LOG_FORMAT_ENV, "text")
+        where = ""
+    group = parser.add_argument_group("logging options")
+    group.add_argument("--log-level", default=level, metavar="LEVEL",
+                       help=f"{_LOG_LEVELS} (default: ${LOG_LEVEL_ENV} or INFO{where})")
+    group.add_argument("--log-format", choices=logs.FORMATS, default=fmt,
+                       help=f"log lines as text or one JSON object each (default: ${LOG_FORMAT_ENV} or text{where})")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="exactlyonce", description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"))
-    parser.add_argument("--log-format", choices=logs.FORMATS, default=os.environ.get(LOG_FORMAT_ENV, "text"),
-                        help=f"log lines as text or one JSON object each (default: ${LOG_FORMAT_ENV} or text)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="exactlyonce", description=_DESCRIPTION, epilog=_GLOBAL_EPILOG)
+    _global_options(parser, after_command=False)
+    # Every subcommand (and sub-subcommand) takes the logging options too.
+    after = argparse.ArgumentParser(add_help=False)
+    _global_options(after, after_command=True)
 
-    run = commands.add_parser("run", help="run an App until SIGTERM/SIGINT")
-    run.add_argument("app", metavar="MODULE:ATTR")
-    run.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                     help="serve Prometheus metrics at http://ADDR:PORT/metrics")
-    run.add_argument("--metrics-addr", default="0.0.0.0", metavar="ADDR", help="(default 0.0.0.0)")
-    # Also accepted after the subcommand; SUPPRESS keeps the global value when absent.
-    run.add_argument("--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS)
+    def add(subparsers: Any, name: str, text: str) -> argparse.ArgumentParser:
+        sub: argparse.ArgumentParser = subparsers.add_parser(name, help=text, description=text, parents=[after])
+        return sub
 
-    db = commands.add_parser("db", help="manage the framework's tables")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = add(commands, "run", "run an App until SIGTERM/SIGINT")
+    run.add_argument("app", metavar="MODULE:ATTR", help="the App to run: a module to import and its App "
+                     "(myservice.worker:app)")
+    _metrics_options(run, "Prometheus metrics")
+    run.add_argument("--database-url", default=None, metavar="URL",
+                     help=f"SQLAlchemy URL; overrides the App's database_url (default: the App's, else "
+                     f"${DATABASE_URL_ENV})")
+    run.add_argument("--bootstrap-servers", default=None, metavar="SERVERS",
+                     help=f"Kafka bootstrap servers; overrides the App's bootstrap_servers (default: the App's, "
+                     f"else ${BOOTSTRAP_SERVERS_ENV})")
+    run.add_argument("--kafka-config", action="append", default=[], type=parse_kafka_setting,
+                     metavar="KEY=VALUE", help="a kafka-python client setting (TLS, SASL) over the App's "
+                     "consumer_config and producer_config (each client takes the keys it knows); repeatable")
+
+    db = add(commands, "db", "manage the framework's tables")
     _database_option(db)
-    db_commands = db.add_subparsers(dest="db_command", required=True)
-    upgrade = db_commands.add_parser("upgrade", help="apply migrations")
-    upgrade.add_argument("revision", nargs="?", default="head")
-    downgrade = db_commands.add_parser("downgrade", help="revert migrations")
-    downgrade.add_argument("revision")
-    db_commands.add_parser("current", help="print the applied revision")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
+    upgrade = add(db_commands, "upgrade", "apply migrations")
+    upgrade.add_argument("revision", nargs="?", default="head", help="(default head)")
+    downgrade = add(db_commands, "downgrade", "revert migrations")
+    downgrade.add_argument("revision", help="the revision to go back to; base drops the tables")
+    current = add(db_commands, "current", "print the applied revision")
+    for sub in (upgrade, downgrade, current):
+        # Also after the subcommand (db upgrade --database-url URL); absent there, db's stays.
+        sub.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL",
+                         help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
 
-    prune = commands.add_parser("prune", help="delete dedup rows (or sent outbox rows) older than a "
-                                "retention window")
+    prune = add(commands, "prune", "delete dedup rows (or sent outbox rows) older than a retention window")
     _database_option(prune)
     prune.add_argument("--older-than", required=True, type=parse_duration, metavar="DURATION",
-                       help="e.g. 14d, 36h, 90m")
+                       help="the retention window: 14d, 36h, 90m, 1d12h (units w, d, h, m, s, ms, us)")
     _kafka_options(prune)
     prune.add_argument("--horizon", type=parse_duration, default=store.DEFAULT_REDELIVERY_HORIZON,
                        metavar="DURATION",
                        help="how long a record can be read again, for topics whose settings the broker does not "
                        f"give (unreachable, or no --bootstrap-servers; default "
-                       f"{store.format_duration(store.DEFAULT_REDELIVERY_HORIZON)})")
+                       f"{format_duration(store.DEFAULT_REDELIVERY_HORIZON)})")
     prune.add_argument("--force", action="store_true",
                        help="prune inside the redelivery horizon anyway (also compacted and infinite-retention topics)")
-    prune.add_argument("--batch-size", type=int, default=1000)
+    prune.add_argument("--batch-size", type=int, default=1000, help="rows per transaction (default 1000)")
     prune.add_argument("--outbox", action="store_true",
                        help="prune the outbox's sent rows instead (never pending ones; no horizon applies)")
     _json_option(prune)
 
-    relay = commands.add_parser("relay", help="send the outbox's pending messages until SIGTERM/SIGINT")
+    relay = add(commands, "relay", "send the outbox's pending messages until SIGTERM/SIGINT")
     _database_option(relay)
     _kafka_options(relay)
     relay.add_argument("--once", action="store_true", help="send what is pending now, then exit")
     relay.add_argument("--batch-size", type=int, default=100, help="rows per transaction (default 100)")
     relay.add_argument("--retention", type=parse_duration, default=outbox.DEFAULT_RETENTION,
-                       metavar="DURATION", help="prune rows sent longer ago than this, hourly (default 7d)")
-    relay.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                       help="serve the outbox backlog gauge at http://0.0.0.0:PORT/metrics")
-    relay.add_argument("--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS)
+                       metavar="DURATION", help="prune rows sent longer ago than this, hourly "
+                       f"(default {format_duration(outbox.DEFAULT_RETENTION)})")
+    _metrics_options(relay, "the outbox gauges")
 
-    box = commands.add_parser("outbox", help="release or discard outbox rows the broker refused")
-    box_commands = box.add_subparsers(dest="outbox_command", required=True)
-    release = box_commands.add_parser("release", help="make refused rows pending again: the relay sends them, "
-                                      "then the rows of their keys that waited (fix the cause first)")
+    box = add(commands, "outbox", "release or discard outbox rows the broker refused")
+    box_commands = box.add_subparsers(dest="outbox_command", required=True, metavar="COMMAND")
+    release = add(box_commands, "release", "make refused rows pending again: the relay sends them, "
+                  "then the rows of their keys that waited (fix the cause first)")
     release.add_argument("ids", nargs="*", type=int, metavar="ID", help="outbox row ids (see `status`)")
     release.add_argument("--all", action="store_true", help="every refused row")
-    discard = box_commands.add_parser("discard", help="delete refused rows (their records are never sent); "
-                                      "the rows of their keys that waited go on")
+    discard = add(box_commands, "discard", "delete refused rows (their records are never sent); "
+                  "the rows of their keys that waited go on")
     discard.add_argument("ids", nargs="+", type=int, metavar="ID", help="outbox row ids (see `status`)")
     for sub in (release, discard):
         _database_option(sub)
         _json_option(sub)
 
-    status = commands.add_parser("status", help="per handler scope: counts, open gaps, consumer lag; "
-                                 "the outbox's pending and refused rows")
+    status = add(commands, "status", "per handler scope: counts, open gaps, consumer lag; "
+                 "the outbox's pending and refused rows")
     _database_option(status)
     _kafka_options(status)
     _json_option(status)
 
-    inspect = commands.add_parser("inspect", help="what happened to one message ID (exit 1 if unknown)")
-    inspect.add_argument("message_id", metavar="MESSAGE_ID")
+    inspect = add(commands, "inspect", "what happened to one message ID (exit 1 if unknown)")
+    inspect.add_argument("message_id", metavar="MESSAGE_ID", help="the ID the handler's message_id strategy gives")
     inspect.add_argument("--scope", default=None, help="only this handler scope")
     inspect.add_argument("--app", default=None, metavar="MODULE:ATTR",
                          help="the App, to name each scope's configured dead-letter topic")
     _database_option(inspect)
     _json_option(inspect)
 
-    dlq = commands.add_parser("dlq", help="read and replay dead-letter topics")
-    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True)
-    dlq_list = dlq_commands.add_parser("list", help="the records of a dead-letter topic, oldest first")
-    dlq_list.add_argument("topic", metavar="DLQ_TOPIC")
+    dlq = add(commands, "dlq", "read and replay dead-letter topics")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
+    dlq_list = add(dlq_commands, "list", "the records of a dead-letter topic, oldest first")
+    dlq_list.add_argument("topic", metavar="DLQ_TOPIC", help="a dead-letter topic (by default <topic>.dlq)")
     dlq_list.add_argument("--limit", type=int, default=None, metavar="N", help="show at most N records")
     _kafka_options(dlq_list)
     _json_option(dlq_list)
-    replay = dlq_commands.add_parser("replay", help="send dead letters back to their original topic")
-    replay.add_argument("topic", metavar="DLQ_TOPIC")
+    replay = add(dlq_commands, "replay", "send dead letters back to their original topic")
+    replay.add_argument("topic", metavar="DLQ_TOPIC", help="a dead-letter topic (by default <topic>.dlq)")
     replay.add_argument("--id", action="append", default=[], dest="ids", metavar="MESSAGE_ID",
                         help="replay this message ID (repeatable)")
     replay.add_argument("--since", type=parse_time, default=None, metavar="TIME",
@@ -324,8 +396,46 @@ def _progress(description: str, total: int | None) -> Iterator[Callable[[int], N
 # -- commands ---------------------------------------------------------------
 
 
+def _override_app_settings(app: App, args: argparse.Namespace) -> None:
+    """``run``'s connection options over what the App was given in code (or reads from the environment).
+
+    They reach everything ``App.run()`` starts: the consumer, the dead-letter
+    producer and the outbox relay read ``bootstrap_servers``,
+    ``consumer_config`` and ``producer_config`` only when they start, and the
+    engine is created on first use. Refused: an override the App could no
+    longer honour (an engine it has already created) and settings the App
+    owns (the group, the servers, and ``max_poll_interval_ms``, which its lock
+    timeouts were derived from when it was created).
+    """
+    # The App has no public setters for these (its constructor takes them); set what
+    # its properties read, as the constructor would have.
+    if args.database_url is not None:
+        if app._engine is not None:
+            raise ExactlyOnceError(f"--database-url cannot take effect: {args.app} created its database engine "
+                                   "when it was imported (app.engine was used), and would keep using it")
+        app._database_url = _database_url(args)
+    if args.bootstrap_servers is not None:
+        app._bootstrap_servers = args.bootstrap_servers
+    config = dict(args.kafka_config)
+    owned = {"bootstrap_servers": "--bootstrap-servers", "group_id": "App(group_id=...)",
+             "max_poll_interval_ms": "the App's consumer_config (its lock timeouts are derived from it)"}
+    for key, where in owned.items():
+        if key in config:
+            raise ExactlyOnceError(f"--kafka-config {key} cannot be overridden by `run`: set it with {where}")
+    consumer, producer = admin.consumer_settings(config), admin.producer_settings(config)
+    neither = sorted(set(config) - set(consumer) - set(producer))
+    if neither:
+        raise ExactlyOnceError(f"--kafka-config {', '.join(neither)}: not a setting of kafka-python's consumer or "
+                               "producer, the clients `run` starts")
+    app.consumer_config.update(consumer)
+    app.producer_config.update(producer)
+    if config:
+        log.debug("kafka settings from --kafka-config: consumer %s, producer %s", consumer, producer)
+
+
 def _run(args: argparse.Namespace) -> None:
     app = load_app(args.app)
+    _override_app_settings(app, args)
     if args.metrics_port is not None:
         # Before run(): a taken port is a ConfigurationError, reported before anything is consumed.
         app.metrics.serve(args.metrics_port, args.metrics_addr)
@@ -344,7 +454,8 @@ def _relay(args: argparse.Namespace) -> None:
                          producer_config=admin.producer_settings(dict(args.kafka_config)), metrics=metrics)
     try:
         if metrics is not None:
-            metrics.serve(args.metrics_port)
+            metrics.serve(args.metrics_port, args.metrics_addr)
+            log.info("serving metrics at http://%s:%d/metrics", args.metrics_addr, metrics.port or 0)
         if args.once:
             while relay.run_once():
                 pass
@@ -461,13 +572,13 @@ def _prune(args: argparse.Namespace) -> None:
     lines = []
     if broker_problem is not None:
         lines.append(f"{broker_problem}; every topic got the --horizon fallback of "
-                     f"{store.format_duration(args.horizon)}")
+                     f"{format_duration(args.horizon)}")
     for topic in sorted(horizons):
         h = horizons[topic]
         how = "--horizon fallback" if broker_problem is not None else f"{h.source}: {h.reason}"
         lines.append(f"topic {topic}: redelivery horizon {h.text} ({how})"
                      + (" -- pruned inside it (--force)" if args.force and not h.allows(args.older_than) else ""))
-    lines.append(f"pruned {deleted} {what} older than {store.format_duration(args.older_than)}")
+    lines.append(f"pruned {deleted} {what} older than {format_duration(args.older_than)}")
     for line in lines:
         print(logs.redact(line))
 

@@ -48,6 +48,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from exactlyonce import _kafka, settings
+from exactlyonce._duration import format_duration
 from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
 from exactlyonce.message import headers_from_json, headers_to_json
@@ -604,7 +605,7 @@ class RelayThread:
         self._stop.set()
         self._thread.join(timeout.total_seconds())
         if self._thread.is_alive():
-            log.warning("the outbox relay did not stop within %s; leaving it behind", timeout)
+            log.warning("the outbox relay did not stop within %s; leaving it behind", format_duration(timeout))
 
     def _main(self) -> None:
         try:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session
 
 from exactlyonce import _session, ids
+from exactlyonce._duration import format_duration
 from exactlyonce.errors import (
     BadSequence,
     DeadLetter,
@@ -313,7 +314,8 @@ class Ordered:
                 for number, message_id, message in taken:
                     exc = SequenceGap(
                         f"stream {stream.stream!r} of {scope} waited for number {stream.watermark + 1} "
-                        f"since {stream.gap_since} UTC, longer than gap_timeout {handler.gap_timeout}: "
+                        f"since {stream.gap_since} UTC, longer than gap_timeout "
+                        f"{format_duration(handler.gap_timeout)}: "
                         f"parked number {number} dead-lettered"
                     )
                     self._dead_letters.publish(handler, message, message_id, exc, attempts=0)
@@ -340,7 +342,7 @@ class Ordered:
                 log.warning(
                     "%s: stream %r has waited for number %d since %s UTC (gap_timeout %s); "
                     "%d message(s) parked behind it, waiting",
-                    scope, stream.stream, stream.watermark + 1, stream.gap_since, handler.gap_timeout,
+                    scope, stream.stream, stream.watermark + 1, stream.gap_since, format_duration(handler.gap_timeout),
                     stream.parked, extra={"scope": scope, "stream": stream.stream,
                                           "number": stream.watermark + 1, "outcome": "gap"},
                 )

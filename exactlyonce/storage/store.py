@@ -27,6 +27,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from exactlyonce._duration import format_duration as format_duration  # importable from here, as before
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.message import Message
 from exactlyonce.outcome import Outcome
@@ -122,19 +123,6 @@ HORIZON_RULE = (
 #: Kafka writes "forever" as Long.MAX_VALUE milliseconds; anything past what a
 #: timedelta holds (about 2.7 million years) is taken as no bound at all.
 _UNBOUNDED_MS = timedelta.max // timedelta(milliseconds=1)
-
-
-def format_duration(value: timedelta) -> str:
-    """``14d1h``, ``2m30s``, ``0s``: a duration in the units ``prune --older-than`` takes."""
-    seconds = int(value.total_seconds())
-    if seconds <= 0:
-        return "0s"
-    parts = []
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
-        if seconds >= size:
-            parts.append(f"{seconds // size}{unit}")
-            seconds %= size
-    return "".join(parts)
 
 
 @dataclass(frozen=True)

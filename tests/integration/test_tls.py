@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,7 @@ from tests.services.brokers import BrokerUnavailable, private_broker
 from tests.tlsproxy import TlsProxy
 
 from . import secured
-from .helpers import CONSUMER_CONFIG, unique
+from .helpers import CONSUMER_CONFIG, create_effects, effect_counts, engine_for, process, unique, wait_until
 
 SIGNING_KEY = ("tls", b"tls-test-secret-0123456789")
 # Fail fast: kafka-python waits bootstrap_timeout_ms (30 s by default) before
@@ -139,3 +140,43 @@ def test_a_plaintext_client_on_the_tls_listener_gets_a_hint(tls_broker: TlsBroke
 def test_the_standalone_relay_sends_over_verified_tls(tls_broker: TlsBroker, tmp_path: Path) -> None:
     """`exactlyonce relay --kafka-config ...` takes the TLS settings the App takes in producer_config."""
     secured.relay_command(tls_broker.address, tls_broker.config, f"sqlite:///{tmp_path / 'relay.db'}", "tls")
+
+
+def test_exactlyonce_run_takes_the_connection_settings_on_the_command_line(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    """`exactlyonce run --database-url --bootstrap-servers --kafka-config ...` over the App's own settings.
+
+    The App's code points at a closed port and an unusable database, without
+    TLS: the consumer, the dead-letter producer and the outbox relay work only
+    if the command line's settings reach each of them.
+    """
+    address, config = tls_broker.address, tls_broker.config
+    topic, out, group = unique("tls-run-in"), unique("tls-run-out"), unique("tls-run-group")
+    for name in (topic, out, f"{topic}.dlq"):
+        secured.create_topic(address, config, name)
+    url = f"sqlite:///{tmp_path / 'run.db'}"
+    engine = engine_for(url)
+    migrate.upgrade(engine)
+    create_effects(engine)
+    with Producer(address, config=dict(config)) as producer:
+        for message_id in ["r-1", "poison", "r-2"]:
+            producer.send(topic, {"id": message_id}, message_id=message_id)
+            producer.flush()
+
+    argv = [sys.executable, "-m", "exactlyonce", "run", "tests.integration.cli_override_app:app",
+            "--database-url", url, "--bootstrap-servers", address, *secured.kafka_config_options(config)]
+    with process(argv, tmp_path / "run.log", EXACTLYONCE_TEST_TOPIC=topic, EXACTLYONCE_TEST_OUT=out,
+                 EXACTLYONCE_TEST_GROUP=group) as worker:
+        try:
+            wait_until(lambda: secured.committed(address, config, group, topic) == 3, 60,
+                       "the worker to commit all three records")
+            relayed = secured.read(address, config, out, 2)
+            (dead,) = secured.read(address, config, f"{topic}.dlq", 1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{worker.log_tail()}") from None
+        assert worker.terminate() == 0, worker.log_tail()
+    assert effect_counts(engine) == {"r-1": 1, "r-2": 1}
+    assert sorted(dict(r.headers)["message-id"] for r in relayed) == [b"done-r-1", b"done-r-2"]
+    assert dict(dead.headers)["x-exactlyonce-reason"] == b"poison"
+    engine.dispose()

@@ -7,9 +7,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from exactlyonce import App, DeadLetter, Message
-from exactlyonce.storage import sequence as seq
 from exactlyonce.runtime import Runner
 from exactlyonce.runtime.booking import MAX_REASONS
+from exactlyonce.storage import sequence as seq
 
 
 def _runner(tmp_path: Any) -> tuple[App, Runner]:
