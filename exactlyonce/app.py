@@ -60,19 +60,28 @@ SequenceFunc = Callable[[Any], tuple[str, int]]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Handler:
-    """A registered handler and the settings it runs with."""
+    """A registered handler and the settings it runs with.
 
+    :meth:`App.handler` creates it, with every default filled in; ``App.handlers``
+    maps each topic to its ``Handler``.
+    """
+
+    #: The topic the handler consumes.
     topic: str
+    #: The registered function: ``func(message, session)``, or ``func(messages, session)`` for a batch handler.
     func: HandlerFunc
     #: ``None`` only for a sequenced handler: then the ``message-id`` header is
     #: used where there is one, else ``"<stream>#<number>"`` (for dead letters).
     message_id: ids.MessageIdStrategy | None
     #: The dedup namespace: the same message ID in two scopes is two messages.
     scope: str
+    #: Where the records this handler cannot handle go (default ``"<topic>.dlq"``).
     dead_letter_topic: str
+    #: How a failing handler is retried before its record is dead-lettered.
     retry: Retry
     #: Records with a larger value are dead-lettered unread (``None``: no limit).
     max_value_bytes: int | None
+    #: What a known message ID with a different payload gets.
     on_fingerprint_mismatch: OnMismatch
     #: ``func(messages, session)`` with a list of new messages instead of one.
     batch: bool
@@ -82,6 +91,7 @@ class Handler:
     sequence: SequenceFunc | None = None
     #: How long a stream may wait for a missing number before it is reported.
     gap_timeout: timedelta = timedelta(minutes=5)
+    #: What a gap open longer than ``gap_timeout`` does to the parked messages.
     on_gap: OnGap = OnGap.WAIT
 
 
@@ -96,8 +106,8 @@ class App:
     environment variables, read when they are first needed, so an ``App`` can
     be defined at import time and its handlers unit-tested without either.
     ``consumer_config`` / ``producer_config`` are forwarded to kafka-python's
-    ``KafkaConsumer`` / ``KafkaProducer`` (the latter publishes dead letters)
-    over exactlyonce's defaults.
+    ``KafkaConsumer`` / ``KafkaProducer`` (the latter publishes dead letters
+    and relays the outbox) over exactlyonce's defaults.
 
     ``transient_retry_budget`` bounds how long one batch retries a database or
     broker outage before the runner rewinds and polls again.
@@ -192,8 +202,9 @@ class App:
         self._engine: Engine | None = None
         self._stop = threading.Event()
         #: Records by outcome (``applied``, ``duplicate``, ``skipped``,
-        #: ``dead_lettered``) and dead letters by reason
-        #: (``dead_lettered:<reason>``), counted since the app was created.
+        #: ``dead_lettered``, ``parked``, ``fingerprint_mismatch``) and dead
+        #: letters by reason (``dead_lettered:<reason>``), counted since the
+        #: app was created.
         self.stats: Counter[str] = Counter()
 
     # -- registration -------------------------------------------------------
@@ -237,7 +248,7 @@ class App:
           with the batch's new records (duplicates removed, each partition's
           in order) instead of once per record.
         - ``sequence``: a callable ``Message -> (stream, number)`` that turns
-          on in-order delivery per stream (see README, "Sequence numbers"):
+          on in-order delivery per stream (docs/handlers.md, "Sequenced handlers"):
           numbers start at 1; one watermark row per stream replaces the dedup
           row per message; a number at or below the watermark is a duplicate,
           the next number is handled, a later one is parked in the database

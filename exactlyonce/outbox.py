@@ -110,7 +110,11 @@ def publish(
 
     Records with the same topic and key reach Kafka in the order they were
     published, within a transaction and across transactions that commit one
-    after the other (the relay follows the outbox's ``id`` order).
+    after the other (the relay follows the outbox's ``id`` order). Concurrent
+    transactions get no such order: ``id`` is assigned at insert, not at
+    commit, so on PostgreSQL and MySQL/MariaDB a row of the transaction that
+    commits last may be sent after a row with a larger ``id`` that was sent
+    already. Serialise such writers (lock a row per key) where it matters.
     """
     if not isinstance(topic, str) or not _LEGAL_TOPIC.fullmatch(topic):
         raise ConfigurationError(

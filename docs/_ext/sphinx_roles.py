@@ -60,6 +60,20 @@ def _exists(path: str) -> bool:
     return True
 
 
+def _public_alias(path: str) -> str | None:
+    """``exactlyonce.NAME`` when ``path`` (``exactlyonce.errors.MessageDecodeError``) is that public object."""
+    package = _package()
+    name = path.rsplit(".", 1)[-1]
+    if not path.startswith("exactlyonce.") or name not in package.__all__:
+        return None
+    module, _, attribute = path.rpartition(".")
+    try:
+        value = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError):
+        return None
+    return f"exactlyonce.{name}" if value is getattr(package, name) else None
+
+
 def _public_scopes(obj: griffe.Object) -> list[str]:
     """The public paths a relative target in ``obj``'s docstring may hang from, innermost first."""
     package = _package()
@@ -95,6 +109,7 @@ class SphinxRoles(griffe.Extension):
             for candidate in candidates:
                 if _exists(candidate):
                     return f"[`{shown}`][{candidate}]"
-            return f"`{shown}`"
+            alias = _public_alias(target)
+            return f"[`{shown}`][{alias}]" if alias else f"`{shown}`"
 
         obj.docstring.value = _ROLE.sub(replace, obj.docstring.value)
