@@ -3,7 +3,7 @@
 Each record's message ID is claimed in the same database transaction as the
 handler's writes, and the Kafka offset is committed only after that
 transaction commits: redelivered and re-sent records are skipped, and none is
-lost. See README.md for the precise guarantee.
+lost. docs/guarantee.md states the guarantee precisely.
 
 The less common names live in their modules: every exception in
 :mod:`exactlyonce.errors`, the tables in :mod:`exactlyonce.storage.schema`,

@@ -46,8 +46,8 @@ class App:
     environment variables, read when they are first needed, so an ``App`` can
     be defined at import time and its handlers unit-tested without either.
     ``consumer_config`` / ``producer_config`` are forwarded to kafka-python's
-    ``KafkaConsumer`` / ``KafkaProducer`` (the latter publishes dead letters)
-    over exactlyonce's defaults.
+    ``KafkaConsumer`` / ``KafkaProducer`` (the latter publishes dead letters
+    and relays the outbox) over exactlyonce's defaults.
 
     ``transient_retry_budget`` bounds how long one batch retries a database or
     broker outage before the runner rewinds and polls again.
@@ -142,8 +142,9 @@ class App:
         self._engine: Engine | None = None
         self._stop = threading.Event()
         #: Records by outcome (``applied``, ``duplicate``, ``skipped``,
-        #: ``dead_lettered``) and dead letters by reason
-        #: (``dead_lettered:<reason>``), counted since the app was created.
+        #: ``dead_lettered``, ``parked``, ``fingerprint_mismatch``) and dead
+        #: letters by reason (``dead_lettered:<reason>``), counted since the
+        #: app was created.
         self.stats: Counter[str] = Counter()
 
     # -- registration -------------------------------------------------------
@@ -187,7 +188,7 @@ class App:
           with the batch's new records (duplicates removed, each partition's
           in order) instead of once per record.
         - ``sequence``: a callable ``Message -> (stream, number)`` that turns
-          on in-order delivery per stream (see README, "Sequence numbers"):
+          on in-order delivery per stream (docs/handlers.md, "Sequenced handlers"):
           numbers start at 1; one watermark row per stream replaces the dedup
           row per message; a number at or below the watermark is a duplicate,
           the next number is handled, a later one is parked in the database

@@ -58,19 +58,28 @@ class OnGap(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Handler:
-    """A registered handler and the settings it runs with."""
+    """A registered handler and the settings it runs with.
 
+    :meth:`App.handler` creates it, with every default filled in; ``App.handlers``
+    maps each topic to its ``Handler``.
+    """
+
+    #: The topic the handler consumes.
     topic: str
+    #: The registered function: ``func(message, session)``, or ``func(messages, session)`` for a batch handler.
     func: HandlerFunc
     #: ``None`` only for a sequenced handler: then the ``message-id`` header is
     #: used where there is one, else ``"<stream>#<number>"`` (for dead letters).
     message_id: ids.MessageIdStrategy | None
     #: The dedup namespace: the same message ID in two scopes is two messages.
     scope: str
+    #: Where the records this handler cannot handle go (default ``"<topic>.dlq"``).
     dead_letter_topic: str
+    #: How a failing handler is retried before its record is dead-lettered.
     retry: Retry
     #: Records with a larger value are dead-lettered unread (``None``: no limit).
     max_value_bytes: int | None
+    #: What a known message ID with a different payload gets.
     on_fingerprint_mismatch: OnMismatch
     #: ``func(messages, session)`` with a list of new messages instead of one.
     batch: bool
@@ -80,6 +89,7 @@ class Handler:
     sequence: SequenceFunc | None = None
     #: How long a stream may wait for a missing number before it is reported.
     gap_timeout: timedelta = timedelta(minutes=5)
+    #: What a gap open longer than ``gap_timeout`` does to the parked messages.
     on_gap: OnGap = OnGap.WAIT
 
 

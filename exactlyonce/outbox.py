@@ -111,7 +111,11 @@ def publish(
 
     Records with the same topic and key reach Kafka in the order they were
     published, within a transaction and across transactions that commit one
-    after the other (the relay follows the outbox's ``id`` order).
+    after the other (the relay follows the outbox's ``id`` order). Concurrent
+    transactions get no such order: ``id`` is assigned at insert, not at
+    commit, so on PostgreSQL and MySQL/MariaDB a row of the transaction that
+    commits last may be sent after a row with a larger ``id`` that was sent
+    already. Serialise such writers (lock a row per key) where it matters.
     """
     settings.check_topic(topic)
     message_id = message_id or new_message_id()

@@ -1,7 +1,7 @@
 """A stubborn, idempotent producer: the sending half of a reliable link.
 
 Over a lossy link a sender retransmits until acknowledged; the receiver drops
-the copies by message number. Here every record carries a ``message-id``
+the copies by their identity. Here every record carries a ``message-id``
 header (the caller's, or a new time-ordered ID), Kafka's idempotent producer
 (``acks=all``) removes the copies of its own internal retries, and records
 that still fail (the broker unreachable past ``delivery_timeout_ms``) are
