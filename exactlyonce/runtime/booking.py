@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +38,9 @@ MAX_REASONS = 50
 
 
 @dataclass(slots=True)
-class _Entry:
+class Entry:
+    """One booked decision: a record, its outcome, and what the log line says about it."""
+
     message: Message
     outcome: Outcome
     message_id: str | None
@@ -52,14 +54,14 @@ class Book:
 
     def __init__(self, handler: Handler) -> None:
         self.handler = handler
-        self.entries: list[_Entry] = []
+        self.entries: list[Entry] = []
 
     def add(
         self, message: Message, outcome: Outcome, message_id: str | None = None, *,
         error: BaseException | None = None, **fields: Any,
     ) -> Outcome:
         """Book ``outcome`` for ``message``; ``fields`` go into the decision's log line. Returns ``outcome``."""
-        self.entries.append(_Entry(message, Outcome(outcome), message_id, error, fields))
+        self.entries.append(Entry(message, Outcome(outcome), message_id, error, fields))
         return outcome
 
     def write(self, session: Session, group_id: str) -> None:
@@ -70,14 +72,27 @@ class Book:
         store.count(session, group_id, self.handler.scope, tally)
 
 
-class Bookkeeper:
-    """Opens booked transactions, and reports the books that committed."""
+#: Told each committed decision, after the counters, stats, metrics and log (the test kit's seam).
+Observer = Callable[["Handler", Entry], None]
 
-    def __init__(self, engine: Engine, group_id: str, stats: Counter[str], metrics: Metrics) -> None:
+
+class Bookkeeper:
+    """Opens booked transactions, and reports the books that committed.
+
+    ``observer``, if given, is called with each committed decision, in order,
+    after it is counted and logged (:class:`exactlyonce.testing.TestApp`
+    reads every record's outcome this way).
+    """
+
+    def __init__(
+        self, engine: Engine, group_id: str, stats: Counter[str], metrics: Metrics, *,
+        observer: Observer | None = None,
+    ) -> None:
         self._engine = engine
         self._group_id = group_id
         self.stats = stats
         self._metrics = metrics
+        self._observer = observer
 
     @contextlib.contextmanager
     def transaction(self, handler: Handler) -> Iterator[tuple[_session.HandlerSession, Book]]:
@@ -103,6 +118,8 @@ class Bookkeeper:
             elif log.isEnabledFor(logging.DEBUG):
                 log.debug("%s: %s %r", entry.message.where(), entry.outcome, entry.message_id,
                           extra=fields(handler, entry.message, entry.message_id, entry.outcome, **entry.fields))
+            if self._observer is not None:
+                self._observer(handler, entry)
 
     def _dead_lettered(self, handler: Handler, message: Message, exc: BaseException) -> None:
         reason = reason_of(exc)

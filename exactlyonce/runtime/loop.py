@@ -37,7 +37,7 @@ from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
 from exactlyonce.errors import TransientError
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
-from exactlyonce.runtime.booking import Bookkeeper
+from exactlyonce.runtime.booking import Bookkeeper, Observer
 from exactlyonce.runtime.calls import Calls
 from exactlyonce.runtime.deadletter import DeadLetters
 from exactlyonce.runtime.dedup import Dedup
@@ -87,9 +87,11 @@ class Runner:
         poll_timeout_s: float = 0.5,
         consumer_factory: Callable[..., Consumer] = Consumer,
         producer_factory: Callable[..., RecordProducer] = RecordProducer,
+        observer: Observer | None = None,
     ) -> None:
         """``consumer_factory`` / ``producer_factory`` are for tests (the in-memory twins of
-        :mod:`exactlyonce.testing`): called with :class:`Consumer`'s / :class:`RecordProducer`'s keywords."""
+        :mod:`exactlyonce.testing`): called with :class:`Consumer`'s / :class:`RecordProducer`'s keywords.
+        ``observer`` is told every committed decision (see :class:`~exactlyonce.runtime.booking.Bookkeeper`)."""
         self._app = app
         self._consumer_factory = consumer_factory
         self._handlers = app.handlers
@@ -101,13 +103,18 @@ class Runner:
         self.stats = app.stats
         self._metrics = app.metrics
         self._transient = Transient(stop, app.transient_retry_budget, app.metrics)
-        self._books = Bookkeeper(app.engine, app.group_id, app.stats, app.metrics)
+        self._books = Bookkeeper(app.engine, app.group_id, app.stats, app.metrics, observer=observer)
         self._dead_letters = DeadLetters(self._books, self._transient, lambda: producer_factory(
             bootstrap_servers=app.bootstrap_servers, config=app.producer_config))
         calls = Calls(app.signing_keys, app.metrics)
         self._dedup = Dedup(self._books, self._transient, self._dead_letters, calls)
         self._ordered = Ordered([h for h in self._handlers.values() if h.sequence is not None], app.engine,
                                 self._books, self._transient, self._dead_letters, calls, app.metrics)
+
+    @property
+    def more_work(self) -> bool:
+        """A bounded step left work for right after the next poll (releases of parked records cut short)."""
+        return self._ordered.more_work
 
     # -- lifecycle ----------------------------------------------------------
 
