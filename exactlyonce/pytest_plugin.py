@@ -27,13 +27,15 @@ import importlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
-if TYPE_CHECKING:
-    from exactlyonce.app import App
-    from exactlyonce.testing import Worker
+# Loading this module runs exactlyonce's __init__ (the App, kafka-python,
+# SQLAlchemy) anyway, so the fixtures' imports gain nothing by waiting.
+from exactlyonce.app import App
+from exactlyonce.embedded import EmbeddedBroker
+from exactlyonce.testing import Worker, docker_available, fresh_database
 
 #: Bootstrap servers of a running broker for the tests (instead of an embedded one).
 BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_TEST_BOOTSTRAP_SERVERS"
@@ -50,16 +52,12 @@ def exactlyonce_bootstrap_servers() -> Iterator[str]:
     if servers:
         yield servers
         return
-    from exactlyonce.embedded import EmbeddedBroker
-
     with EmbeddedBroker() as broker:
         yield broker.bootstrap_servers
 
 
 @functools.cache
 def _containers_usable() -> bool:
-    from exactlyonce.testing import docker_available
-
     try:
         importlib.import_module("testcontainers")
     except ImportError:
@@ -95,8 +93,6 @@ def exactlyonce_database_url(_exactlyonce_postgres_server: str | None, tmp_path:
         yield url
         return
     if _exactlyonce_postgres_server is not None:
-        from exactlyonce.testing import fresh_database
-
         with fresh_database(_exactlyonce_postgres_server) as fresh:
             yield fresh
         return
@@ -112,8 +108,6 @@ def exactlyonce_worker() -> Iterator[Callable[..., Worker]]:
     environment variables). At teardown every worker is stopped, and the
     first error a ``run()`` raised fails the test.
     """
-    from exactlyonce.testing import Worker
-
     workers: list[Worker] = []
 
     def start(app: App, **options: Any) -> Worker:

@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def testcontainers(name: str) -> Any:
+def container_module(name: str) -> Any:
     """``testcontainers.community.<name>`` (testcontainers 4.15 and later), else ``testcontainers.<name>``."""
     try:
         return importlib.import_module(f"testcontainers.community.{name}")
@@ -49,7 +49,7 @@ def testcontainers(name: str) -> Any:
 @pytest.fixture(scope="module")
 def kafka_bootstrap_servers() -> Iterator[str]:
     """A Kafka broker in a container, with the service's topics."""
-    with testcontainers("kafka").KafkaContainer() as kafka:
+    with container_module("kafka").KafkaContainer() as kafka:
         servers = kafka.get_bootstrap_server()
         admin = KafkaAdminClient(bootstrap_servers=servers)
         try:
@@ -63,7 +63,7 @@ def kafka_bootstrap_servers() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL server in a container (``driver=None``: exactlyonce picks psycopg 3)."""
-    with testcontainers("postgres").PostgresContainer("postgres:16-alpine", driver=None) as postgres:
+    with container_module("postgres").PostgresContainer("postgres:16-alpine", driver=None) as postgres:
         yield postgres.get_connection_url()
 
 

@@ -35,7 +35,9 @@ GROUND_FLOOR: Mapping[str, frozenset[str]] = {
 }
 
 #: The top floor: the entry points. Only the package's __init__ and the top floor itself import them.
-TOP_FLOOR = frozenset({"exactlyonce.app", "exactlyonce.cli", "exactlyonce.admin", "exactlyonce.__main__"})
+#: ``testing`` (the test kit wraps an App) and ``pytest_plugin`` are the entry points of a service's tests.
+TOP_FLOOR = frozenset({"exactlyonce.app", "exactlyonce.cli", "exactlyonce.admin", "exactlyonce.__main__",
+                       "exactlyonce.testing", "exactlyonce.pytest_plugin"})
 
 
 @dataclass(frozen=True, slots=True)
