@@ -2,7 +2,8 @@
 
 Installing exactlyonce registers this plugin with pytest; it defines
 fixtures only (none of them autouse, no hooks), so it changes nothing in a
-test suite that does not ask for them. ``-p no:exactlyonce`` turns it off.
+test suite that does not ask for them, beyond importing exactlyonce when
+pytest starts. ``-p no:exactlyonce`` turns it off.
 
 - ``exactlyonce_bootstrap_servers`` (session): Kafka bootstrap servers:
   ``$EXACTLYONCE_TEST_BOOTSTRAP_SERVERS`` if set, else an embedded broker

@@ -15,6 +15,7 @@ import exactlyonce
 import exactlyonce.pytest_plugin as plugin
 from exactlyonce import App, ConfigurationError, Message, Producer, ids
 from exactlyonce.storage import engine as _db
+from exactlyonce.storage import migrate
 from exactlyonce.testing import TestApp, Worker, fresh_database
 from tests.integration.helpers import create_topic, unique
 
@@ -113,7 +114,7 @@ def test_a_worker_runs_the_app_in_a_thread_until_stopped(bootstrap_servers: str,
     topic = unique("kit-worker")
     create_topic(bootstrap_servers, topic)
     app = _app(bootstrap_servers, url, topic)
-    exactlyonce.migrate.upgrade(app.engine)
+    migrate.upgrade(app.engine)
     metadata.create_all(app.engine)
     before = set(threading.enumerate())
     with Worker(app) as worker, Producer(bootstrap_servers) as producer:
@@ -239,6 +240,7 @@ def test_with_docker_the_database_fixture_gives_each_test_a_fresh_postgresql_dat
     pytester.makepyfile("""
         import sqlalchemy as sa
         from exactlyonce.storage import engine as _db
+from exactlyonce.storage import migrate
 
         names = []
 

@@ -27,6 +27,10 @@ def test_wheel_ships_migrations_and_upgrades_from_outside_the_source_tree(tmp_pa
     assert "exactlyonce/migrations/env.py" in names
     assert "exactlyonce/migrations/versions/0001_processed.py" in names
     assert "exactlyonce/py.typed" in names
+    # The pytest plugin's entry point (a pytest11 group) is in the wheel's metadata.
+    (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+    text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[pytest11]\nexactlyonce = exactlyonce.pytest_plugin" in text
 
     target = tmp_path / "site"
     subprocess.run(

@@ -165,6 +165,22 @@ def test_a_sequenced_record_out_of_order_is_parked_then_applied(tmp_path: Path) 
         assert lines == [1, 2, 1, 2, 3]
 
 
+def test_releases_cut_short_at_batch_size_are_finished_within_the_same_send(tmp_path: Path) -> None:
+    ordered = App("kit-seq-bounded")
+    lines: list[int] = []
+
+    @ordered.handler("ledger", batch_size=2, sequence=lambda m: ("a", m.json()["seq"]))
+    def handle(message: Message, session: Session) -> None:
+        lines.append(message.json()["seq"])
+
+    with TestApp(ordered, database_url=f"sqlite:///{tmp_path}/t.db") as t:
+        assert [t.send("ledger", {"seq": n}) for n in range(12, 1, -1)] == ["parked"] * 11
+        # 1 releases 2..12: two per transaction, the rest continued between polls, all before send returns.
+        assert t.send("ledger", {"seq": 1}) == "applied"
+        assert lines == list(range(1, 13))
+        assert sum(1 for d in t.decisions if d.outcome == "applied") == 12
+
+
 def test_signing_key_signs_what_is_sent_and_a_wrong_key_is_a_bad_signature(tmp_path: Path) -> None:
     secret = b"s" * 32
     verifying = App("kit-signed", signing_keys={"k1": secret})
