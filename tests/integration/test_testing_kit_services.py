@@ -240,7 +240,6 @@ def test_with_docker_the_database_fixture_gives_each_test_a_fresh_postgresql_dat
     pytester.makepyfile("""
         import sqlalchemy as sa
         from exactlyonce.storage import engine as _db
-from exactlyonce.storage import migrate
 
         names = []
 
