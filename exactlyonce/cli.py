@@ -14,6 +14,7 @@
     exactlyonce inspect MESSAGE_ID                   what happened to one message
     exactlyonce dlq list TOPIC                       the records of a dead-letter topic
     exactlyonce dlq replay TOPIC                     send dead letters back to their original topic
+    exactlyonce console [--host H] [--port P]        the web console (``exactlyonce[console]``)
 
 Connection settings come from ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
 ``EXACTLYONCE_DATABASE_URL`` unless given as options. Every command prints
@@ -51,12 +52,13 @@ from exactlyonce import _db, admin, logs, migrate, outbox, schema, signing, stor
 from exactlyonce.app import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV, App
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.metrics import Metrics
-from exactlyonce.producer import Producer
 
 log = logging.getLogger("exactlyonce.cli")
 
 #: Default of ``--log-format``.
 LOG_FORMAT_ENV = "EXACTLYONCE_LOG_FORMAT"
+#: Default of ``console --token``.
+CONSOLE_TOKEN_ENV = "EXACTLYONCE_CONSOLE_TOKEN"
 
 #: Exit status of ``inspect`` for an unknown message ID (errors exit 2).
 EXIT_UNKNOWN = 1
@@ -120,6 +122,14 @@ def parse_kafka_setting(text: str) -> tuple[str, Any]:
     if re.search(r"password|secret", key, re.IGNORECASE):
         logs.register_secret(raw)
     return key.strip(), value
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """``PARTITION@OFFSET`` of a dead letter."""
+    try:
+        return admin.parse_position(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- parser -----------------------------------------------------------------
@@ -225,22 +235,55 @@ def _parser() -> argparse.ArgumentParser:
     dlq_list = dlq_commands.add_parser("list", help="the records of a dead-letter topic, oldest first")
     dlq_list.add_argument("topic", metavar="DLQ_TOPIC")
     dlq_list.add_argument("--limit", type=int, default=None, metavar="N", help="show at most N records")
+    dlq_list.add_argument("--last", type=int, default=None, metavar="N", help="only the newest N records")
+    _dead_letter_filters(dlq_list)
     _kafka_options(dlq_list)
     _json_option(dlq_list)
     replay = dlq_commands.add_parser("replay", help="send dead letters back to their original topic")
     replay.add_argument("topic", metavar="DLQ_TOPIC")
     replay.add_argument("--id", action="append", default=[], dest="ids", metavar="MESSAGE_ID",
                         help="replay this message ID (repeatable)")
-    replay.add_argument("--since", type=parse_time, default=None, metavar="TIME",
-                        help="dead-lettered at or after TIME (ISO-8601, or a duration ago: 2h)")
-    replay.add_argument("--until", type=parse_time, default=None, metavar="TIME",
-                        help="dead-lettered before TIME")
+    replay.add_argument("--at", action="append", default=[], dest="positions", type=parse_position,
+                        metavar="P@OFFSET", help="replay the dead letter at this place of DLQ_TOPIC, as `dlq list` "
+                        "shows it (repeatable)")
+    _dead_letter_filters(replay)
     replay.add_argument("--dry-run", action="store_true", help="print what would be replayed, send nothing")
     replay.add_argument("--yes", action="store_true", help="replay everything without asking (no filter given)")
     _database_option(replay)
     _kafka_options(replay)
     _json_option(replay)
+
+    console = commands.add_parser("console", help="serve the web console (needs exactlyonce[console])")
+    console.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default 127.0.0.1: this machine only)")
+    console.add_argument("--port", type=int, default=8080, help="(default 8080; 0 picks a free port)")
+    console.add_argument("--token", default=None,
+                         help=f"allow replays for whoever gives this token (default ${CONSOLE_TOKEN_ENV}; "
+                         "without one the console is read-only). Prefer the variable: other users can read a "
+                         "command line")
+    console.add_argument("--app", default=None, metavar="MODULE:ATTR",
+                         help="the App, for its handlers' dead-letter topics and gap timeouts")
+    console.add_argument("--dlq-topic", action="append", default=[], metavar="TOPIC",
+                         help="another dead-letter topic to show (repeatable)")
+    console.add_argument("--refresh", type=int, default=15, metavar="SECONDS",
+                         help="how often the overview reloads itself (default 15)")
+    console.add_argument("--sample-interval", type=float, default=30.0, metavar="SECONDS",
+                         help="how often counts and lag are sampled for the rates and charts (default 30)")
+    console.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                         help="a Host header to answer (repeatable; default: localhost and the loopback "
+                         "addresses when listening on loopback, any otherwise)")
+    _database_option(console)
+    _kafka_options(console)
     return parser
+
+
+def _dead_letter_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", action="append", default=[], dest="reasons", metavar="REASON",
+                        help="only dead letters with this reason (repeatable)")
+    parser.add_argument("--since", type=parse_time, default=None, metavar="TIME",
+                        help="dead-lettered at or after TIME (ISO-8601, or a duration ago: 2h)")
+    parser.add_argument("--until", type=parse_time, default=None, metavar="TIME",
+                        help="dead-lettered before TIME")
 
 
 # -- settings ---------------------------------------------------------------
@@ -485,11 +528,11 @@ def _status(args: argparse.Namespace) -> None:
         if reader is not None:
             reader.close()
         engine.dispose()
-    source = {"database": url, "bootstrap_servers": reader.bootstrap_servers if reader else None}
+    servers = reader.bootstrap_servers if reader else None
     if args.json:
-        _print_json({**source, **result.to_json()})
+        _print_json(admin.status_document(result, database_url=url, bootstrap_servers=servers))
         return
-    header = f"database {url}, broker {source['bootstrap_servers'] or '(none)'}"
+    header = f"database {url}, broker {servers or '(none)'}"
     if not result.scopes:
         _print(header, "no handler scope has processed anything yet (table exactlyonce_counters is empty)",
                *_outbox_renderables(result.outbox))
@@ -511,6 +554,10 @@ def _status(args: argparse.Namespace) -> None:
             partitions.add_row(scope.scope, p.topic, str(p.partition), _num(p.applied), _num(p.last_offset),
                                _num(p.committed), _num(p.end_offset), _num(p.lag))
     renderables: list[Any] = [header, summary, partitions]
+    for scope in result.scopes:
+        if scope.oldest_gap_since is not None:
+            renderables.append(f"{scope.scope}: {scope.open_gaps} sequenced stream(s) waiting for a missing "
+                               f"number, the longest since {_when(scope.oldest_gap_since)}")
     if result.lag_error:
         renderables.append(f"consumer lag unknown: {result.lag_error}")
     _print(*renderables, *_outbox_renderables(result.outbox))
@@ -520,6 +567,8 @@ def _outbox_renderables(status: admin.OutboxStatus | None) -> list[Any]:
     if status is None:
         return ["outbox: unknown (no outbox table at the current revision; run `exactlyonce db upgrade`)"]
     line = f"outbox: {_num(status.pending)} pending, {_num(status.refused_count)} refused by the broker"
+    if status.oldest_pending_at is not None:
+        line += f"; the oldest pending row was stored at {_when(status.oldest_pending_at)}"
     if not status.refused:
         return [line]
     table = Table(title="refused outbox rows (each holds back the later rows of its topic and key)",
@@ -572,9 +621,10 @@ def _dlq_list(args: argparse.Namespace) -> None:
     reader = _reader(args, required=True)
     assert reader is not None
     try:
-        records = admin.read_dead_letters(reader, args.topic, limit=args.limit)
+        records = admin.read_dead_letters(reader, args.topic, limit=args.limit, newest=args.last)
     finally:
         reader.close()
+    records = admin.select_dead_letters(records, reasons=args.reasons, since=args.since, until=args.until)
     if args.json:
         _print_json([r.to_json() for r in records])
         return
@@ -597,8 +647,9 @@ def _dlq_replay(args: argparse.Namespace) -> None:
         records = admin.read_dead_letters(reader, args.topic)
     finally:
         reader.close()
-    selected = admin.select_dead_letters(records, ids=args.ids, since=args.since, until=args.until)
-    filtered = bool(args.ids or args.since or args.until)
+    selected = admin.select_dead_letters(records, ids=args.ids, since=args.since, until=args.until,
+                                         reasons=args.reasons, positions=args.positions)
+    filtered = bool(args.ids or args.since or args.until or args.reasons or args.positions)
     if not filtered and not args.dry_run and not args.yes and selected:
         _confirm(f"replay all {len(selected)} dead letter(s) of {args.topic} to their original topics?")
     if args.dry_run:
@@ -626,25 +677,14 @@ def _replay_for_real(args: argparse.Namespace, selected: list[admin.DeadLetterRe
     if not selected:
         return []
     engine = _db.create_engine(_database_url(args))
-    # sign=False: the records keep the signature their sender gave them (the
-    # MAC covers the message ID, key and value, which a replay does not change).
-    producer = Producer(_bootstrap_servers(args), sign=False,
-                        config=admin.producer_settings(dict(args.kafka_config)))
-
-    def send(record: admin.DeadLetterRecord, message_id: str) -> None:
-        # Back to the partition it came from: the original producer's partitioning (and so
-        # the per-partition order the handler saw) is kept even for keyless records.
-        producer.send(record.topic or "", record.value or b"", key=record.key, message_id=message_id,
-                      headers=record.headers, partition=record.original_partition)
-
+    servers = _bootstrap_servers(args)
+    assert servers is not None  # _reader(required=True) checked
     try:
         with _progress("replaying", len(selected)) as advance:
-            items = admin.replay(selected, engine=engine, send=send, progress=lambda: advance(1))
-            producer.flush()
+            return admin.replay_to_topics(selected, engine=engine, bootstrap_servers=servers,
+                                          kafka_config=dict(args.kafka_config), progress=lambda: advance(1))
     finally:
-        producer.close()
         engine.dispose()
-    return items
 
 
 def _confirm(question: str) -> None:
@@ -655,6 +695,30 @@ def _confirm(question: str) -> None:
     answer = input(f"{question} [y/N] ").strip().lower()
     if answer not in ("y", "yes"):
         raise ExactlyOnceError("replay cancelled")
+
+
+def _console(args: argparse.Namespace) -> None:
+    """Serve the web console until SIGTERM/SIGINT."""
+    try:
+        from exactlyonce import console
+    except ImportError as exc:
+        raise ConfigurationError(f"the console needs its extra: pip install 'exactlyonce[console]' ({exc})") from exc
+    token = args.token if args.token is not None else os.environ.get(CONSOLE_TOKEN_ENV) or None
+    if token is not None:
+        logs.register_secret(token)
+    topics: dict[str, str] = {}
+    gap_timeouts: dict[str, timedelta] = {}
+    if args.app:
+        handlers = load_app(args.app).handlers.values()
+        topics = {h.scope: h.dead_letter_topic for h in handlers}
+        gap_timeouts = {h.scope: h.gap_timeout for h in handlers if h.sequence is not None}
+    settings = console.Settings(
+        database_url=_database_url(args), bootstrap_servers=_bootstrap_servers(args),
+        kafka_config=dict(args.kafka_config), token=token, dead_letter_topics=topics,
+        extra_dead_letter_topics=list(args.dlq_topic), gap_timeouts=gap_timeouts, refresh_seconds=args.refresh,
+        sample_interval=args.sample_interval, allowed_hosts=list(args.allowed_host) or None,
+    )
+    console.serve(settings, host=args.host, port=args.port)
 
 
 def _db_command(args: argparse.Namespace) -> None:
@@ -681,6 +745,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _status(args)
     elif args.command == "inspect":
         return _inspect(args)
+    elif args.command == "console":
+        _console(args)
     elif args.command == "dlq" and args.dlq_command == "list":
         _dlq_list(args)
     elif args.command == "dlq":
