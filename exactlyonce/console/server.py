@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import signal
 import socket
+import threading
 
 import uvicorn
 
@@ -64,10 +66,15 @@ def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8080) -> N
                     "; the token crosses the network in clear over plain HTTP: put a TLS proxy in front"
                     if settings.writable else "")
     config = uvicorn.Config(app, log_config=None, server_header=False, proxy_headers=False, lifespan="on")
+    if threading.current_thread() is threading.main_thread():
+        # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found:
+        # with this one the command exits 0, as `exactlyonce relay` does (SIGINT still ends it with 130).
+        signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
+    log.info("console stopped")
 
 
 def _list(hosts: object) -> list[str] | None:
