@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -381,7 +382,13 @@ class Backend:
         clock: Callable[[], datetime] = now_utc,
     ) -> None:
         self.settings = settings
+        # Masked in every page, API response and log line, however the console was started.
+        logs.register_environment_secrets()
         logs.register_secret(_db.normalize_url(settings.database_url).password)
+        logs.register_secret(settings.token)
+        for key, value in settings.kafka_config.items():
+            if isinstance(value, str) and re.search(r"password|secret", key, re.IGNORECASE):
+                logs.register_secret(value)
         self.engine: Engine = _create_engine(settings.database_url)
         self._reader_factory = reader_factory
         self.clock = clock
