@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from markupsafe import Markup, escape
 
@@ -133,8 +133,3 @@ def bar_chart(bars: Sequence[tuple[str, int | None, bool]], *, title: str, width
                      f"{escape(_number(value))}</text>")
     parts.append("</svg>")
     return Markup("".join(parts))
-
-
-def window(end: datetime, length: timedelta) -> tuple[datetime, datetime]:
-    """``(end - length, end)``."""
-    return end - length, end

@@ -19,7 +19,7 @@ import json
 import logging
 import threading
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -270,7 +270,9 @@ class Console:
         })
 
     def _charts(self, o: Overview) -> dict[str, dict[str, Markup]]:
-        start, end = charts.window(o.at, RATE_WINDOW)
+        # The last hour, or less while the console has sampled for less (at least 5 minutes).
+        start = max(o.at - RATE_WINDOW, min(o.sampled_since or o.at, o.at - timedelta(minutes=5)))
+        end = o.at
         names = {"applied": "applied", "duplicates": "duplicates", "skipped": "skipped",
                  "dead_lettered": "dead-lettered"}
         result: dict[str, dict[str, Markup]] = {}
@@ -285,9 +287,9 @@ class Console:
                     for p in scope.partitions]
             result[scope.scope] = {
                 "rates": charts.line_chart(series, start=start, end=end, unit="records per minute",
-                                           title=f"{scope.scope}: records per minute, last hour"),
+                                           title=f"{scope.scope}: records per minute"),
                 "lag": charts.line_chart(lines, start=start, end=end, unit="lag (records)",
-                                         title=f"{scope.scope}: consumer lag per partition, last hour"),
+                                         title=f"{scope.scope}: consumer lag per partition"),
                 "lag_now": charts.bar_chart(bars, title=f"{scope.scope}: consumer lag per partition now"),
             }
         return result

@@ -180,6 +180,15 @@ def test_console_in_a_browser(
         assert page.locator(f'tr[data-topic="{dlq}"] td[data-field="records"]').inner_text().startswith("2")
         page.screenshot(path=str(ARTIFACTS / "overview.png"), full_page=True)
 
+        # Readable without JavaScript too.
+        plain = chromium.new_context(java_script_enabled=False)
+        plain_page = plain.new_page()
+        plain_page.goto(base)
+        assert plain_page.locator(f'section.scope[data-scope="{scope}"] td[data-field="applied"]').inner_text() == "3"
+        plain_page.goto(f"{base}dlq/{dlq}")
+        assert plain_page.locator("table.dead-letters tbody tr").count() == 2
+        plain.close()
+
         # -- dead letters: the topic, the HTML-bearing record as text ---------------
         page.click("header nav >> text=Dead letters")
         page.click(f"a:text-is('{dlq}')")
