@@ -48,6 +48,9 @@ The package, one room per job:
   refused rows;
 - :mod:`~exactlyonce.outbox.table`: pruning sent rows, checking the table's
   revision.
+
+``exactlyonce.outbox`` re-exports their public names, so code written when
+the outbox was one module imports them from here as before.
 """
 
 from exactlyonce import _kafka as _kafka  # the seam the relay's producer comes from (tests replace it)
