@@ -390,7 +390,7 @@ def test_a_row_refused_before_it_is_queued_stops_its_key_in_the_same_flush(
             future.is_done, future.error = True, kafka.errors.MessageSizeTooLargeError("larger than max_request_size")
         return future
 
-    relay._proven["t"] = 10**6  # every row proven small enough: a1, a2 and a3 would share a flush
+    relay._dispatcher.proven["t"] = 10**6  # every row proven small enough: a1, a2 and a3 would share a flush
     try:
         _FakeProducer.send = send  # type: ignore[method-assign]
         assert relay.run_once() == 3
