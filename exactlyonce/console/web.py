@@ -267,44 +267,8 @@ class Console:
         overview = await run_in_threadpool(self.backend.overview)
         return self._page(request, "overview.html", {
             "o": overview, "refresh": self.settings.refresh_seconds, "counts": COUNTS,
-            "charts": self._charts(overview), "scope_reasons": self._scope_reasons(overview),
+            "charts": overview_charts(overview), "scope_reasons": scope_reasons(overview),
         })
-
-    def _charts(self, o: Overview) -> dict[str, dict[str, Markup]]:
-        # The last hour, or less while the console has sampled for less (at least 5 minutes).
-        start = max(o.at - RATE_WINDOW, min(o.sampled_since or o.at, o.at - timedelta(minutes=5)))
-        end = o.at
-        names = {"applied": "applied", "duplicates": "duplicates", "skipped": "skipped",
-                 "dead_lettered": "dead-lettered"}
-        result: dict[str, dict[str, Markup]] = {}
-        for scope in o.status.scopes if o.status is not None else []:
-            rates = o.rates.get(scope.scope)
-            series = [charts.Series(names[n], f"series-{n}", rates.series.get(n, []) if rates else [])
-                      for n in COUNTS]
-            lines = [charts.Series(f"{topic}[{partition}]", f"series-{i % 8}", points)
-                     for i, ((s, topic, partition), points) in enumerate(sorted(o.lag_series.items()))
-                     if s == scope.scope][:12]
-            bars = [(f"{p.topic}[{p.partition}]", p.lag, (scope.scope, p.topic, p.partition) in o.growing)
-                    for p in scope.partitions]
-            result[scope.scope] = {
-                "rates": charts.line_chart(series, start=start, end=end, unit="records per minute",
-                                           title=f"{scope.scope}: records per minute"),
-                "lag": charts.line_chart(lines, start=start, end=end, unit="lag (records)",
-                                         title=f"{scope.scope}: consumer lag per partition"),
-                "lag_now": charts.bar_chart(bars, title=f"{scope.scope}: consumer lag per partition now"),
-            }
-        return result
-
-    @staticmethod
-    def _scope_reasons(o: Overview) -> dict[str, list[tuple[str, str, int, int]]]:
-        """Scope -> [(dead-letter topic, reason, count among the records read, of which in the last hour)]."""
-        result: dict[str, list[tuple[str, str, int, int]]] = {}
-        for topic in o.dead_letters:
-            for scope in topic.scopes:
-                recent = topic.reasons(scope, since=o.at - RATE_WINDOW)
-                for reason, count in topic.reasons(scope).items():
-                    result.setdefault(scope, []).append((topic.topic, reason, count, recent.get(reason, 0)))
-        return result
 
     async def message_page(self, request: Request) -> Response:
         message_id = request.query_params.get("id", "").strip()
@@ -326,27 +290,10 @@ class Console:
         overview = await run_in_threadpool(self.backend.overview)
         return self._page(request, "dlq_index.html", {"o": overview})
 
-    def _filters(self, request: Request) -> tuple[dict[str, Any], str | None]:
-        """The dead-letter filters of the query string, parsed; and what was wrong with them."""
-        q = request.query_params
-        filters: dict[str, Any] = {"reasons": [r for r in q.getlist("reason") if r], "ids": [],
-                                   "since": None, "until": None}
-        if q.get("id", "").strip():
-            filters["ids"] = [q["id"].strip()]
-        problem = None
-        for name in ("since", "until"):
-            text = q.get(name, "").strip()
-            if text:
-                try:
-                    filters[name] = parse_time(text, now=self.backend.clock())
-                except ValueError as exc:  # its text says what to type
-                    problem = str(exc)
-        return filters, problem
-
     async def dlq_topic_page(self, request: Request) -> Response:
         topic = request.path_params["topic"]
         view = await run_in_threadpool(self.backend.dead_letters, topic, fresh="reload" in request.query_params)
-        filters, problem = self._filters(request)
+        filters, problem = dead_letter_filters(request, self.backend.clock())
         shown = [] if problem else admin.select_dead_letters(view.records, **filters)
         shown.reverse()  # newest first
         limit = 160
@@ -401,7 +348,7 @@ class Console:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
             return self._refused(request, 415, "expected a form (application/x-www-form-urlencoded)", api=False)
         try:
-            body = await self._body(request)
+            body = await read_body(request)
         except ConfigurationError as exc:
             return self._page(request, "error.html", {"title": "Bad request", "message": str(exc)}, 413)
         form = parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
@@ -439,15 +386,6 @@ class Console:
             return 403, f"cross-site request refused ({why})"
         return None
 
-    @staticmethod
-    async def _body(request: Request) -> bytes:
-        body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY:
-                raise ConfigurationError("request body too large")
-        return body
-
     # -- JSON API --------------------------------------------------------
 
     async def api_status(self, request: Request) -> Response:
@@ -482,7 +420,7 @@ class Console:
             return _json({"error": view.error}, 503)
         if not view.exists:
             return _json({"error": f"topic {view.topic!r} does not exist"}, 404)
-        filters, problem = self._filters(request)
+        filters, problem = dead_letter_filters(request, self.backend.clock())
         if problem:
             return _json({"error": problem}, 400)
         records = admin.select_dead_letters(view.records, **filters)
@@ -511,7 +449,7 @@ class Console:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             return self._refused(request, 415, "expected a JSON body (Content-Type: application/json)", api=True)
         try:
-            body = json.loads(await self._body(request))
+            body = json.loads(await read_body(request))
             at = body.get("at") if isinstance(body, dict) else None
             if not isinstance(at, list) or not at or not all(isinstance(a, str) for a in at):
                 raise ConfigurationError('expected {"at": ["PARTITION@OFFSET", ...]}')
@@ -523,6 +461,73 @@ class Console:
         except Unavailable as exc:
             return _json({"error": str(exc)}, 503)
         return _json(result.to_json())
+
+
+# -- helpers of the pages ------------------------------------------------------
+
+
+def overview_charts(o: Overview) -> dict[str, dict[str, Markup]]:
+    # The last hour, or less while the console has sampled for less (at least 5 minutes).
+    start = max(o.at - RATE_WINDOW, min(o.sampled_since or o.at, o.at - timedelta(minutes=5)))
+    end = o.at
+    names = {"applied": "applied", "duplicates": "duplicates", "skipped": "skipped",
+             "dead_lettered": "dead-lettered"}
+    result: dict[str, dict[str, Markup]] = {}
+    for scope in o.status.scopes if o.status is not None else []:
+        rates = o.rates.get(scope.scope)
+        series = [charts.Series(names[n], f"series-{n}", rates.series.get(n, []) if rates else [])
+                  for n in COUNTS]
+        lines = [charts.Series(f"{topic}[{partition}]", f"series-{i % 8}", points)
+                 for i, ((s, topic, partition), points) in enumerate(sorted(o.lag_series.items()))
+                 if s == scope.scope][:12]
+        bars = [(f"{p.topic}[{p.partition}]", p.lag, (scope.scope, p.topic, p.partition) in o.growing)
+                for p in scope.partitions]
+        result[scope.scope] = {
+            "rates": charts.line_chart(series, start=start, end=end, unit="records per minute",
+                                       title=f"{scope.scope}: records per minute"),
+            "lag": charts.line_chart(lines, start=start, end=end, unit="lag (records)",
+                                     title=f"{scope.scope}: consumer lag per partition"),
+            "lag_now": charts.bar_chart(bars, title=f"{scope.scope}: consumer lag per partition now"),
+        }
+    return result
+
+def scope_reasons(o: Overview) -> dict[str, list[tuple[str, str, int, int]]]:
+    """Scope -> [(dead-letter topic, reason, count among the records read, of which in the last hour)]."""
+    result: dict[str, list[tuple[str, str, int, int]]] = {}
+    for topic in o.dead_letters:
+        for scope in topic.scopes:
+            recent = topic.reasons(scope, since=o.at - RATE_WINDOW)
+            for reason, count in topic.reasons(scope).items():
+                result.setdefault(scope, []).append((topic.topic, reason, count, recent.get(reason, 0)))
+    return result
+
+
+def dead_letter_filters(request: Request, now: datetime) -> tuple[dict[str, Any], str | None]:
+    """The dead-letter filters of the query string, parsed; and what was wrong with them."""
+    q = request.query_params
+    filters: dict[str, Any] = {"reasons": [r for r in q.getlist("reason") if r], "ids": [],
+                               "since": None, "until": None}
+    if q.get("id", "").strip():
+        filters["ids"] = [q["id"].strip()]
+    problem = None
+    for name in ("since", "until"):
+        text = q.get(name, "").strip()
+        if text:
+            try:
+                filters[name] = parse_time(text, now=now)
+            except ValueError as exc:  # its text says what to type
+                problem = str(exc)
+    return filters, problem
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, refused beyond MAX_BODY bytes."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY:
+            raise ConfigurationError("request body too large")
+    return body
 
 
 def create_app(settings: Settings, *, backend: Backend | None = None) -> Starlette:
