@@ -33,7 +33,6 @@ import inspect
 import threading
 import types
 import typing
-import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -54,7 +53,8 @@ MAX_ERROR_CHARS = 200
 #: ``validate(message) -> payload``.
 Validate = Callable[[Message], Any]
 
-_validators: weakref.WeakKeyDictionary[type, Validate] = weakref.WeakKeyDictionary()
+#: Each model's validator, built at its first registration (a model is a class: they live as long as the process).
+_validators: dict[type, Validate] = {}
 _lock = threading.Lock()
 
 

@@ -10,6 +10,7 @@ own settings, and ``App.run()`` must leave the engine undisposed and usable.
 from __future__ import annotations
 
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -140,9 +141,7 @@ def test_a_lock_wait_in_the_apps_transaction_times_out_at_its_lock_timeout(
     service_engine: tuple[str, sa.Engine],
 ) -> None:
     """The per-transaction setting is the one that acts: a row held elsewhere fails the app's statement in ~1 s."""
-    import time
-
-    backend, engine = service_engine
+    _, engine = service_engine
     app = App("g", engine=engine, lock_timeout=timedelta(seconds=1))
     holder = sa.create_engine(engine.url)
     try:

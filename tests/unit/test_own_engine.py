@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 import exactlyonce.app
-from exactlyonce import App, ConfigurationError, ExactlyOnceError, Message, _session, ids, migrate
+from exactlyonce import App, ConfigurationError, Message, _session, ids, migrate
 from exactlyonce.cli import main
 from exactlyonce.runtime import Runner
 from exactlyonce.storage import engine as _db
@@ -184,7 +184,7 @@ def test_an_autocommit_engine_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("bad", ["sqlite:///x.db", object()], ids=["url", "object"])
 def test_engine_must_be_an_engine(bad: Any) -> None:
-    with pytest.raises(ConfigurationError, match="engine must be a sqlalchemy.Engine"):
+    with pytest.raises(ConfigurationError, match=r"engine must be a sqlalchemy\.Engine"):
         App("g", engine=bad)
 
 
