@@ -472,6 +472,9 @@ def _override_app_settings(app: App, args: argparse.Namespace) -> None:
     # The App has no public setters for these (its constructor takes them); set what
     # its properties read, as the constructor would have.
     if args.database_url is not None:
+        if app._engine_given:
+            raise ExactlyOnceError(f"--database-url cannot take effect: {args.app} was given its database engine "
+                                   "(App(engine=...)), which it uses as it is")
         if app._engine is not None:
             raise ExactlyOnceError(f"--database-url cannot take effect: {args.app} created its database engine "
                                    "when it was imported (app.engine was used), and would keep using it")
