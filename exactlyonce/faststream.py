@@ -1,6 +1,6 @@
 """FastStream integration: an effectively-once Kafka subscriber, as a FastStream middleware.
 
-Install with ``pip install 'exactlyonce[faststream]'``. This module is never
+Install the ``faststream`` extra (``pip install '.[faststream]'`` from a checkout). This module is never
 imported by the rest of the package.
 
 :class:`ExactlyOnce` is a FastStream broker middleware: give it to a
@@ -65,7 +65,8 @@ try:
     from faststream.middlewares import AckPolicy, BaseMiddleware
 except ImportError as missing:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "exactlyonce.faststream needs FastStream with its Kafka broker: pip install 'exactlyonce[faststream]'"
+        "exactlyonce.faststream needs FastStream with its Kafka broker: install exactlyonce's faststream extra "
+        "(pip install '.[faststream]' from a checkout)"
     ) from missing
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker

@@ -1,7 +1,7 @@
 """exactlyonce without a framework: ``exactlyonce.claim()`` inside a plain aiokafka consumer loop.
 
-A complete file to copy (``pip install 'exactlyonce[faststream]'`` brings
-aiokafka, aiosqlite and psycopg). It needs exactlyonce's tables, and then::
+A complete file to copy (the ``faststream`` extra, ``pip install '.[faststream]'``,
+brings aiokafka, aiosqlite and psycopg). It needs exactlyonce's tables, and then::
 
     exactlyonce db upgrade --database-url sqlite:///deposits.db
     EXAMPLE_DATABASE_URL=sqlite+aiosqlite:///deposits.db EXAMPLE_BOOTSTRAP_SERVERS=localhost:9092 \\

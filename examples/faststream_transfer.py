@@ -1,11 +1,11 @@
 """A FastStream service that moves money between accounts, each transfer exactly once.
 
-A complete file to copy. It needs ``pip install 'exactlyonce[faststream]'``,
+A complete file to copy. It needs the ``faststream`` extra (``pip install '.[faststream]'``),
 exactlyonce's tables in the database, and then::
 
     exactlyonce db upgrade --database-url sqlite:///bank.db
     EXAMPLE_DATABASE_URL=sqlite+aiosqlite:///bank.db EXAMPLE_BOOTSTRAP_SERVERS=localhost:9092 \\
-        faststream run examples.faststream_transfer:app
+        python -m examples.faststream_transfer
 
 (On PostgreSQL: ``postgresql+psycopg://user:password@host/db`` for both.)
 The service creates its own tables and a few accounts at start-up.
@@ -26,6 +26,7 @@ recorded as rejected.
 
 from __future__ import annotations
 
+import asyncio
 import os
 
 import sqlalchemy as sa
@@ -98,7 +99,8 @@ async def apply_transfer(transfer: Transfer, session: Session) -> None:
         amount=transfer.amount, status=status))
 
 
-broker = KafkaBroker(BOOTSTRAP_SERVERS)
+# acks="all": a dead letter counts as sent once every in-sync replica has it (FastStream's default is 1).
+broker = KafkaBroker(BOOTSTRAP_SERVERS, acks="all")
 broker.include_router(router)
 app = FastStream(broker)
 
@@ -116,3 +118,7 @@ async def create_tables() -> None:
 @app.after_shutdown
 async def close_engine() -> None:
     await engine.dispose()
+
+
+if __name__ == "__main__":
+    asyncio.run(app.run())

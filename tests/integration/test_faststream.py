@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -39,9 +40,9 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from exactlyonce import DeadLetter, Retry, Skip, _db, admin, migrate
+from exactlyonce import DeadLetter, Retry, Skip, _db, admin, migrate, publish
 from exactlyonce.faststream import ExactlyOnce, MessageId, Record, Session
-from exactlyonce.schema import counters
+from exactlyonce.schema import counters, outbox
 from tests.conftest import drop_all_tables
 
 from .helpers import (
@@ -178,6 +179,8 @@ async def test_duplicates_are_acked_without_running_the_subscriber(
             calls.append(message_id)
             await session.execute(sa.insert(effects).values(message_id=message_id, payload=body.decode(),
                                                             worker=str(record.offset)))
+            # exactlyonce's outbox, in the same transaction (a sync Session API, through run_sync).
+            await session.run_sync(publish, f"{topic}.out", body, message_id=f"out-{message_id}")
 
         async with serving(bootstrap_servers, router):
             await eventually(lambda: caught_up(bootstrap_servers, group, topic), 60, "the group to catch up")
@@ -187,8 +190,11 @@ async def test_duplicates_are_acked_without_running_the_subscriber(
     try:
         assert effect_counts(engine_) == {"a": 1, "b": 1, "c": 1}
         rows = dedup_rows(engine_, f"{group}:{topic}")
+        with engine_.connect() as conn:
+            outbox_ids = list(conn.execute(sa.select(outbox.c.message_id)).scalars())
     finally:
         engine_.dispose()
+    assert sorted(outbox_ids) == ["out-a", "out-b", "out-c"]
     assert [(r.message_id, r.outcome, r.kafka_offset) for r in rows] == [
         ("a", "applied", 0), ("b", "applied", 1), ("c", "applied", 3)]
     assert counter_totals(sync_url, f"{group}:{topic}") == {
@@ -214,7 +220,9 @@ async def test_failures_are_dead_lettered_with_exactlyonces_headers(
         rec("m-ok", "ok"),
     ])
     attempts: dict[str, int] = {}
-    async with async_engine(async_url) as engine:
+    fixed = False
+    engine = create_async_engine(async_url)
+    try:
         router = KafkaRouter(middlewares=[ExactlyOnce(
             engine, retry=Retry(attempts=2, backoff=Retry().backoff / 10))])
 
@@ -223,7 +231,7 @@ async def test_failures_are_dead_lettered_with_exactlyonces_headers(
             attempts[message_id] = attempts.get(message_id, 0) + 1
             # Written first: a failure must roll it back.
             await session.execute(sa.insert(effects).values(message_id=message_id, payload=body.decode()))
-            if body == b"fails":
+            if body == b"fails" and not fixed:
                 raise ValueError("the subscriber cannot handle this")
             if body == b"dead-letter me":
                 raise DeadLetter("not-for-us")
@@ -232,6 +240,9 @@ async def test_failures_are_dead_lettered_with_exactlyonces_headers(
 
         async with serving(bootstrap_servers, router):
             await eventually(lambda: caught_up(bootstrap_servers, group, topic), 60, "the group to catch up")
+    except BaseException:
+        await engine.dispose()
+        raise
 
     assert attempts == {"m-fail": 2, "m-dead": 1, "m-skip": 1, "m-ok": 1}
     engine_ = sync_engine(sync_url)
@@ -264,6 +275,27 @@ async def test_failures_are_dead_lettered_with_exactlyonces_headers(
     assert (by_offset["3"].meta["reason"], by_offset["3"].meta["message-id"]) == ("invalid-message-id", "")
     assert by_offset["5"].meta["reason"] == "fingerprint-mismatch"
     assert by_offset["5"].value == b"ok, but another payload"
+
+    # Once the subscriber is fixed, `exactlyonce dlq replay` sends the dead letter back: applied, once.
+    fixed = True
+    replay = [sys.executable, "-m", "exactlyonce", "dlq", "replay", dlq, "--id", "m-fail",
+              "--database-url", sync_url, "--bootstrap-servers", bootstrap_servers]
+    try:
+        async with serving(bootstrap_servers, router):
+            done = await asyncio.to_thread(subprocess.run, replay, capture_output=True, text=True, timeout=120,
+                                           check=False)
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "1 replayed" in done.stdout
+            await eventually(lambda: caught_up(bootstrap_servers, group, topic), 60, "the replayed record")
+    finally:
+        await engine.dispose()
+    engine_ = sync_engine(sync_url)
+    try:
+        assert effect_counts(engine_) == {"m-ok": 1, "m-fail": 1}
+        assert {r.message_id: r.outcome for r in dedup_rows(engine_, f"{group}:{topic}")}["m-fail"] == "applied"
+    finally:
+        engine_.dispose()
+    assert attempts["m-fail"] == 3
 
 
 @run_async
@@ -545,6 +577,7 @@ def test_example_killed_between_commit_and_ack_applies_each_transfer_once(
         reader.close()
     assert sorted((d.meta["message-id"], d.meta["reason"]) for d in letters) == [
         ("t4", "unknown account acct-9"), ("t5", "handler-error")]
+    assert {d.meta["message-id"]: d.meta["error-type"] for d in letters}["t5"] == "ValidationError"
 
 
 # -- the plain-library path: claim() in an aiokafka loop ------------------------
