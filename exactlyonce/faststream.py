@@ -37,9 +37,11 @@ transaction commits, and only then is the Kafka offset committed
   exactlyonce's handlers;
 - a record whose ID was seen with another payload is dead-lettered with
   reason ``fingerprint-mismatch`` (or skipped, ``on_fingerprint_mismatch="skip"``);
-- a database or broker failure that may pass (:func:`is_transient`) rewinds
-  the partition to the record (``message.nack()``) after a pause: the record
-  is read again, never skipped.
+- a database or broker failure that may pass (:func:`is_transient`), or any
+  other failure before the decision commits, rewinds the partition to the
+  record (``message.nack()``) after a pause: the record is read again, never
+  skipped; a record FastStream cannot parse (a header that is not UTF-8) is
+  dead-lettered (:class:`UnparsableRecord`).
 
 The subscriber must be declared with ``ack_policy=AckPolicy.MANUAL`` (the
 middleware acknowledges), a ``group_id`` (offsets are committed to the
@@ -311,27 +313,28 @@ class _Middleware(BaseMiddleware):
         subscriber = self.context.get("handler_")
         problem = _misconfiguration(subscriber, msg.raw_message)
         if problem is not None:
-            return await self._refuse(problem)
+            return await self._refuse(problem, msg)
         try:
             record = to_message(msg.raw_message)
         except ConfigurationError as exc:
-            return await self._refuse(str(exc))
+            return await self._refuse(str(exc), msg)
         scope = self.config.scope or f"{subscriber.group_id}:{record.topic}"
         job = _Job(self.config, self.context, self.context.get("broker"), subscriber.group_id,
                    self.config.handler(scope, record.topic), record)
         try:
             outcome, result = await job.decide(call_next, msg)
         except _Unrunnable as exc:
-            with contextlib.suppress(Exception):
-                await msg.nack()
-            return await self._refuse(str(exc))
+            return await self._refuse(str(exc), msg)
         except BaseException as exc:
             # Not decided (a transient failure, a cancelled task): read the record again.
             with contextlib.suppress(Exception):
                 await msg.nack()
-            if isinstance(exc, Exception) and is_transient(exc):
+            if isinstance(exc, Exception):
+                # Transient (a database or broker failure), or one no retry of the record has fixed
+                # so far (a dead-letter topic that refuses it): either way, after a growing pause.
                 pause = self.config._transient_pause()
-                log.warning("%s: transient failure (%s: %s); reading the record again in %.1f s", record.where(),
+                kind = "transient failure" if is_transient(exc) else "failure"
+                log.warning("%s: %s (%s: %s); reading the record again in %.1f s", record.where(), kind,
                             type(exc).__name__, exc, pause)
                 await asyncio.sleep(pause)
             raise
@@ -351,7 +354,9 @@ class _Middleware(BaseMiddleware):
     ) -> bool | None:
         if self._reached or exc_val is None or isinstance(exc_val, IgnoredException | SubscriberNotFound):
             return False
-        # FastStream failed before the record reached the subscriber: it could not parse it.
+        # The record failed before it reached this middleware's scope: FastStream could not parse it,
+        # or a middleware outside this one failed. Either way nobody will ack it, and the next ack
+        # would commit past it: dead-letter it or read it again.
         subscriber = self.context.get("handler_")
         raw = self.msg
         if subscriber is None or _misconfiguration(subscriber, raw) is not None or not hasattr(raw, "offset"):
@@ -360,26 +365,33 @@ class _Middleware(BaseMiddleware):
             record = to_message(raw)
         except ConfigurationError:
             return False
-        scope = self.config.scope or f"{subscriber.group_id}:{record.topic}"
-        job = _Job(self.config, self.context, self.context.get("broker"), subscriber.group_id,
-                   self.config.handler(scope, record.topic), record)
-        error = UnparsableRecord(f"{record.where()}: FastStream could not parse the record: "
-                                 f"{type(exc_val).__name__}: {exc_val}")
         consumer = getattr(raw, "consumer", None) or subscriber.consumer
+        problem = _header_problem(raw)
         try:
-            await job.dead_letter(None, error, attempts=0)
+            if problem is None:
+                raise exc_val
+            scope = self.config.scope or f"{subscriber.group_id}:{record.topic}"
+            job = _Job(self.config, self.context, self.context.get("broker"), subscriber.group_id,
+                       self.config.handler(scope, record.topic), record)
+            await job.dead_letter(None, UnparsableRecord(f"{record.where()}: FastStream cannot parse the record: "
+                                                         f"{problem}"), attempts=0)
         except Exception as exc:
             consumer.seek(_topic_partition(record), record.offset)
-            if is_transient(exc):
-                await asyncio.sleep(self.config._transient_pause())
-            raise
+            pause = self.config._transient_pause()
+            log.warning("%s: failed before the subscriber (%s: %s); reading the record again in %.1f s",
+                        record.where(), type(exc).__name__, exc, pause)
+            await asyncio.sleep(pause)
+            return False
         self.config._transient_failures = 0
         await consumer.commit()
         return False
 
     # -- helpers --------------------------------------------------------------
 
-    async def _refuse(self, problem: str) -> Any:
+    async def _refuse(self, problem: str, msg: Any) -> Any:
+        """Stop the subscriber, leaving ``msg`` to be read again once the service is fixed."""
+        with contextlib.suppress(Exception):
+            await msg.nack()
         subscriber = self.context.get("handler_")
         log.error("exactlyonce refuses FastStream subscriber %s and stops it: %s",
                   getattr(subscriber, "topic_names", subscriber), problem)
@@ -397,6 +409,18 @@ def _is_definition_error(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - FastStream depends on pydantic
         return False
     return isinstance(exc, PydanticUserError)
+
+
+def _header_problem(record: Any) -> str | None:
+    """Which header of ``record`` FastStream cannot parse (it decodes every value as UTF-8), or ``None``."""
+    for name, data in record.headers or ():
+        if data is None:
+            return f"header {name!r} has a null value"
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"header {name!r} is not UTF-8 ({exc})"
+    return None
 
 
 def _topic_partition(record: Message) -> Any:

@@ -34,7 +34,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from faststream import AckPolicy
+from faststream import AckPolicy, BaseMiddleware
 from faststream.kafka import KafkaBroker, KafkaRouter
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -110,9 +110,9 @@ def sqlite_urls(tmp_path: Path) -> tuple[str, str]:
 
 
 @contextlib.asynccontextmanager
-async def serving(bootstrap: str, router: KafkaRouter) -> AsyncIterator[KafkaBroker]:
+async def serving(bootstrap: str, router: KafkaRouter, middlewares: tuple[Any, ...] = ()) -> AsyncIterator[KafkaBroker]:
     """A FastStream broker with ``router``, consuming for the ``async with`` block."""
-    broker = KafkaBroker(bootstrap)
+    broker = KafkaBroker(bootstrap, middlewares=middlewares)
     broker.include_router(router)
     async with broker:
         await broker.start()
@@ -371,6 +371,43 @@ async def test_a_record_faststream_cannot_parse_is_dead_lettered(
     finally:
         engine_.dispose()
     assert rows == {f"@{topic}/0/0": "dead_lettered", "u2": "applied"}
+
+
+@run_async
+async def test_a_record_an_outer_middleware_fails_is_read_again_not_lost(
+    bootstrap_servers: str, sqlite_urls: tuple[str, str]
+) -> None:
+    sync_url, async_url = sqlite_urls
+    topic, group = unique("fs-outer"), unique("fs-group")
+    create_topic(bootstrap_servers, topic)
+    produce(bootstrap_servers, topic, [rec("o1"), rec("o2")])
+    failures = {"o1": 2}
+
+    class Flaky(BaseMiddleware):  # outside ExactlyOnce: fails o1 twice before it reaches the subscriber
+        async def consume_scope(self, call_next: Any, msg: Any) -> Any:
+            message_id = msg.headers.get("message-id")
+            if failures.get(message_id):
+                failures[message_id] -= 1
+                raise RuntimeError("an outer middleware failed")
+            return await call_next(msg)
+
+    calls: list[str] = []
+    async with async_engine(async_url) as engine:
+        router = KafkaRouter(middlewares=[ExactlyOnce(engine)])
+
+        @subscribe(router, topic, group)
+        async def handle(session: Session, message_id: MessageId) -> None:
+            calls.append(message_id)
+            await session.execute(sa.insert(effects).values(message_id=message_id))
+
+        async with serving(bootstrap_servers, router, middlewares=(Flaky,)):
+            await eventually(lambda: caught_up(bootstrap_servers, group, topic), 60, "the group to catch up")
+    assert calls == ["o1", "o2"]
+    engine_ = sync_engine(sync_url)
+    try:
+        assert effect_counts(engine_) == {"o1": 1, "o2": 1}
+    finally:
+        engine_.dispose()
 
 
 @run_async
