@@ -53,6 +53,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy.engine import make_url
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from exactlyonce import _duration, admin, logs, outbox, settings
 from exactlyonce.app import App
@@ -508,11 +509,36 @@ def _run(args: argparse.Namespace) -> None:
     app.run()
 
 
+#: How long a long-running command waits at its start for a database that is restarting.
+STARTUP_PATIENCE = timedelta(seconds=60)
+
+
+def _when_the_database_answers(check: Callable[[], object]) -> None:
+    """Run ``check``, retrying a transient database error (a restart, a lost connection) for a minute.
+
+    A relay started (or restarted by its supervisor) while the database
+    restarts should wait for it, as the relay's own loop does later, rather
+    than exit at its first query.
+    """
+    Retrying(
+        retry=retry_if_exception(_db.is_transient),
+        stop=stop_after_delay(STARTUP_PATIENCE.total_seconds()),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+        before_sleep=lambda state: log.warning("the database does not answer yet (%s); retrying",
+                                               state.outcome and state.outcome.exception()),
+        reraise=True,
+    )(check)
+
+
 def _relay(args: argparse.Namespace) -> None:
     """Run a Relay until SIGTERM/SIGINT (or, with ``--once``, until nothing is left to send)."""
     engine = _db.create_engine(_database_url(args))
-    migrate.require_tables(engine, schema.outbox)
-    outbox.require_columns(engine)
+
+    def check_tables() -> None:
+        migrate.require_tables(engine, schema.outbox)
+        outbox.require_columns(engine)
+
+    _when_the_database_answers(check_tables)
     metrics = Metrics() if args.metrics_port is not None else None
     servers = settings.bootstrap_servers(args.bootstrap_servers, option="--bootstrap-servers")
     relay = outbox.Relay(engine, servers, batch_size=args.batch_size,

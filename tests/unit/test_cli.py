@@ -297,3 +297,31 @@ def test_help_prints_default_durations_as_people_write_them(capsys: pytest.Captu
         text = " ".join(capsys.readouterr().out.split())
         assert "days," not in text and "0:00:00" not in text
         assert {"prune": "default 15d)", "relay": "(default 7d)"}[command] in text
+
+
+def test_relay_waits_for_a_restarting_database_at_its_start() -> None:
+    """A transient database error at the start is retried (a supervisor restarted the relay mid-restart);
+    any other error ends the command at once."""
+    import sqlalchemy as sa
+
+    calls: list[int] = []
+
+    class Restarting(Exception):
+        pass
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sa.exc.OperationalError("SELECT 1", {}, Restarting("terminating connection"))
+
+    cli._when_the_database_answers(check)
+    assert len(calls) == 3
+
+    def broken() -> None:
+        calls.append(1)
+        raise sa.exc.ProgrammingError("SELECT 1", {}, Restarting("no such table"))
+
+    calls.clear()
+    with pytest.raises(sa.exc.ProgrammingError):
+        cli._when_the_database_answers(broken)
+    assert len(calls) == 1
