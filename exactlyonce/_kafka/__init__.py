@@ -1,0 +1,50 @@
+"""The seam between exactlyonce and kafka-python: the only part of the package that imports it.
+
+- :mod:`~exactlyonce._kafka.clients`: the runtime's consumer (``poll`` returns
+  :class:`~exactlyonce.Message` objects) and producer, and this seam's own
+  :class:`TopicPartition`.
+- :mod:`~exactlyonce._kafka.failures`: kafka-python's send errors sorted by
+  how a caller reacts (too large, refused for good, transient).
+- :mod:`~exactlyonce._kafka.diagnosis`: why a client could not bootstrap
+  (TLS, SASL), replayed with the client's settings.
+
+Durations are ``timedelta`` everywhere else and become kafka-python's ``*_ms``
+settings here; kafka-python's exceptions become exactlyonce's here. Import the
+names from this package, not from its modules.
+"""
+
+from __future__ import annotations
+
+from exactlyonce._kafka.clients import (
+    CONSUMER_DEFAULTS,
+    PRODUCER_DEFAULTS,
+    Consumer,
+    RecordProducer,
+    TopicPartition,
+    to_message,
+)
+from exactlyonce._kafka.diagnosis import bootstrap_failure, sasl_problem, tls_problem
+from exactlyonce._kafka.failures import (
+    RecordTooLarge,
+    is_collateral,
+    is_refusal,
+    is_retriable,
+    publish_failure,
+)
+
+__all__ = [
+    "CONSUMER_DEFAULTS",
+    "PRODUCER_DEFAULTS",
+    "Consumer",
+    "RecordProducer",
+    "RecordTooLarge",
+    "TopicPartition",
+    "bootstrap_failure",
+    "is_collateral",
+    "is_refusal",
+    "is_retriable",
+    "publish_failure",
+    "sasl_problem",
+    "tls_problem",
+    "to_message",
+]
