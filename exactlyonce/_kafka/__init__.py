@@ -7,6 +7,9 @@
   how a caller reacts (too large, refused for good, transient).
 - :mod:`~exactlyonce._kafka.diagnosis`: why a client could not bootstrap
   (TLS, SASL), replayed with the client's settings.
+- :mod:`~exactlyonce._kafka.reader`: the operator commands' group-less reads
+  (partitions, offsets, another group's committed offsets, whole topics,
+  topic settings) and the filtering of ``--kafka-config`` per client.
 
 Durations are ``timedelta`` everywhere else and become kafka-python's ``*_ms``
 settings here; kafka-python's exceptions become exactlyonce's here. Import the
@@ -31,20 +34,32 @@ from exactlyonce._kafka.failures import (
     is_retriable,
     publish_failure,
 )
+from exactlyonce._kafka.reader import (
+    KafkaReader,
+    client_config,
+    consumer_settings,
+    producer_settings,
+    unknown_kafka_settings,
+)
 
 __all__ = [
     "CONSUMER_DEFAULTS",
     "PRODUCER_DEFAULTS",
     "Consumer",
+    "KafkaReader",
     "RecordProducer",
     "RecordTooLarge",
     "TopicPartition",
     "bootstrap_failure",
+    "client_config",
+    "consumer_settings",
     "is_collateral",
     "is_refusal",
     "is_retriable",
+    "producer_settings",
     "publish_failure",
     "sasl_problem",
     "tls_problem",
     "to_message",
+    "unknown_kafka_settings",
 ]
