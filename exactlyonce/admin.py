@@ -1,9 +1,11 @@
 """The data behind the operator commands: ``status``, ``inspect``, ``dlq list``, ``dlq replay``, ``prune``.
 
 Everything here returns plain dataclasses; :mod:`exactlyonce.cli` renders
-them as tables or JSON. Nothing here joins a consumer group: the broker is read
-through :class:`KafkaReader` (from :mod:`exactlyonce._kafka`, the only part of
-the package that imports kafka-python), whose offsets come from a group-less
+them as tables or JSON, and the web console (:mod:`exactlyonce.console`)
+as pages and its JSON API: both call the same functions, so they agree.
+Nothing here joins a consumer group: the broker is read through
+:class:`KafkaReader` (from :mod:`exactlyonce._kafka`, the only part of the
+package that imports kafka-python), whose offsets come from a group-less
 consumer, so running ``status`` never triggers a rebalance of the workers it
 observes.
 """
@@ -19,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from exactlyonce import logs
 from exactlyonce import outbox as _outbox
 from exactlyonce._kafka import KafkaReader as KafkaReader
 from exactlyonce._kafka import client_config as client_config
@@ -28,6 +31,7 @@ from exactlyonce._kafka import unknown_kafka_settings as unknown_kafka_settings
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError
 from exactlyonce.ids import DEFAULT_HEADER
 from exactlyonce.message import Message
+from exactlyonce.producer import Producer
 from exactlyonce.runtime import deadletter
 from exactlyonce.storage import migrate, store
 from exactlyonce.storage.schema import Outcome, counters, outbox, parked, processed, sequence_streams
@@ -44,11 +48,15 @@ __all__ = [
     "ScopeStatus",
     "Status",
     "inspect",
+    "parse_position",
     "read_dead_letters",
+    "read_dead_letters_at",
     "redelivery_horizons",
     "replay",
+    "replay_to_topics",
     "select_dead_letters",
     "status",
+    "status_document",
 ]
 
 
@@ -106,6 +114,8 @@ class ScopeStatus:
     partitions: list[PartitionStatus] = field(default_factory=list)
     #: Sequenced streams waiting for a missing number (``exactlyonce_sequence_streams.gap_since`` set).
     open_gaps: int = 0
+    #: Since when the longest-open of those gaps has been open.
+    oldest_gap_since: datetime | None = None
 
     def total(self, name: str) -> int:
         """The sum of one count (``applied``, ``duplicates``, ...) over the partitions."""
@@ -130,7 +140,7 @@ class ScopeStatus:
             "applied": self.total("applied"), "duplicates": self.total("duplicates"),
             "skipped": self.total("skipped"), "dead_lettered": self.total("dead_lettered"),
             "parked": self.total("parked"), "fingerprint_mismatches": self.total("fingerprint_mismatches"),
-            "open_gaps": self.open_gaps,
+            "open_gaps": self.open_gaps, "oldest_gap_since": _iso(self.oldest_gap_since),
             "last_processed_at": _iso(self.last_processed_at), "lag": self.lag,
             "partitions": [p.to_json() for p in self.partitions],
         }
@@ -148,11 +158,13 @@ class OutboxStatus:
     refused_count: int
     #: The oldest refused rows (at most :data:`MAX_REFUSED_SHOWN`).
     refused: list[_outbox.RefusedRow] = field(default_factory=list)
+    #: When the oldest pending row (refused or not) was stored; ``None``: nothing pending.
+    oldest_pending_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"pending": self.pending, "refused": self.refused_count,
-                "refused_rows": [r.to_json() for r in self.refused]}
+        return {"pending": self.pending, "oldest_pending_at": _iso(self.oldest_pending_at),
+                "refused": self.refused_count, "refused_rows": [r.to_json() for r in self.refused]}
 
 
 @dataclass
@@ -171,17 +183,26 @@ class Status:
                 "outbox": None if self.outbox is None else self.outbox.to_json()}
 
 
+def status_document(result: Status, *, database_url: str, bootstrap_servers: str | None) -> dict[str, Any]:
+    """The document ``exactlyonce status --json`` prints (and the console's ``GET /api/status`` returns).
+
+    The database URL is given with its password masked.
+    """
+    return {"database": logs.redact(database_url), "bootstrap_servers": bootstrap_servers, **result.to_json()}
+
+
 def outbox_status(engine: Engine) -> OutboxStatus | None:
     """Pending and refused outbox rows; ``None`` if the outbox table is missing or not upgraded."""
     if not sa.inspect(engine).has_table(outbox.name) or _outbox.missing_columns(engine):
         return None
     with engine.connect() as conn:
-        pending, refused_count = conn.execute(
-            sa.select(sa.func.count(), sa.func.count(outbox.c.refused_at))
+        pending, refused_count, oldest = conn.execute(
+            sa.select(sa.func.count(), sa.func.count(outbox.c.refused_at), sa.func.min(outbox.c.created_at))
             .select_from(outbox).where(outbox.c.sent_at.is_(None))
         ).one()
     rows = _outbox.refused(engine, limit=MAX_REFUSED_SHOWN) if refused_count else []
-    return OutboxStatus(pending=int(pending), refused_count=int(refused_count), refused=rows)
+    return OutboxStatus(pending=int(pending), refused_count=int(refused_count), refused=rows,
+                        oldest_pending_at=oldest)
 
 
 def status(engine: Engine, reader: KafkaReader | None) -> Status:
@@ -198,11 +219,11 @@ def status(engine: Engine, reader: KafkaReader | None) -> Status:
         rows = conn.execute(
             sa.select(counters).order_by(counters.c.scope, counters.c.topic, counters.c.kafka_partition)
         ).all()
-        gaps: dict[str, int] = dict((scope, count) for scope, count in conn.execute(
-            sa.select(sequence_streams.c.scope, sa.func.count())
+        gaps = {scope: (int(count), since) for scope, count, since in conn.execute(
+            sa.select(sequence_streams.c.scope, sa.func.count(), sa.func.min(sequence_streams.c.gap_since))
             .where(sequence_streams.c.gap_since.is_not(None))
             .group_by(sequence_streams.c.scope)
-        ).all())
+        ).all()}
     for row in rows:
         scope = scopes.setdefault(row.scope, ScopeStatus(scope=row.scope, group_id=row.group_id))
         scope.partitions.append(PartitionStatus(
@@ -211,8 +232,9 @@ def status(engine: Engine, reader: KafkaReader | None) -> Status:
             fingerprint_mismatches=row.fingerprint_mismatches, last_offset=row.last_offset,
             last_processed_at=row.last_processed_at,
         ))
-    for name, count in gaps.items():
-        scopes.setdefault(name, ScopeStatus(scope=name, group_id="")).open_gaps = int(count)
+    for name, (count, since) in gaps.items():
+        scope = scopes.setdefault(name, ScopeStatus(scope=name, group_id=""))
+        scope.open_gaps, scope.oldest_gap_since = count, since
     result = Status(scopes=[scopes[name] for name in sorted(scopes)], outbox=outbox_status(engine))
     if reader is None:
         result.lag_error = "no Kafka bootstrap servers given"
@@ -452,11 +474,40 @@ def to_dead_letter(record: Message) -> DeadLetterRecord:
     )
 
 
-def read_dead_letters(reader: KafkaReader, dlq_topic: str, *, limit: int | None = None) -> list[DeadLetterRecord]:
-    """The records of ``dlq_topic``, oldest first, read without a consumer group."""
+def read_dead_letters(
+    reader: KafkaReader, dlq_topic: str, *, limit: int | None = None, newest: int | None = None
+) -> list[DeadLetterRecord]:
+    """The records of ``dlq_topic``, oldest first, read without a consumer group.
+
+    ``limit``: the first ``limit`` records read; ``newest``: only the newest ``newest`` records.
+    """
     if limit is not None and limit < 1:
         raise ConfigurationError("--limit must be at least 1")
-    return [to_dead_letter(record) for record in reader.read_all(dlq_topic, limit=limit)]
+    if newest is not None and newest < 1:
+        raise ConfigurationError("--last must be at least 1")
+    return [to_dead_letter(record) for record in reader.read_all(dlq_topic, limit=limit, newest=newest)]
+
+
+def read_dead_letters_at(
+    reader: KafkaReader, dlq_topic: str, positions: Iterable[tuple[int, int]]
+) -> list[DeadLetterRecord]:
+    """The records of ``dlq_topic`` at these ``(partition, offset)`` positions (those that exist)."""
+    return [to_dead_letter(record) for record in reader.read_at(dlq_topic, positions)]
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """``PARTITION@OFFSET`` (as ``dlq list`` shows a dead letter's place) -> ``(partition, offset)``."""
+    partition, sep, offset = text.strip().partition("@")
+    try:
+        if not sep:
+            raise ValueError(text)
+        position = int(partition), int(offset)
+    except ValueError:
+        raise ConfigurationError(f"invalid dead-letter position {text!r}: expected PARTITION@OFFSET, "
+                                 "as `dlq list` shows it (0@17)") from None
+    if min(position) < 0:
+        raise ConfigurationError(f"invalid dead-letter position {text!r}: partition and offset cannot be negative")
+    return position
 
 
 def select_dead_letters(
@@ -465,12 +516,24 @@ def select_dead_letters(
     ids: Sequence[str] = (),
     since: datetime | None = None,
     until: datetime | None = None,
+    reasons: Sequence[str] = (),
+    positions: Sequence[tuple[int, int]] = (),
 ) -> list[DeadLetterRecord]:
-    """The records matching every given filter: a message ID in ``ids``, a timestamp in [since, until)."""
+    """The records matching every given filter.
+
+    A message ID in ``ids``, a timestamp in [since, until), a reason in
+    ``reasons``, a ``(partition, offset)`` in ``positions``.
+    """
     wanted = set(ids)
+    wanted_reasons = set(reasons)
+    wanted_positions = set(positions)
     selected = []
     for record in records:
         if wanted and not ({record.message_id, record.header_message_id} & wanted):
+            continue
+        if wanted_reasons and record.meta.get("reason") not in wanted_reasons:
+            continue
+        if wanted_positions and (record.dlq_partition, record.dlq_offset) not in wanted_positions:
             continue
         if since is not None and (record.timestamp is None or record.timestamp < since):
             continue
@@ -561,4 +624,39 @@ def replay(
             items.append(ReplayItem(record, "replayed"))
         if progress is not None:
             progress()
+    return items
+
+
+def replay_to_topics(
+    records: Sequence[DeadLetterRecord],
+    *,
+    engine: Engine,
+    bootstrap_servers: str,
+    kafka_config: Mapping[str, Any] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> list[ReplayItem]:
+    """:func:`replay` with a :class:`~exactlyonce.Producer` that sends each record back where it came from.
+
+    What ``exactlyonce dlq replay`` and the console's replay both run. Each
+    record goes to its original topic and partition (the original
+    producer's partitioning, and so the per-partition order the handler saw,
+    is kept even for keyless records) with its key, value and headers. The
+    producer does not sign (``sign=False``): the records keep the signature
+    their sender gave them, as the MAC covers the message ID, key and value,
+    which a replay does not change. Returns after the broker acknowledged
+    every send.
+    """
+    if not records:
+        return []
+    producer = Producer(bootstrap_servers, sign=False, config=producer_settings(dict(kafka_config or {})))
+
+    def send(record: DeadLetterRecord, message_id: str) -> None:
+        producer.send(record.topic or "", record.value or b"", key=record.key, message_id=message_id,
+                      headers=record.headers, partition=record.original_partition)
+
+    try:
+        items = replay(records, engine=engine, send=send, progress=progress)
+        producer.flush()
+    finally:
+        producer.close()
     return items

@@ -146,14 +146,7 @@ def check_registration(
         if batch:
             raise ConfigurationError("a sequenced handler cannot be a batch handler (batch=True)")
     if verifies_signatures and message_id is not None:
-        name_read = ids.header_name(message_id)
-        if name_read is not None and name_read not in signing.SIGNED_HEADERS:
-            # A forged copy could carry any value there and still verify.
-            raise ConfigurationError(
-                f"message_id=ids.header({name_read!r}) reads a header the signature does not cover; with "
-                f"signing_keys, take the ID from the {ids.DEFAULT_HEADER!r} header (the default), the key "
-                "(ids.key()) or the value (ids.json_field(...))"
-            )
+        _check_signed_id(message_id)
     if gap_timeout <= timedelta(0):
         raise ConfigurationError("gap_timeout must be positive")
     scope = name if name is not None else f"{group_id}:{topic}"
@@ -185,6 +178,18 @@ def check_registration(
         )
 
     return make
+
+
+def _check_signed_id(message_id: ids.MessageIdStrategy) -> None:
+    """With signing keys, refuse an ID strategy that reads a header the signature does not cover."""
+    name_read = ids.header_name(message_id)
+    if name_read is not None and name_read not in signing.SIGNED_HEADERS:
+        # A forged copy could carry any value there and still verify.
+        raise ConfigurationError(
+            f"message_id=ids.header({name_read!r}) reads a header the signature does not cover; with "
+            f"signing_keys, take the ID from the {ids.DEFAULT_HEADER!r} header (the default), the key "
+            "(ids.key()) or the value (ids.json_field(...))"
+        )
 
 
 def _refuse_unrunnable(func: Callable[..., Any]) -> None:

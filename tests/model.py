@@ -7,7 +7,7 @@ and batch wait drawn per example) writes one row per effect into
 whose ``sequence=`` handler does the same per ``(stream, number)``; a real
 database (SQLite here, PostgreSQL and MariaDB in
 ``tests/integration/test_model_databases.py``) and the twins of
-``tests/twins.py`` for the broker.
+:mod:`exactlyonce.testing` for the broker.
 
 Rules send records (fresh IDs, exact duplicates onto either partition,
 re-sends of an ID with another payload, IDs that differ only by case or a
@@ -62,7 +62,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from exactlyonce import App, Retry, ids
 from exactlyonce.runtime import Runner, loop, ordered
 from exactlyonce.schema import counters, parked, processed, sequence_streams
-from tests.twins import (
+from exactlyonce.testing import (
     CRASH_AFTER,
     CRASH_BEFORE,
     LOST_ACK,

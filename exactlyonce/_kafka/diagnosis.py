@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import ssl
 from collections.abc import Iterable, Mapping
@@ -97,6 +98,18 @@ def tls_problem(servers: str, config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _exchange(sock: socket.socket, codec: Any, request: Any) -> Any:
+    """Send one request over ``sock`` and return the broker's response."""
+    codec.send_request(request)
+    sock.sendall(codec.send_bytes())
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the broker closed the connection")
+        for _, response in codec.receive_bytes(data):
+            return response
+
+
 def sasl_problem(servers: str, config: Mapping[str, Any]) -> str | None:
     """One SASL exchange with each bootstrap server as the client would; the first refusal, or ``None``.
 
@@ -126,17 +139,7 @@ def sasl_problem(servers: str, config: Mapping[str, Any]) -> str | None:
                 if context is not None:
                     sock = stack.enter_context(context.wrap_socket(sock, server_hostname=host))
                 codec = KafkaProtocol(client_id="exactlyonce-diagnosis")
-
-                def call(request: Any, sock: socket.socket = sock, codec: Any = codec) -> Any:
-                    codec.send_request(request)
-                    sock.sendall(codec.send_bytes())
-                    while True:
-                        data = sock.recv(65536)
-                        if not data:
-                            raise ConnectionError("the broker closed the connection")
-                        for _, response in codec.receive_bytes(data):
-                            return response
-
+                call = functools.partial(_exchange, sock, codec)
                 answer = call(SaslHandshakeRequest(mechanism=mechanism, version=1))
                 enabled = ", ".join(answer.mechanisms) or "none"
                 if protocol not in _SASL_PROTOCOLS:

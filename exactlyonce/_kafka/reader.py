@@ -168,7 +168,9 @@ class KafkaReader:
             result[p] = None if offset is None else int(offset)
         return result
 
-    def read_all(self, topic: str, *, limit: int | None = None, idle_timeout_s: float = 10.0) -> list[Message]:
+    def read_all(
+        self, topic: str, *, limit: int | None = None, idle_timeout_s: float = 10.0, newest: int | None = None
+    ) -> list[Message]:
         """Every record of ``topic`` from its beginning to the end offsets seen at the start, oldest first.
 
         Partitions are assigned, not subscribed: no group, no committed
@@ -176,16 +178,66 @@ class KafkaReader:
         records, or when no record arrives for ``idle_timeout_s`` seconds
         while some partition is still short of its end offset (a compacted or
         transactional log can have offsets that hold no record).
+
+        ``newest``: only the newest ``newest`` records (by timestamp) of the
+        whole topic; each partition is read from at most that many offsets
+        before its end instead of from its beginning.
         """
+        if newest is not None and newest < 1:
+            raise ConfigurationError("newest must be at least 1")
         numbers = self.partitions(topic)
         if not numbers:
             raise ConfigurationError(f"topic {topic!r} does not exist")
+        end = self.end_offsets(topic, numbers)
+        starts = self.beginning_offsets(topic, numbers)
+        if newest is not None:
+            starts = {p: max(start, end[p] - newest) for p, start in starts.items()}
+        records = self._read(topic, starts, end, limit=None if newest is not None else limit,
+                             idle_timeout_s=idle_timeout_s)
+        records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+        if newest is not None:
+            records = records[-newest:]
+        return [to_message(record) for record in (records[:limit] if limit is not None else records)]
+
+    def read_at(
+        self, topic: str, positions: Iterable[tuple[int, int]], *, idle_timeout_s: float = 10.0
+    ) -> list[Message]:
+        """The records of ``topic`` at the given ``(partition, offset)`` positions, in that order.
+
+        A position that holds no record (deleted by retention, past the end,
+        a partition the topic does not have) is left out.
+        """
+        wanted = sorted(set(positions))
+        numbers = set(self.partitions(topic))
+        if not numbers:
+            raise ConfigurationError(f"topic {topic!r} does not exist")
+        by_partition: dict[int, list[int]] = {}
+        for partition, offset in wanted:
+            if partition in numbers and offset >= 0:
+                by_partition.setdefault(partition, []).append(offset)
+        if not by_partition:
+            return []
+        end = self.end_offsets(topic, by_partition)
+        beginning = self.beginning_offsets(topic, by_partition)
+        starts = {p: max(beginning[p], min(offsets)) for p, offsets in by_partition.items()}
+        ends = {p: min(end[p], max(offsets) + 1) for p, offsets in by_partition.items()}
+        found = {(r.partition, r.offset): r for r in self._read(topic, starts, ends, idle_timeout_s=idle_timeout_s)}
+        return [to_message(found[position]) for position in wanted if position in found]
+
+    def _read(
+        self, topic: str, starts: Mapping[int, int], ends: Mapping[int, int], *, limit: int | None = None,
+        idle_timeout_s: float = 10.0,
+    ) -> list[Any]:
+        """kafka-python's records of each partition from ``starts[p]`` up to (not including) ``ends[p]``, unsorted."""
+        tps = [_KafkaTopicPartition(topic, p) for p in sorted(starts) if starts[p] < ends.get(p, 0)]
+        if not tps:
+            return []
+        end = {tp: ends[tp.partition] for tp in tps}
         consumer = self._new_consumer(auto_offset_reset="earliest")
         try:
-            tps = [_KafkaTopicPartition(topic, p) for p in numbers]
             consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
-            end = self._call(lambda: consumer.end_offsets(tps))
+            for tp in tps:
+                consumer.seek(tp, starts[tp.partition])
             records: list[Any] = []
             idle_rounds = 0
             while any(consumer.position(tp) < end[tp] for tp in tps):
@@ -203,8 +255,7 @@ class KafkaReader:
                 records.extend(fetched)
                 if limit is not None and len(records) >= limit:
                     break
-            records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
-            return [to_message(record) for record in (records[:limit] if limit is not None else records)]
+            return records
         finally:
             consumer.close(autocommit=False)
 

@@ -89,7 +89,7 @@ class Runner:
         producer_factory: Callable[..., RecordProducer] = RecordProducer,
     ) -> None:
         """``consumer_factory`` / ``producer_factory`` are for tests (the in-memory twins of
-        ``tests/twins.py``): called with :class:`Consumer`'s / :class:`RecordProducer`'s keywords."""
+        :mod:`exactlyonce.testing`): called with :class:`Consumer`'s / :class:`RecordProducer`'s keywords."""
         self._app = app
         self._consumer_factory = consumer_factory
         self._handlers = app.handlers

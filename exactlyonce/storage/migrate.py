@@ -69,11 +69,25 @@ def current(engine: Engine) -> str | None:
 
 
 def require_tables(engine: Engine, *tables: sa.Table) -> None:
-    """Raise :class:`ConfigurationError` naming the ``tables`` the database lacks (run ``db upgrade``)."""
+    """Raise :class:`ConfigurationError` naming the ``tables`` (or their columns) the database lacks.
+
+    A database a revision behind the code has every table but not every
+    column: its first write would fail with an SQL error. This says what to
+    do instead: run ``exactlyonce db upgrade``.
+    """
     inspector = sa.inspect(engine)
     missing = [table.name for table in tables if not inspector.has_table(table.name)]
     if missing:
         raise ConfigurationError(
             f"table(s) {', '.join(missing)} missing: the database is not at the framework's current "
+            "revision; run `exactlyonce db upgrade` first"
+        )
+    lacking = []
+    for table in tables:
+        present = {found["name"] for found in inspector.get_columns(table.name)}
+        lacking += [f"{table.name}.{column.name}" for column in table.columns if column.name not in present]
+    if lacking:
+        raise ConfigurationError(
+            f"column(s) {', '.join(lacking)} missing: the database is not at the framework's current "
             "revision; run `exactlyonce db upgrade` first"
         )

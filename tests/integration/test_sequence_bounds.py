@@ -23,7 +23,7 @@ import sqlalchemy as sa
 from exactlyonce import App, Message, OnGap, Retry, _db, migrate
 from exactlyonce.runtime import Runner
 from exactlyonce.schema import counters, parked, processed, sequence_streams
-from tests.twins import Cluster, Crash, TwinConsumer
+from exactlyonce.testing import Cluster, Crash, TwinConsumer
 
 TOPIC = "ledger"
 DLQ = f"{TOPIC}.dlq"

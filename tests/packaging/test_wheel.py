@@ -27,6 +27,10 @@ def test_wheel_ships_migrations_and_upgrades_from_outside_the_source_tree(tmp_pa
     assert "exactlyonce/migrations/env.py" in names
     assert "exactlyonce/migrations/versions/0001_processed.py" in names
     assert "exactlyonce/py.typed" in names
+    # The console's templates and its own script and stylesheet (package data).
+    for name in ("templates/base.html", "templates/overview.html", "templates/replay.html", "static/console.js",
+                 "static/console.css"):
+        assert f"exactlyonce/console/{name}" in names, name
 
     target = tmp_path / "site"
     subprocess.run(

@@ -26,7 +26,7 @@ from exactlyonce.outcome import Outcome
 from exactlyonce.runtime import Runner
 from exactlyonce.runtime.booking import Bookkeeper
 from exactlyonce.schema import counters
-from tests.twins import Cluster, TwinConsumer
+from exactlyonce.testing import Cluster, TwinConsumer
 
 TOPIC, LEDGER = "orders", "ledger"
 

@@ -69,6 +69,7 @@ LEAVES = [
     ["status"],
     ["inspect", "m-1"],
     ["dlq", "list", "t.dlq"], ["dlq", "replay", "t.dlq"],
+    ["console"],
 ]
 
 

@@ -1,4 +1,4 @@
-"""The in-memory twins of the broker, consumer and producer (tests/twins.py) behave like the real ones."""
+"""The in-memory twins of the broker, consumer and producer (exactlyonce/testing.py) behave like the real ones."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import kafka.errors
 import pytest
 
 from exactlyonce.errors import ConfigurationError, TransientError
-from tests.twins import CRASH_AFTER, CRASH_BEFORE, REFUSE, Cluster, Crash, TopicPartition, TwinConsumer
+from exactlyonce.testing import CRASH_AFTER, CRASH_BEFORE, REFUSE, Cluster, Crash, TopicPartition, TwinConsumer
 
 TP0, TP1 = TopicPartition("t", 0), TopicPartition("t", 1)
 

@@ -1,5 +1,10 @@
 """In-memory twins of the broker, the group consumer and the dead-letter producer.
 
+For the runtime's own tests (the model-based test, the booking and sequence
+tests); the base of a test kit for users to come. Like :mod:`exactlyonce._kafka`,
+this module imports kafka-python: the twins stand in for its clients and raise
+its errors.
+
 The runner talks to Kafka through two wrappers of :mod:`exactlyonce._kafka`:
 :class:`~exactlyonce._kafka.Consumer` (``poll``, ``assignment``, ``seek``,
 ``commit``, ``commit_async``, ``highwater``, ``close``, and the revocation
@@ -40,11 +45,26 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kafka.errors
 
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
+
+__all__ = [
+    "CRASH_AFTER",
+    "CRASH_BEFORE",
+    "LOST_ACK",
+    "REFUSE",
+    "Cluster",
+    "Crash",
+    "FastStop",
+    "TopicPartition",
+    "TwinConsumer",
+    "TwinProducer",
+    "TwinRecord",
+    "VirtualTime",
+]
 
 
 class Crash(BaseException):
@@ -323,7 +343,7 @@ class TwinConsumer(Consumer):
 
     @property
     def fake(self) -> _FakeKafkaConsumer:
-        return self._consumer  # type: ignore[return-value]
+        return cast(_FakeKafkaConsumer, self._consumer)
 
 
 class _Future:
@@ -385,7 +405,7 @@ class TwinProducer(RecordProducer):
 
 
 class VirtualTime:
-    """Stands in for the ``time`` module of ``exactlyonce.runner``: ``monotonic()`` is the cluster's clock."""
+    """Stands in for the ``time`` module of the runtime's loop: ``monotonic()`` is the cluster's clock."""
 
     def __init__(self, cluster: Cluster) -> None:
         self._cluster = cluster
