@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections import namedtuple
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
-from exactlyonce import _db, admin, logs, migrate
+from exactlyonce import Message, _db, admin, logs, migrate
 from exactlyonce.cli import main
 from exactlyonce.console import Settings, create_app
 from exactlyonce.console.backend import Backend, History, Sample
@@ -33,8 +32,6 @@ from exactlyonce.schema import counters, outbox, processed, sequence_streams
 TOKEN = "console-token-0123456789"
 DLQ = "orders.dlq"
 
-Record = namedtuple("Record", "topic partition offset timestamp key value headers")
-
 
 @pytest.fixture(autouse=True)
 def _restore_logging() -> Iterator[None]:
@@ -44,21 +41,21 @@ def _restore_logging() -> Iterator[None]:
 
 def dead_letter(offset: int, message_id: str, *, reason: str = "bad-data", value: bytes = b"v", partition: int = 0,
                 timestamp: datetime | None = None, headers: list[tuple[str, bytes]] | None = None,
-                error: str = "boom", scope: str = "g:orders") -> Record:
+                error: str = "boom", scope: str = "g:orders") -> Message:
     """A record as the runner writes it to a dead-letter topic."""
     at = timestamp or datetime.now(UTC)
     meta = {"reason": reason, "error-type": "DeadLetter", "error-message": error, "topic": "orders",
             "partition": str(partition), "offset": str(offset + 100), "message-id": message_id, "attempts": "1",
             "scope": scope}
-    return Record(DLQ, partition, offset, int(at.timestamp() * 1000), b"k", value,
-                  [*(headers or []), ("message-id", message_id.encode()),
-                   *((f"x-exactlyonce-{k}", v.encode()) for k, v in meta.items())])
+    return Message(topic=DLQ, partition=partition, offset=offset, timestamp_ms=int(at.timestamp() * 1000), key=b"k",
+                   value=value, headers=(*(headers or []), ("message-id", message_id.encode()),
+                                         *((f"x-exactlyonce-{k}", v.encode()) for k, v in meta.items())))
 
 
 class FakeReader:
     """The part of admin.KafkaReader the console uses, over a list of dead-letter records."""
 
-    def __init__(self, records: list[Record]) -> None:
+    def __init__(self, records: list[Message]) -> None:
         self.records = records
 
     def partitions(self, topic: str) -> list[int]:
@@ -74,11 +71,11 @@ class FakeReader:
         return {p: 0 for p in partitions}
 
     def read_all(self, topic: str, *, limit: int | None = None, newest: int | None = None,
-                 idle_timeout_s: float = 10.0) -> list[Record]:
-        found = sorted((r for r in self.records if r.topic == topic), key=lambda r: (r.timestamp, r.offset))
+                 idle_timeout_s: float = 10.0) -> list[Message]:
+        found = sorted((r for r in self.records if r.topic == topic), key=lambda r: (r.timestamp_ms or 0, r.offset))
         return found[-newest:] if newest else found
 
-    def read_at(self, topic: str, positions: Any) -> list[Record]:
+    def read_at(self, topic: str, positions: Any) -> list[Message]:
         wanted = list(positions)
         return [r for p in wanted for r in self.records if r.topic == topic and (r.partition, r.offset) == p]
 
@@ -100,7 +97,7 @@ def db_url(tmp_path: Path) -> str:
     return url
 
 
-def client_for(settings: Settings, records: list[Record] | None = None, **backend: Any) -> TestClient:
+def client_for(settings: Settings, records: list[Message] | None = None, **backend: Any) -> TestClient:
     factory = (lambda: FakeReader(records)) if records is not None else None
     app = create_app(settings, backend=Backend(settings, reader_factory=factory, **backend))  # type: ignore[arg-type]
     return TestClient(app, base_url="http://127.0.0.1:8080")
