@@ -1,4 +1,4 @@
-# exactlyonce with the PostgreSQL driver, plus the examples (examples/ is not
+# exactlyonce with the PostgreSQL driver and the web console, plus the examples (examples/ is not
 # part of the package: it is copied beside it and put on PYTHONPATH).
 #
 #   docker build -t exactlyonce .
@@ -6,8 +6,9 @@
 #   docker run --rm -e EXACTLYONCE_BOOTSTRAP_SERVERS=... -e EXACTLYONCE_DATABASE_URL=... \
 #       exactlyonce exactlyonce run examples.transfer.service:app    # or examples.ledger.service:app
 #   docker run --rm -e ... exactlyonce exactlyonce relay                 # the outbox relay alone
+#   docker run --rm -p 8080:8080 -e ... exactlyonce exactlyonce console --host 0.0.0.0
 #
-# docker-compose.yml builds it for the examples (transfer service, relay, ledger, producer).
+# docker-compose.yml builds it for the examples (transfer service, relay, ledger, producer, console).
 FROM python:3.12-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -21,7 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY pyproject.toml README.md /src/
 COPY exactlyonce /src/exactlyonce
 COPY migrations /src/migrations
-RUN pip install "/src[postgres]" && rm -rf /src
+RUN pip install "/src[postgres,console]" && rm -rf /src
 
 WORKDIR /app
 COPY examples /app/examples

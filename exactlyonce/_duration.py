@@ -11,9 +11,9 @@ package, so any module may use it.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
-__all__ = ["format_duration", "parse_duration"]
+__all__ = ["format_duration", "parse_duration", "parse_time"]
 
 #: Units written by :func:`format_duration`, largest first.
 _WRITTEN = (
@@ -67,3 +67,24 @@ def parse_duration(text: str) -> timedelta:
     except OverflowError:
         raise ValueError(f"invalid duration {text!r}: longer than {format_duration(timedelta.max)}") from None
     return total
+
+
+def parse_time(text: str, *, now: datetime | None = None) -> datetime:
+    """An aware UTC datetime from ISO-8601 (naive means UTC) or a duration ago (``2h``: two hours ago).
+
+    Raises ``ValueError`` whose text says what to type.
+    """
+    text = text.strip()
+    try:
+        ago = parse_duration(text)
+    except ValueError:
+        pass
+    else:
+        return (now or datetime.now(UTC)) - ago
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(
+            f"invalid time {text!r}: use ISO-8601 (2026-11-29T14:00:00Z) or a duration ago (90m, 2h, 1d, 1h30m)"
+        ) from None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -1,15 +1,13 @@
 """The data behind the operator commands: ``status``, ``inspect``, ``dlq list``, ``dlq replay``, ``prune``.
 
 Everything here returns plain dataclasses; :mod:`exactlyonce.cli` renders
-them as tables or JSON. Nothing here joins a consumer group: offsets are read
-with a group-less consumer (``committed()`` and ``end_offsets()`` are plain
-requests), so running ``status`` never triggers a rebalance of the workers it
+them as tables or JSON, and the web console (:mod:`exactlyonce.console`)
+as pages and its JSON API: both call the same functions, so they agree.
+Nothing here joins a consumer group: the broker is read through
+:class:`KafkaReader` (from :mod:`exactlyonce._kafka`, the only part of the
+package that imports kafka-python), whose offsets come from a group-less
+consumer, so running ``status`` never triggers a rebalance of the workers it
 observes.
-
-kafka-python is imported here as well as in :mod:`exactlyonce._kafka`: the
-admin reads (committed offsets of another group, a topic from its beginning
-without a group) are not something the runner's seam offers, and they stay in
-the :class:`KafkaReader` class below.
 """
 
 from __future__ import annotations
@@ -18,19 +16,22 @@ import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any
 
-import kafka
-import kafka.errors
 import sqlalchemy as sa
-from kafka.structs import TopicPartition
 from sqlalchemy.engine import Engine
 
+from exactlyonce import logs
 from exactlyonce import outbox as _outbox
-from exactlyonce._kafka import bootstrap_failure
-from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
+from exactlyonce._kafka import KafkaReader as KafkaReader
+from exactlyonce._kafka import client_config as client_config
+from exactlyonce._kafka import consumer_settings as consumer_settings
+from exactlyonce._kafka import producer_settings as producer_settings
+from exactlyonce._kafka import unknown_kafka_settings as unknown_kafka_settings
+from exactlyonce.errors import ConfigurationError, ExactlyOnceError
 from exactlyonce.ids import DEFAULT_HEADER
+from exactlyonce.message import Message
+from exactlyonce.producer import Producer
 from exactlyonce.runtime import deadletter
 from exactlyonce.storage import migrate, store
 from exactlyonce.storage.schema import Outcome, counters, outbox, parked, processed, sequence_streams
@@ -47,16 +48,16 @@ __all__ = [
     "ScopeStatus",
     "Status",
     "inspect",
+    "parse_position",
     "read_dead_letters",
+    "read_dead_letters_at",
     "redelivery_horizons",
     "replay",
+    "replay_to_topics",
     "select_dead_letters",
     "status",
+    "status_document",
 ]
-
-# The admin clients give up quickly: an operator waiting at a prompt wants
-# "lag unknown" in seconds, not kafka-python's minute-long defaults.
-_CLIENT_DEFAULTS: dict[str, Any] = {"request_timeout_ms": 10_000, "bootstrap_timeout_ms": 5_000}
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -66,205 +67,6 @@ def _iso(value: datetime | None) -> str | None:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
     return value.isoformat()
-
-
-# -- Kafka ------------------------------------------------------------------
-
-
-def client_config(client: type, config: Mapping[str, Any]) -> dict[str, Any]:
-    """The subset of ``config`` that kafka-python's ``client`` class accepts.
-
-    One ``--kafka-config`` (TLS, SASL, timeouts) serves the consumer and the
-    producer alike, but kafka-python refuses keys a client does not know.
-    """
-    known = getattr(client, "DEFAULT_CONFIG", {})
-    return {key: value for key, value in config.items() if key in known}
-
-
-def producer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of ``config`` a ``KafkaProducer`` takes (the replay's security settings)."""
-    return client_config(kafka.KafkaProducer, config)
-
-
-def consumer_settings(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of ``config`` a ``KafkaConsumer`` takes."""
-    return client_config(kafka.KafkaConsumer, config)
-
-
-def unknown_kafka_settings(config: Iterable[str]) -> list[str]:
-    """The names in ``config`` that none of kafka-python's clients (consumer, producer, admin) knows."""
-    known = {*kafka.KafkaConsumer.DEFAULT_CONFIG, *kafka.KafkaProducer.DEFAULT_CONFIG,
-             *kafka.KafkaAdminClient.DEFAULT_CONFIG}
-    return [name for name in config if name not in known]
-
-
-class KafkaReader:
-    """Group-less reads: partitions, offsets, a group's committed offsets, whole topics, topic settings.
-
-    ``config`` is extra kafka-python settings (security, timeouts), filtered
-    per client. The connection is opened lazily; an unreachable broker raises
-    :class:`~exactlyonce.TransientError`.
-    """
-
-    def __init__(self, bootstrap_servers: str, config: Mapping[str, Any] | None = None) -> None:
-        self.bootstrap_servers = bootstrap_servers
-        self.config = {**_CLIENT_DEFAULTS, **dict(config or {})}
-        self._consumer: Any = None
-        self._group_consumers: dict[str, Any] = {}
-        self._admin: Any = None
-
-    def _new_consumer(self, **settings: Any) -> Any:
-        options = {**client_config(kafka.KafkaConsumer, self.config), "enable_auto_commit": False, **settings}
-        log.debug("connecting to %s with %s", self.bootstrap_servers, options)
-        try:
-            return kafka.KafkaConsumer(bootstrap_servers=self.bootstrap_servers, **options)
-        except (TypeError, ValueError, kafka.errors.KafkaConfigurationError) as exc:
-            raise ConfigurationError(f"invalid Kafka client settings: {exc}") from exc
-        except kafka.errors.KafkaError as exc:
-            # kafka-python 3 raises KafkaTimeoutError("Unable to bootstrap ...") for an unreachable broker,
-            # and for one that refuses the client's certificate check or SASL credentials: say which.
-            failure = bootstrap_failure(self.bootstrap_servers, options, "--kafka-config", exc)
-            if isinstance(failure, ConfigurationError):
-                raise failure from exc
-            raise TransientError(f"no Kafka broker answers at {self.bootstrap_servers}: {exc}") from exc
-
-    @property
-    def consumer(self) -> Any:
-        """A consumer without a group (created on first use)."""
-        if self._consumer is None:
-            self._consumer = self._new_consumer()
-        return self._consumer
-
-    @property
-    def admin(self) -> Any:
-        """An admin client (created on first use)."""
-        if self._admin is None:
-            options = client_config(kafka.KafkaAdminClient, self.config)
-            log.debug("connecting an admin client to %s with %s", self.bootstrap_servers, options)
-            try:
-                self._admin = kafka.KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, **options)
-            except (TypeError, ValueError, kafka.errors.KafkaConfigurationError) as exc:
-                raise ConfigurationError(f"invalid Kafka client settings: {exc}") from exc
-            except kafka.errors.KafkaError as exc:
-                raise TransientError(f"no Kafka broker answers at {self.bootstrap_servers}: {exc}") from exc
-        return self._admin
-
-    def topic_configs(self, topics: Iterable[str], names: Iterable[str]) -> dict[str, dict[str, str | None]]:
-        """The values of the settings ``names`` of each of ``topics``, defaults included.
-
-        A topic the broker does not know gets an empty dict (kafka-python
-        drops the per-topic error code, and the broker sends no settings).
-        """
-        from kafka.admin import ConfigResource, ConfigResourceType
-
-        wanted = list(topics)
-        keys = list(names)
-        if not wanted:
-            return {}
-        resources = [ConfigResource(ConfigResourceType.TOPIC, topic, keys) for topic in wanted]
-        found = self._call(lambda: self.admin.describe_configs(resources, config_filter="all")).get("topic", {})
-        return {topic: {name: entry.get("value") for name, entry in (found.get(topic) or {}).items()}
-                for topic in wanted}
-
-    def oldest_timestamps(self, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
-        """The timestamp (ms) of the first record still in each partition; ``None`` for an empty one.
-
-        A ListOffsets by timestamp 0 answers with the earliest offset whose
-        timestamp is at least 0: the record at the log-start offset, and its
-        timestamp, without fetching it.
-        """
-        tps = [TopicPartition(topic, p) for p in partitions]
-        if not tps:
-            return {}
-        found = self._call(lambda: self.consumer.offsets_for_times({tp: 0 for tp in tps}))
-        return {tp.partition: None if found.get(tp) is None else int(found[tp].timestamp) for tp in tps}
-
-    def partitions(self, topic: str) -> list[int]:
-        """The topic's partition numbers (empty if the topic does not exist)."""
-        return sorted(self._call(lambda: self.consumer.partitions_for_topic(topic)) or ())
-
-    def end_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
-        """The next offset to be written, per partition."""
-        tps = [TopicPartition(topic, p) for p in partitions]
-        return {tp.partition: int(o) for tp, o in self._call(lambda: self.consumer.end_offsets(tps)).items()}
-
-    def beginning_offsets(self, topic: str, partitions: Iterable[int]) -> dict[int, int]:
-        """The oldest offset still in the log, per partition."""
-        tps = [TopicPartition(topic, p) for p in partitions]
-        return {tp.partition: int(o) for tp, o in self._call(lambda: self.consumer.beginning_offsets(tps)).items()}
-
-    def committed(self, group_id: str, topic: str, partitions: Iterable[int]) -> dict[int, int | None]:
-        """``group_id``'s committed offsets (``None``: never committed), read without joining the group.
-
-        A consumer created with ``group_id`` joins only when it subscribes and
-        polls; ``committed()`` is a bare OffsetFetch to the coordinator.
-        """
-        consumer = self._group_consumers.get(group_id)
-        if consumer is None:
-            consumer = self._group_consumers[group_id] = self._new_consumer(group_id=group_id)
-        result: dict[int, int | None] = {}
-        for p in partitions:
-            offset = self._call(partial(consumer.committed, TopicPartition(topic, p)))
-            result[p] = None if offset is None else int(offset)
-        return result
-
-    def read_all(self, topic: str, *, limit: int | None = None, idle_timeout_s: float = 10.0) -> list[Any]:
-        """Every record of ``topic`` from its beginning to the end offsets seen at the start.
-
-        Partitions are assigned, not subscribed: no group, no committed
-        offsets, nothing for a worker to notice. Stops early after ``limit``
-        records, or when no record arrives for ``idle_timeout_s`` seconds
-        while some partition is still short of its end offset (a compacted or
-        transactional log can have offsets that hold no record).
-        """
-        numbers = self.partitions(topic)
-        if not numbers:
-            raise ConfigurationError(f"topic {topic!r} does not exist")
-        consumer = self._new_consumer(auto_offset_reset="earliest")
-        try:
-            tps = [TopicPartition(topic, p) for p in numbers]
-            consumer.assign(tps)
-            consumer.seek_to_beginning(*tps)
-            end = self._call(lambda: consumer.end_offsets(tps))
-            records: list[Any] = []
-            idle_rounds = 0
-            while any(consumer.position(tp) < end[tp] for tp in tps):
-                batch = self._call(lambda: consumer.poll(timeout_ms=500))
-                fetched = [record for part in batch.values() for record in part if record.offset < end[
-                    TopicPartition(record.topic, record.partition)]]
-                if not fetched:
-                    idle_rounds += 1
-                    if idle_rounds * 0.5 >= idle_timeout_s:
-                        log.warning("%s: no record for %.0fs before the end offsets %s; showing what was read",
-                                    topic, idle_timeout_s, {tp.partition: o for tp, o in end.items()})
-                        break
-                    continue
-                idle_rounds = 0
-                records.extend(fetched)
-                if limit is not None and len(records) >= limit:
-                    break
-            records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
-            return records[:limit] if limit is not None else records
-        finally:
-            consumer.close(autocommit=False)
-
-    @staticmethod
-    def _call(fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except kafka.errors.KafkaError as exc:
-            raise TransientError(f"Kafka request failed: {type(exc).__name__}: {exc}") from exc
-
-    def close(self) -> None:
-        """Close every connection opened."""
-        for consumer in [self._consumer, *self._group_consumers.values()]:
-            if consumer is not None:
-                consumer.close(autocommit=False)
-        self._consumer = None
-        self._group_consumers.clear()
-        if self._admin is not None:
-            self._admin.close()
-            self._admin = None
 
 
 # -- status -----------------------------------------------------------------
@@ -312,6 +114,8 @@ class ScopeStatus:
     partitions: list[PartitionStatus] = field(default_factory=list)
     #: Sequenced streams waiting for a missing number (``exactlyonce_sequence_streams.gap_since`` set).
     open_gaps: int = 0
+    #: Since when the longest-open of those gaps has been open.
+    oldest_gap_since: datetime | None = None
 
     def total(self, name: str) -> int:
         """The sum of one count (``applied``, ``duplicates``, ...) over the partitions."""
@@ -336,7 +140,7 @@ class ScopeStatus:
             "applied": self.total("applied"), "duplicates": self.total("duplicates"),
             "skipped": self.total("skipped"), "dead_lettered": self.total("dead_lettered"),
             "parked": self.total("parked"), "fingerprint_mismatches": self.total("fingerprint_mismatches"),
-            "open_gaps": self.open_gaps,
+            "open_gaps": self.open_gaps, "oldest_gap_since": _iso(self.oldest_gap_since),
             "last_processed_at": _iso(self.last_processed_at), "lag": self.lag,
             "partitions": [p.to_json() for p in self.partitions],
         }
@@ -354,11 +158,13 @@ class OutboxStatus:
     refused_count: int
     #: The oldest refused rows (at most :data:`MAX_REFUSED_SHOWN`).
     refused: list[_outbox.RefusedRow] = field(default_factory=list)
+    #: When the oldest pending row (refused or not) was stored; ``None``: nothing pending.
+    oldest_pending_at: datetime | None = None
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
-        return {"pending": self.pending, "refused": self.refused_count,
-                "refused_rows": [r.to_json() for r in self.refused]}
+        return {"pending": self.pending, "oldest_pending_at": _iso(self.oldest_pending_at),
+                "refused": self.refused_count, "refused_rows": [r.to_json() for r in self.refused]}
 
 
 @dataclass
@@ -377,17 +183,26 @@ class Status:
                 "outbox": None if self.outbox is None else self.outbox.to_json()}
 
 
+def status_document(result: Status, *, database_url: str, bootstrap_servers: str | None) -> dict[str, Any]:
+    """The document ``exactlyonce status --json`` prints (and the console's ``GET /api/status`` returns).
+
+    The database URL is given with its password masked.
+    """
+    return {"database": logs.redact(database_url), "bootstrap_servers": bootstrap_servers, **result.to_json()}
+
+
 def outbox_status(engine: Engine) -> OutboxStatus | None:
     """Pending and refused outbox rows; ``None`` if the outbox table is missing or not upgraded."""
     if not sa.inspect(engine).has_table(outbox.name) or _outbox.missing_columns(engine):
         return None
     with engine.connect() as conn:
-        pending, refused_count = conn.execute(
-            sa.select(sa.func.count(), sa.func.count(outbox.c.refused_at))
+        pending, refused_count, oldest = conn.execute(
+            sa.select(sa.func.count(), sa.func.count(outbox.c.refused_at), sa.func.min(outbox.c.created_at))
             .select_from(outbox).where(outbox.c.sent_at.is_(None))
         ).one()
     rows = _outbox.refused(engine, limit=MAX_REFUSED_SHOWN) if refused_count else []
-    return OutboxStatus(pending=int(pending), refused_count=int(refused_count), refused=rows)
+    return OutboxStatus(pending=int(pending), refused_count=int(refused_count), refused=rows,
+                        oldest_pending_at=oldest)
 
 
 def status(engine: Engine, reader: KafkaReader | None) -> Status:
@@ -404,11 +219,11 @@ def status(engine: Engine, reader: KafkaReader | None) -> Status:
         rows = conn.execute(
             sa.select(counters).order_by(counters.c.scope, counters.c.topic, counters.c.kafka_partition)
         ).all()
-        gaps: dict[str, int] = dict((scope, count) for scope, count in conn.execute(
-            sa.select(sequence_streams.c.scope, sa.func.count())
+        gaps = {scope: (int(count), since) for scope, count, since in conn.execute(
+            sa.select(sequence_streams.c.scope, sa.func.count(), sa.func.min(sequence_streams.c.gap_since))
             .where(sequence_streams.c.gap_since.is_not(None))
             .group_by(sequence_streams.c.scope)
-        ).all())
+        ).all()}
     for row in rows:
         scope = scopes.setdefault(row.scope, ScopeStatus(scope=row.scope, group_id=row.group_id))
         scope.partitions.append(PartitionStatus(
@@ -417,8 +232,9 @@ def status(engine: Engine, reader: KafkaReader | None) -> Status:
             fingerprint_mismatches=row.fingerprint_mismatches, last_offset=row.last_offset,
             last_processed_at=row.last_processed_at,
         ))
-    for name, count in gaps.items():
-        scopes.setdefault(name, ScopeStatus(scope=name, group_id="")).open_gaps = int(count)
+    for name, (count, since) in gaps.items():
+        scope = scopes.setdefault(name, ScopeStatus(scope=name, group_id=""))
+        scope.open_gaps, scope.oldest_gap_since = count, since
     result = Status(scopes=[scopes[name] for name in sorted(scopes)], outbox=outbox_status(engine))
     if reader is None:
         result.lag_error = "no Kafka bootstrap servers given"
@@ -647,22 +463,51 @@ class DeadLetterRecord:
         }
 
 
-def to_dead_letter(record: Any) -> DeadLetterRecord:
-    """Decode a kafka-python ``ConsumerRecord`` of a dead-letter topic."""
-    headers, meta = deadletter.split_headers(record.headers or ())
-    timestamp = None if record.timestamp is None or record.timestamp < 0 else datetime.fromtimestamp(
-        record.timestamp / 1000, UTC)
+def to_dead_letter(record: Message) -> DeadLetterRecord:
+    """Decode a record of a dead-letter topic."""
+    headers, meta = deadletter.split_headers(record.headers)
+    stamp = record.timestamp_ms
+    timestamp = None if stamp is None or stamp < 0 else datetime.fromtimestamp(stamp / 1000, UTC)
     return DeadLetterRecord(
         dlq_topic=record.topic, dlq_partition=record.partition, dlq_offset=record.offset, timestamp=timestamp,
         key=record.key, value=record.value, headers=headers, meta=meta,
     )
 
 
-def read_dead_letters(reader: KafkaReader, dlq_topic: str, *, limit: int | None = None) -> list[DeadLetterRecord]:
-    """The records of ``dlq_topic``, oldest first, read without a consumer group."""
+def read_dead_letters(
+    reader: KafkaReader, dlq_topic: str, *, limit: int | None = None, newest: int | None = None
+) -> list[DeadLetterRecord]:
+    """The records of ``dlq_topic``, oldest first, read without a consumer group.
+
+    ``limit``: the first ``limit`` records read; ``newest``: only the newest ``newest`` records.
+    """
     if limit is not None and limit < 1:
         raise ConfigurationError("--limit must be at least 1")
-    return [to_dead_letter(record) for record in reader.read_all(dlq_topic, limit=limit)]
+    if newest is not None and newest < 1:
+        raise ConfigurationError("--last must be at least 1")
+    return [to_dead_letter(record) for record in reader.read_all(dlq_topic, limit=limit, newest=newest)]
+
+
+def read_dead_letters_at(
+    reader: KafkaReader, dlq_topic: str, positions: Iterable[tuple[int, int]]
+) -> list[DeadLetterRecord]:
+    """The records of ``dlq_topic`` at these ``(partition, offset)`` positions (those that exist)."""
+    return [to_dead_letter(record) for record in reader.read_at(dlq_topic, positions)]
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """``PARTITION@OFFSET`` (as ``dlq list`` shows a dead letter's place) -> ``(partition, offset)``."""
+    partition, sep, offset = text.strip().partition("@")
+    try:
+        if not sep:
+            raise ValueError(text)
+        position = int(partition), int(offset)
+    except ValueError:
+        raise ConfigurationError(f"invalid dead-letter position {text!r}: expected PARTITION@OFFSET, "
+                                 "as `dlq list` shows it (0@17)") from None
+    if min(position) < 0:
+        raise ConfigurationError(f"invalid dead-letter position {text!r}: partition and offset cannot be negative")
+    return position
 
 
 def select_dead_letters(
@@ -671,12 +516,24 @@ def select_dead_letters(
     ids: Sequence[str] = (),
     since: datetime | None = None,
     until: datetime | None = None,
+    reasons: Sequence[str] = (),
+    positions: Sequence[tuple[int, int]] = (),
 ) -> list[DeadLetterRecord]:
-    """The records matching every given filter: a message ID in ``ids``, a timestamp in [since, until)."""
+    """The records matching every given filter.
+
+    A message ID in ``ids``, a timestamp in [since, until), a reason in
+    ``reasons``, a ``(partition, offset)`` in ``positions``.
+    """
     wanted = set(ids)
+    wanted_reasons = set(reasons)
+    wanted_positions = set(positions)
     selected = []
     for record in records:
         if wanted and not ({record.message_id, record.header_message_id} & wanted):
+            continue
+        if wanted_reasons and record.meta.get("reason") not in wanted_reasons:
+            continue
+        if wanted_positions and (record.dlq_partition, record.dlq_offset) not in wanted_positions:
             continue
         if since is not None and (record.timestamp is None or record.timestamp < since):
             continue
@@ -767,4 +624,39 @@ def replay(
             items.append(ReplayItem(record, "replayed"))
         if progress is not None:
             progress()
+    return items
+
+
+def replay_to_topics(
+    records: Sequence[DeadLetterRecord],
+    *,
+    engine: Engine,
+    bootstrap_servers: str,
+    kafka_config: Mapping[str, Any] | None = None,
+    progress: Callable[[], None] | None = None,
+) -> list[ReplayItem]:
+    """:func:`replay` with a :class:`~exactlyonce.Producer` that sends each record back where it came from.
+
+    What ``exactlyonce dlq replay`` and the console's replay both run. Each
+    record goes to its original topic and partition (the original
+    producer's partitioning, and so the per-partition order the handler saw,
+    is kept even for keyless records) with its key, value and headers. The
+    producer does not sign (``sign=False``): the records keep the signature
+    their sender gave them, as the MAC covers the message ID, key and value,
+    which a replay does not change. Returns after the broker acknowledged
+    every send.
+    """
+    if not records:
+        return []
+    producer = Producer(bootstrap_servers, sign=False, config=producer_settings(dict(kafka_config or {})))
+
+    def send(record: DeadLetterRecord, message_id: str) -> None:
+        producer.send(record.topic or "", record.value or b"", key=record.key, message_id=message_id,
+                      headers=record.headers, partition=record.original_partition)
+
+    try:
+        items = replay(records, engine=engine, send=send, progress=progress)
+        producer.flush()
+    finally:
+        producer.close()
     return items

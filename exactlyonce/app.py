@@ -81,6 +81,20 @@ class App:
 
     ``metrics``: the app's Prometheus metrics (``exactlyonce run
     --metrics-port`` serves them).
+
+    ``engine``: a SQLAlchemy ``Engine`` the service already configured (pool,
+    TLS, events, instrumentation), used instead of one made from
+    ``database_url`` (giving both is a ``ConfigurationError``). The app never
+    disposes of it. Its connections are not altered: the app works through a
+    view of it (``engine.execution_options()``: same pool, same listeners)
+    whose transactions set ``lock_timeout`` and
+    ``idle_in_transaction_timeout`` for themselves only (PostgreSQL: ``SET
+    LOCAL``; MariaDB/MySQL: the session values are set at each transaction's
+    start and set back before it ends); ``app.engine`` is that view. A SQLite
+    engine must come from ``exactlyonce.storage.engine.create_engine(url,
+    lock_timeout=..., **sqlalchemy_kwargs)``, whose ``lock_timeout`` is its
+    busy timeout (``App(lock_timeout=...)`` is then refused); an engine in
+    ``AUTOCOMMIT`` is refused. See docs/handlers.md, "Bring your own engine".
     """
 
     def __init__(
@@ -98,9 +112,13 @@ class App:
         signing_key: signing.SigningKey | None = None,
         lock_timeout: timedelta | None = None,
         idle_in_transaction_timeout: timedelta | None = None,
+        engine: Engine | None = None,
     ) -> None:
         if not isinstance(group_id, str) or not group_id:
             raise ConfigurationError("group_id must be a non-empty string")
+        if engine is not None and database_url is not None:
+            raise ConfigurationError("give App either database_url or engine, not both: the engine already "
+                                     "says which database it connects to")
         self.group_id = group_id
         self._bootstrap_servers = bootstrap_servers
         self._database_url = database_url
@@ -140,6 +158,13 @@ class App:
         self.metrics = Metrics()
         self._handlers: dict[str, Handler] = {}
         self._engine: Engine | None = None
+        #: Whether the engine was given (engine=): then it is the application's, never replaced or disposed.
+        self._engine_given = engine is not None
+        if engine is not None:
+            self._engine = _db.adopt_engine(
+                engine, lock_timeout=self.lock_timeout, idle_in_transaction_timeout=self.idle_in_transaction_timeout,
+                lock_timeout_given=lock_timeout is not None,
+            )
         self._stop = threading.Event()
         #: Records by outcome (``applied``, ``duplicate``, ``skipped``,
         #: ``dead_lettered``, ``parked``, ``fingerprint_mismatch``) and dead
@@ -164,6 +189,7 @@ class App:
         sequence: SequenceFunc | None = None,
         gap_timeout: timedelta = timedelta(minutes=5),
         on_gap: OnGap | str = OnGap.WAIT,
+        model: type[Any] | None = None,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register ``func(message, session)`` for the records of ``topic``.
 
@@ -196,6 +222,16 @@ class App:
         - ``gap_timeout`` / ``on_gap``: a stream that has waited longer than
           this for a missing number is reported (log, metric); with
           ``on_gap="dead_letter"`` its parked messages are dead-lettered too.
+        - ``model``: a pydantic v2 model (the ``exactlyonce[pydantic]``
+          extra) or a dataclass. Each record's value is decoded as JSON and
+          validated into it once, before anything is claimed (after the
+          signature check, with ``signing_keys``); the handler, ``message_id``
+          (:func:`exactlyonce.ids.field`, or any callable) and ``sequence``
+          read the result as ``message.payload``, batch handlers too. A value
+          that is not JSON is dead-lettered as ``undecodable-value``, one that
+          does not validate as ``invalid-payload``, with the failing fields
+          (not their values) in ``x-exactlyonce-error-message``
+          (docs/handlers.md, "Typed payloads").
 
         The function is returned unchanged.
         """
@@ -215,6 +251,7 @@ class App:
             sequence=sequence,
             gap_timeout=gap_timeout,
             on_gap=on_gap,
+            model=model,
         )
 
         def register(func: HandlerFunc) -> HandlerFunc:
@@ -237,12 +274,20 @@ class App:
 
     @property
     def database_url(self) -> str:
-        """The SQLAlchemy database URL (argument, else environment)."""
+        """The SQLAlchemy database URL (argument, else environment); an app given ``engine=`` has none."""
+        if self._engine_given:
+            raise ConfigurationError("this App was given its engine (engine=), not a database_url: "
+                                     "app.engine.url says where it connects")
         return settings.database_url(self._database_url)
 
     @property
     def engine(self) -> Engine:
-        """The SQLAlchemy engine, created on first use."""
+        """The SQLAlchemy engine the app uses: created from ``database_url`` on first use, or the view of ``engine=``.
+
+        The app never disposes of it; dispose of an engine made from
+        ``database_url`` yourself when the app is done with it, if the
+        process goes on.
+        """
         if self._engine is None:
             self._engine = _db.create_engine(
                 self.database_url,

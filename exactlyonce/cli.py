@@ -14,6 +14,7 @@
     exactlyonce inspect MESSAGE_ID                   what happened to one message
     exactlyonce dlq list TOPIC                       the records of a dead-letter topic
     exactlyonce dlq replay TOPIC                     send dead letters back to their original topic
+    exactlyonce console [--host H] [--port P]        the web console (``exactlyonce[console]``)
 
 Connection settings come from ``EXACTLYONCE_BOOTSTRAP_SERVERS`` and
 ``EXACTLYONCE_DATABASE_URL`` unless given as options (for ``run``, the
@@ -52,13 +53,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy.engine import make_url
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
 from exactlyonce import _duration, admin, logs, outbox, settings
 from exactlyonce.app import App
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.metrics import Metrics
-from exactlyonce.producer import Producer
-from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV, LOG_FORMAT_ENV, LOG_LEVEL_ENV
+from exactlyonce.settings import (
+    BOOTSTRAP_SERVERS_ENV,
+    CONSOLE_TOKEN_ENV,
+    DATABASE_URL_ENV,
+    LOG_FORMAT_ENV,
+    LOG_LEVEL_ENV,
+)
 from exactlyonce.storage import engine as _db
 from exactlyonce.storage import migrate, schema, store
 
@@ -102,20 +109,10 @@ def parse_duration(text: str) -> timedelta:
 
 def parse_time(text: str, *, now: datetime | None = None) -> datetime:
     """An aware UTC datetime from ISO-8601 (naive means UTC) or a duration ago (``2h``: two hours ago)."""
-    text = text.strip()
     try:
-        ago = _duration.parse_duration(text)
-    except ValueError:
-        pass
-    else:
-        return (now or datetime.now(UTC)) - ago
-    try:
-        value = datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"invalid time {text!r}: use ISO-8601 (2026-11-29T14:00:00Z) or a duration ago (90m, 2h, 1d, 1h30m)"
-        ) from None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return _duration.parse_time(text, now=now)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_kafka_setting(text: str) -> tuple[str, Any]:
@@ -134,6 +131,14 @@ def parse_kafka_setting(text: str) -> tuple[str, Any]:
     if re.search(r"password|secret", key, re.IGNORECASE):
         logs.register_secret(raw)
     return key.strip(), value
+
+
+def parse_position(text: str) -> tuple[int, int]:
+    """``PARTITION@OFFSET`` of a dead letter."""
+    try:
+        return admin.parse_position(text)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # -- parser -----------------------------------------------------------------
@@ -198,6 +203,10 @@ def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> 
                        help=f"log lines as text or one JSON object each (default: ${LOG_FORMAT_ENV} or text{where})")
 
 
+#: Adds a subcommand (with the logging options after it too) to a subparsers action.
+_Add = Callable[[Any, str, str], argparse.ArgumentParser]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exactlyonce", description=_DESCRIPTION, epilog=_GLOBAL_EPILOG)
     _global_options(parser, after_command=False)
@@ -210,7 +219,13 @@ def _parser() -> argparse.ArgumentParser:
         return sub
 
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_run_parser, _db_parser, _prune_parser, _relay_parser, _outbox_parser, _status_parser,
+                        _inspect_parser, _dlq_parser, _console_parser):
+        add_command(add, commands)
+    return parser
 
+
+def _run_parser(add: _Add, commands: Any) -> None:
     run = add(commands, "run", "run an App until SIGTERM/SIGINT")
     run.add_argument("app", metavar="MODULE:ATTR", help="the App to run: a module to import and its App "
                      "(myservice.worker:app)")
@@ -225,6 +240,8 @@ def _parser() -> argparse.ArgumentParser:
                      metavar="KEY=VALUE", help="a kafka-python client setting (TLS, SASL) over the App's "
                      "consumer_config and producer_config (each client takes the keys it knows); repeatable")
 
+
+def _db_parser(add: _Add, commands: Any) -> None:
     db = add(commands, "db", "manage the framework's tables")
     _database_option(db)
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="COMMAND")
@@ -238,6 +255,8 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--database-url", default=argparse.SUPPRESS, metavar="URL",
                          help=f"SQLAlchemy URL (default: ${DATABASE_URL_ENV})")
 
+
+def _prune_parser(add: _Add, commands: Any) -> None:
     prune = add(commands, "prune", "delete dedup rows (or sent outbox rows) older than a retention window")
     _database_option(prune)
     prune.add_argument("--older-than", required=True, type=parse_duration, metavar="DURATION",
@@ -255,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="prune the outbox's sent rows instead (never pending ones; no horizon applies)")
     _json_option(prune)
 
+
+def _relay_parser(add: _Add, commands: Any) -> None:
     relay = add(commands, "relay", "send the outbox's pending messages until SIGTERM/SIGINT")
     _database_option(relay)
     _kafka_options(relay)
@@ -265,6 +286,8 @@ def _parser() -> argparse.ArgumentParser:
                        f"(default {format_duration(outbox.DEFAULT_RETENTION)})")
     _metrics_options(relay, "the outbox gauges")
 
+
+def _outbox_parser(add: _Add, commands: Any) -> None:
     box = add(commands, "outbox", "release or discard outbox rows the broker refused")
     box_commands = box.add_subparsers(dest="outbox_command", required=True, metavar="COMMAND")
     release = add(box_commands, "release", "make refused rows pending again: the relay sends them, "
@@ -278,12 +301,16 @@ def _parser() -> argparse.ArgumentParser:
         _database_option(sub)
         _json_option(sub)
 
+
+def _status_parser(add: _Add, commands: Any) -> None:
     status = add(commands, "status", "per handler scope: counts, open gaps, consumer lag; "
                  "the outbox's pending and refused rows")
     _database_option(status)
     _kafka_options(status)
     _json_option(status)
 
+
+def _inspect_parser(add: _Add, commands: Any) -> None:
     inspect = add(commands, "inspect", "what happened to one message ID (exit 1 if unknown)")
     inspect.add_argument("message_id", metavar="MESSAGE_ID", help="the ID the handler's message_id strategy gives")
     inspect.add_argument("--scope", default=None, help="only this handler scope")
@@ -292,27 +319,63 @@ def _parser() -> argparse.ArgumentParser:
     _database_option(inspect)
     _json_option(inspect)
 
+
+def _dlq_parser(add: _Add, commands: Any) -> None:
     dlq = add(commands, "dlq", "read and replay dead-letter topics")
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="COMMAND")
     dlq_list = add(dlq_commands, "list", "the records of a dead-letter topic, oldest first")
     dlq_list.add_argument("topic", metavar="DLQ_TOPIC", help="a dead-letter topic (by default <topic>.dlq)")
     dlq_list.add_argument("--limit", type=int, default=None, metavar="N", help="show at most N records")
+    dlq_list.add_argument("--last", type=int, default=None, metavar="N", help="only the newest N records")
+    _dead_letter_filters(dlq_list)
     _kafka_options(dlq_list)
     _json_option(dlq_list)
     replay = add(dlq_commands, "replay", "send dead letters back to their original topic")
     replay.add_argument("topic", metavar="DLQ_TOPIC", help="a dead-letter topic (by default <topic>.dlq)")
     replay.add_argument("--id", action="append", default=[], dest="ids", metavar="MESSAGE_ID",
                         help="replay this message ID (repeatable)")
-    replay.add_argument("--since", type=parse_time, default=None, metavar="TIME",
-                        help="dead-lettered at or after TIME (ISO-8601, or a duration ago: 2h)")
-    replay.add_argument("--until", type=parse_time, default=None, metavar="TIME",
-                        help="dead-lettered before TIME")
+    replay.add_argument("--at", action="append", default=[], dest="positions", type=parse_position,
+                        metavar="P@OFFSET", help="replay the dead letter at this place of DLQ_TOPIC, as `dlq list` "
+                        "shows it (repeatable)")
+    _dead_letter_filters(replay)
     replay.add_argument("--dry-run", action="store_true", help="print what would be replayed, send nothing")
     replay.add_argument("--yes", action="store_true", help="replay everything without asking (no filter given)")
     _database_option(replay)
     _kafka_options(replay)
     _json_option(replay)
-    return parser
+
+
+def _console_parser(add: _Add, commands: Any) -> None:
+    console = add(commands, "console", "serve the web console (needs exactlyonce[console])")
+    console.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default 127.0.0.1: this machine only)")
+    console.add_argument("--port", type=int, default=8080, help="(default 8080; 0 picks a free port)")
+    console.add_argument("--token", default=None,
+                         help=f"allow replays for whoever gives this token (default ${CONSOLE_TOKEN_ENV}; "
+                         "without one the console is read-only). Prefer the variable: other users can read a "
+                         "command line")
+    console.add_argument("--app", default=None, metavar="MODULE:ATTR",
+                         help="the App, for its handlers' dead-letter topics and gap timeouts")
+    console.add_argument("--dlq-topic", action="append", default=[], metavar="TOPIC",
+                         help="another dead-letter topic to show (repeatable)")
+    console.add_argument("--refresh", type=int, default=15, metavar="SECONDS",
+                         help="how often the overview reloads itself (default 15)")
+    console.add_argument("--sample-interval", type=float, default=30.0, metavar="SECONDS",
+                         help="how often counts and lag are sampled for the rates and charts (default 30)")
+    console.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                         help="a Host header to answer (repeatable; default: localhost and the loopback "
+                         "addresses when listening on loopback, any otherwise)")
+    _database_option(console)
+    _kafka_options(console)
+
+
+def _dead_letter_filters(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--reason", action="append", default=[], dest="reasons", metavar="REASON",
+                        help="only dead letters with this reason (repeatable)")
+    parser.add_argument("--since", type=parse_time, default=None, metavar="TIME",
+                        help="dead-lettered at or after TIME (ISO-8601, or a duration ago: 2h)")
+    parser.add_argument("--until", type=parse_time, default=None, metavar="TIME",
+                        help="dead-lettered before TIME")
 
 
 # -- settings ---------------------------------------------------------------
@@ -410,6 +473,9 @@ def _override_app_settings(app: App, args: argparse.Namespace) -> None:
     # The App has no public setters for these (its constructor takes them); set what
     # its properties read, as the constructor would have.
     if args.database_url is not None:
+        if app._engine_given:
+            raise ExactlyOnceError(f"--database-url cannot take effect: {args.app} was given its database engine "
+                                   "(App(engine=...)), which it uses as it is")
         if app._engine is not None:
             raise ExactlyOnceError(f"--database-url cannot take effect: {args.app} created its database engine "
                                    "when it was imported (app.engine was used), and would keep using it")
@@ -443,11 +509,36 @@ def _run(args: argparse.Namespace) -> None:
     app.run()
 
 
+#: How long a long-running command waits at its start for a database that is restarting.
+STARTUP_PATIENCE = timedelta(seconds=60)
+
+
+def _when_the_database_answers(check: Callable[[], object]) -> None:
+    """Run ``check``, retrying a transient database error (a restart, a lost connection) for a minute.
+
+    A relay started (or restarted by its supervisor) while the database
+    restarts should wait for it, as the relay's own loop does later, rather
+    than exit at its first query.
+    """
+    Retrying(
+        retry=retry_if_exception(_db.is_transient),
+        stop=stop_after_delay(STARTUP_PATIENCE.total_seconds()),
+        wait=wait_exponential_jitter(multiplier=0.2, max=5.0),
+        before_sleep=lambda state: log.warning("the database does not answer yet (%s); retrying",
+                                               state.outcome and state.outcome.exception()),
+        reraise=True,
+    )(check)
+
+
 def _relay(args: argparse.Namespace) -> None:
     """Run a Relay until SIGTERM/SIGINT (or, with ``--once``, until nothing is left to send)."""
     engine = _db.create_engine(_database_url(args))
-    migrate.require_tables(engine, schema.outbox)
-    outbox.require_columns(engine)
+
+    def check_tables() -> None:
+        migrate.require_tables(engine, schema.outbox)
+        outbox.require_columns(engine)
+
+    _when_the_database_answers(check_tables)
     metrics = Metrics() if args.metrics_port is not None else None
     servers = settings.bootstrap_servers(args.bootstrap_servers, option="--bootstrap-servers")
     relay = outbox.Relay(engine, servers, batch_size=args.batch_size,
@@ -593,11 +684,11 @@ def _status(args: argparse.Namespace) -> None:
         if reader is not None:
             reader.close()
         engine.dispose()
-    source = {"database": url, "bootstrap_servers": reader.bootstrap_servers if reader else None}
+    servers = reader.bootstrap_servers if reader else None
     if args.json:
-        _print_json({**source, **result.to_json()})
+        _print_json(admin.status_document(result, database_url=url, bootstrap_servers=servers))
         return
-    header = f"database {url}, broker {source['bootstrap_servers'] or '(none)'}"
+    header = f"database {url}, broker {servers or '(none)'}"
     if not result.scopes:
         _print(header, "no handler scope has processed anything yet (table exactlyonce_counters is empty)",
                *_outbox_renderables(result.outbox))
@@ -619,6 +710,10 @@ def _status(args: argparse.Namespace) -> None:
             partitions.add_row(scope.scope, p.topic, str(p.partition), _num(p.applied), _num(p.last_offset),
                                _num(p.committed), _num(p.end_offset), _num(p.lag))
     renderables: list[Any] = [header, summary, partitions]
+    for scope in result.scopes:
+        if scope.oldest_gap_since is not None:
+            renderables.append(f"{scope.scope}: {scope.open_gaps} sequenced stream(s) waiting for a missing "
+                               f"number, the longest since {_when(scope.oldest_gap_since)}")
     if result.lag_error:
         renderables.append(f"consumer lag unknown: {result.lag_error}")
     _print(*renderables, *_outbox_renderables(result.outbox))
@@ -628,6 +723,8 @@ def _outbox_renderables(status: admin.OutboxStatus | None) -> list[Any]:
     if status is None:
         return ["outbox: unknown (no outbox table at the current revision; run `exactlyonce db upgrade`)"]
     line = f"outbox: {_num(status.pending)} pending, {_num(status.refused_count)} refused by the broker"
+    if status.oldest_pending_at is not None:
+        line += f"; the oldest pending row was stored at {_when(status.oldest_pending_at)}"
     if not status.refused:
         return [line]
     table = Table(title="refused outbox rows (each holds back the later rows of its topic and key)",
@@ -680,9 +777,10 @@ def _dlq_list(args: argparse.Namespace) -> None:
     reader = _reader(args, required=True)
     assert reader is not None
     try:
-        records = admin.read_dead_letters(reader, args.topic, limit=args.limit)
+        records = admin.read_dead_letters(reader, args.topic, limit=args.limit, newest=args.last)
     finally:
         reader.close()
+    records = admin.select_dead_letters(records, reasons=args.reasons, since=args.since, until=args.until)
     if args.json:
         _print_json([r.to_json() for r in records])
         return
@@ -705,8 +803,9 @@ def _dlq_replay(args: argparse.Namespace) -> None:
         records = admin.read_dead_letters(reader, args.topic)
     finally:
         reader.close()
-    selected = admin.select_dead_letters(records, ids=args.ids, since=args.since, until=args.until)
-    filtered = bool(args.ids or args.since or args.until)
+    selected = admin.select_dead_letters(records, ids=args.ids, since=args.since, until=args.until,
+                                         reasons=args.reasons, positions=args.positions)
+    filtered = bool(args.ids or args.since or args.until or args.reasons or args.positions)
     if not filtered and not args.dry_run and not args.yes and selected:
         _confirm(f"replay all {len(selected)} dead letter(s) of {args.topic} to their original topics?")
     if args.dry_run:
@@ -734,25 +833,14 @@ def _replay_for_real(args: argparse.Namespace, selected: list[admin.DeadLetterRe
     if not selected:
         return []
     engine = _db.create_engine(_database_url(args))
-    # sign=False: the records keep the signature their sender gave them (the
-    # MAC covers the message ID, key and value, which a replay does not change).
-    producer = Producer(_bootstrap_servers(args), sign=False,
-                        config=admin.producer_settings(dict(args.kafka_config)))
-
-    def send(record: admin.DeadLetterRecord, message_id: str) -> None:
-        # Back to the partition it came from: the original producer's partitioning (and so
-        # the per-partition order the handler saw) is kept even for keyless records.
-        producer.send(record.topic or "", record.value or b"", key=record.key, message_id=message_id,
-                      headers=record.headers, partition=record.original_partition)
-
+    servers = _bootstrap_servers(args)
+    assert servers is not None  # _reader(required=True) checked
     try:
         with _progress("replaying", len(selected)) as advance:
-            items = admin.replay(selected, engine=engine, send=send, progress=lambda: advance(1))
-            producer.flush()
+            return admin.replay_to_topics(selected, engine=engine, bootstrap_servers=servers,
+                                          kafka_config=dict(args.kafka_config), progress=lambda: advance(1))
     finally:
-        producer.close()
         engine.dispose()
-    return items
 
 
 def _confirm(question: str) -> None:
@@ -763,6 +851,30 @@ def _confirm(question: str) -> None:
     answer = input(f"{question} [y/N] ").strip().lower()
     if answer not in ("y", "yes"):
         raise ExactlyOnceError("replay cancelled")
+
+
+def _console(args: argparse.Namespace) -> None:
+    """Serve the web console until SIGTERM/SIGINT."""
+    try:
+        from exactlyonce import console
+    except ImportError as exc:
+        raise ConfigurationError(f"the console needs its extra: pip install 'exactlyonce[console]' ({exc})") from exc
+    token = args.token if args.token is not None else os.environ.get(CONSOLE_TOKEN_ENV) or None
+    if token is not None:
+        logs.register_secret(token)
+    topics: dict[str, str] = {}
+    gap_timeouts: dict[str, timedelta] = {}
+    if args.app:
+        handlers = load_app(args.app).handlers.values()
+        topics = {h.scope: h.dead_letter_topic for h in handlers}
+        gap_timeouts = {h.scope: h.gap_timeout for h in handlers if h.sequence is not None}
+    settings = console.Settings(
+        database_url=_database_url(args), bootstrap_servers=_bootstrap_servers(args),
+        kafka_config=dict(args.kafka_config), token=token, dead_letter_topics=topics,
+        extra_dead_letter_topics=list(args.dlq_topic), gap_timeouts=gap_timeouts, refresh_seconds=args.refresh,
+        sample_interval=args.sample_interval, allowed_hosts=list(args.allowed_host) or None,
+    )
+    console.serve(settings, host=args.host, port=args.port)
 
 
 def _db_command(args: argparse.Namespace) -> None:
@@ -789,6 +901,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         _status(args)
     elif args.command == "inspect":
         return _inspect(args)
+    elif args.command == "console":
+        _console(args)
     elif args.command == "dlq" and args.dlq_command == "list":
         _dlq_list(args)
     elif args.command == "dlq":

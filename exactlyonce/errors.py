@@ -6,6 +6,7 @@
     ├── ConfigurationError     fix the settings and start again
     ├── MessageError           permanent: this message can never be handled as it is
     │   ├── MessageDecodeError     the value is not what the handler or ID strategy needs
+    │   ├── InvalidPayload         the value is JSON, but not what the handler's model= accepts
     │   ├── InvalidMessageId       missing, empty, non-text or over-long message ID
     │   ├── OversizedValue         the value is larger than the handler accepts
     │   ├── FingerprintMismatch    a known message ID arrived with a different payload
@@ -52,6 +53,15 @@ class MessageDecodeError(MessageError):
     """The message value could not be decoded (for example, it is not valid JSON)."""
 
     reason = "undecodable-value"
+
+
+class InvalidPayload(MessageError):
+    """The value is JSON but does not validate as the handler's ``model=`` (a pydantic model or a dataclass).
+
+    The message says which fields failed and why, never the values they had.
+    """
+
+    reason = "invalid-payload"
 
 
 class InvalidMessageId(MessageError):

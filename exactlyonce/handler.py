@@ -16,7 +16,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from exactlyonce import ids, settings, signing
+from exactlyonce import ids, payload, settings, signing
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.retry import Retry
 from exactlyonce.storage.schema import MAX_SCOPE_LENGTH
@@ -91,6 +91,10 @@ class Handler:
     gap_timeout: timedelta = timedelta(minutes=5)
     #: What a gap open longer than ``gap_timeout`` does to the parked messages.
     on_gap: OnGap = OnGap.WAIT
+    #: The class each record's value is validated into, once, before its claim
+    #: (a pydantic v2 model or a dataclass); the handler, the message ID
+    #: strategy and ``sequence`` read it as ``message.payload``. ``None``: raw bytes only.
+    model: type[Any] | None = None
 
 
 def check_registration(
@@ -110,6 +114,7 @@ def check_registration(
     sequence: SequenceFunc | None = None,
     gap_timeout: timedelta = timedelta(minutes=5),
     on_gap: OnGap | str = OnGap.WAIT,
+    model: type[Any] | None = None,
 ) -> Callable[[HandlerFunc], Handler]:
     """Check a registration's settings now; return ``make(func) -> Handler``, which checks the function.
 
@@ -146,23 +151,11 @@ def check_registration(
         if batch:
             raise ConfigurationError("a sequenced handler cannot be a batch handler (batch=True)")
     if verifies_signatures and message_id is not None:
-        name_read = ids.header_name(message_id)
-        if name_read is not None and name_read not in signing.SIGNED_HEADERS:
-            # A forged copy could carry any value there and still verify.
-            raise ConfigurationError(
-                f"message_id=ids.header({name_read!r}) reads a header the signature does not cover; with "
-                f"signing_keys, take the ID from the {ids.DEFAULT_HEADER!r} header (the default), the key "
-                "(ids.key()) or the value (ids.json_field(...))"
-            )
+        _check_signed_id(message_id)
     if gap_timeout <= timedelta(0):
         raise ConfigurationError("gap_timeout must be positive")
-    scope = name if name is not None else f"{group_id}:{topic}"
-    if not scope or len(scope) > MAX_SCOPE_LENGTH:
-        raise ConfigurationError(
-            f"handler scope {scope!r} must have 1 to {MAX_SCOPE_LENGTH} characters"
-        )
-    if any(h.scope == scope for h in registered):
-        raise ConfigurationError(f"scope {scope!r} is already used by another handler")
+    _check_model(model, message_id)
+    scope = _check_scope(name if name is not None else f"{group_id}:{topic}", registered)
 
     def make(func: HandlerFunc) -> Handler:
         if not callable(func):
@@ -182,9 +175,47 @@ def check_registration(
             sequence=sequence,
             gap_timeout=gap_timeout,
             on_gap=gap_policy,
+            model=model,
         )
 
     return make
+
+
+def _check_model(model: Any, message_id: ids.MessageIdStrategy | None) -> None:
+    """A usable ``model=``; an ``ids.field`` strategy only with a model that has the field."""
+    if model is not None:
+        payload.check_model(model)
+    path = ids.field_path(message_id) if message_id is not None else None
+    if path is not None:
+        if model is None:
+            raise ConfigurationError(
+                f"message_id=ids.field({path!r}) reads the typed payload, and this handler has no model=: "
+                f"give model=..., or read the JSON value with ids.json_field({path!r})"
+            )
+        payload.check_path(model, path)
+
+
+def _check_scope(scope: str, registered: list[Handler]) -> str:
+    """``scope``, if it is storable and not taken."""
+    if not scope or len(scope) > MAX_SCOPE_LENGTH:
+        raise ConfigurationError(
+            f"handler scope {scope!r} must have 1 to {MAX_SCOPE_LENGTH} characters"
+        )
+    if any(h.scope == scope for h in registered):
+        raise ConfigurationError(f"scope {scope!r} is already used by another handler")
+    return scope
+
+
+def _check_signed_id(message_id: ids.MessageIdStrategy) -> None:
+    """With signing keys, refuse an ID strategy that reads a header the signature does not cover."""
+    name_read = ids.header_name(message_id)
+    if name_read is not None and name_read not in signing.SIGNED_HEADERS:
+        # A forged copy could carry any value there and still verify.
+        raise ConfigurationError(
+            f"message_id=ids.header({name_read!r}) reads a header the signature does not cover; with "
+            f"signing_keys, take the ID from the {ids.DEFAULT_HEADER!r} header (the default), the key "
+            "(ids.key()) or the value (ids.json_field(...))"
+        )
 
 
 def _refuse_unrunnable(func: Callable[..., Any]) -> None:

@@ -3,13 +3,19 @@
 The message ID is what makes a redelivered or re-sent record recognisable, so
 it must be chosen by the *sender* and survive retransmission: a header the
 producer stamps, a business key in the payload (``transfer_id``), or the record
-key. Any callable ``Message -> str`` works; these are the ready ones.
+key. Any callable ``Message -> str`` works; these are the ready ones. For a
+handler registered with ``model=``, the strategy is given the message with its
+typed payload (``message.payload``): :func:`field` reads it, and so can a
+callable of your own (``lambda m: m.payload.transfer_id``).
 """
 
 from __future__ import annotations
 
+import enum
 import re
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from exactlyonce.errors import InvalidMessageId, MessageError
 from exactlyonce.message import Message
@@ -110,6 +116,57 @@ def json_field(path: str) -> MessageIdStrategy:
 
     from_json.__qualname__ = f"json_field({path!r})"
     return from_json
+
+
+_FIELD_ATTRIBUTE = "_exactlyonce_payload_field"
+
+
+def field(path: str) -> MessageIdStrategy:
+    """Use a field of the typed payload (``message.payload``); for handlers registered with ``model=``.
+
+    ``path`` may be dotted (``"meta.id"``): each step reads an attribute (a
+    nested model or dataclass) or a key (a dict). Strings are used as they
+    are; integers become decimal text and UUIDs their canonical text; an
+    enum member counts as its value. Any other type (float, bool, object,
+    ``None``) is rejected, because its text form is not a stable identity.
+    ``app.handler`` refuses this strategy without ``model=``, and a path
+    whose first names are not fields of the model.
+    """
+    parts = path.split(".")
+    if not all(parts):
+        raise ValueError(f"invalid payload field path {path!r}")
+    missing = object()
+
+    def from_payload(message: Message) -> str:
+        node: Any = message.payload
+        if node is None:
+            raise InvalidMessageId(f"{message.where()}: no typed payload to read {path!r} from (the handler "
+                                   "has no model=)")
+        for part in parts:
+            node = node.get(part, missing) if isinstance(node, Mapping) else getattr(node, part, missing)
+            if node is missing:
+                raise InvalidMessageId(f"{message.where()}: payload field {path!r} is missing")
+        if isinstance(node, enum.Enum):
+            node = node.value
+        if isinstance(node, uuid.UUID):
+            return str(node)
+        if isinstance(node, str):
+            return str.__str__(node)
+        if isinstance(node, int) and not isinstance(node, bool):
+            return str(int(node))
+        raise InvalidMessageId(
+            f"{message.where()}: payload field {path!r} must be a string, integer or UUID, got {type(node).__name__}"
+        )
+
+    from_payload.__qualname__ = f"field({path!r})"
+    vars(from_payload)[_FIELD_ATTRIBUTE] = path
+    return from_payload
+
+
+def field_path(strategy: MessageIdStrategy) -> str | None:
+    """The path a :func:`field` strategy reads; ``None`` for any other strategy."""
+    path = getattr(strategy, _FIELD_ATTRIBUTE, None)
+    return path if isinstance(path, str) else None
 
 
 def key() -> MessageIdStrategy:

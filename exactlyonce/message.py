@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable
@@ -20,6 +21,12 @@ class Message:
 
     ``value`` and ``key`` are the raw bytes (``None`` for a null key or a
     tombstone); ``headers`` keeps Kafka's order and allows repeated names.
+    ``payload`` is the typed payload of a handler registered with ``model=``:
+    the value decoded as JSON and validated into that model (an instance of
+    it) once, before anything is claimed; ``None`` for a handler without
+    ``model=``. Like the value it comes from, it takes no part in equality.
+    To unit-test a typed handler, build the message with both:
+    ``Message(..., value=raw, payload=Transfer(...))``.
     """
 
     topic: str
@@ -29,6 +36,7 @@ class Message:
     value: bytes | None
     headers: tuple[tuple[str, bytes], ...] = ()
     timestamp_ms: int | None = None
+    payload: Any = field(default=None, repr=False, compare=False)
     _json: Any = field(default=_UNSET, init=False, repr=False, compare=False)
 
     def header(self, name: str) -> bytes | None:
@@ -62,6 +70,13 @@ class Message:
     def where(self) -> str:
         """Return ``topic[partition]@offset``, for log lines and errors."""
         return f"{self.topic}[{self.partition}]@{self.offset}"
+
+
+def with_payload(message: Message, payload: Any) -> Message:
+    """``message`` with ``payload`` set, its decoded JSON (if any) kept, so the value is decoded once."""
+    typed = dataclasses.replace(message, payload=payload)
+    object.__setattr__(typed, "_json", message._json)
+    return typed
 
 
 def headers_to_json(headers: Iterable[tuple[str, bytes]]) -> str:

@@ -16,6 +16,7 @@ from exactlyonce.errors import ConfigurationError
 
 __all__ = [
     "BOOTSTRAP_SERVERS_ENV",
+    "CONSOLE_TOKEN_ENV",
     "DATABASE_URL_ENV",
     "LOG_FORMAT_ENV",
     "LOG_LEVEL_ENV",
@@ -29,6 +30,8 @@ __all__ = [
     "utcnow",
 ]
 
+#: The token that lets the web console replay dead letters (``exactlyonce console --token``).
+CONSOLE_TOKEN_ENV = "EXACTLYONCE_CONSOLE_TOKEN"
 #: The Kafka bootstrap servers (``host:port,host:port``).
 BOOTSTRAP_SERVERS_ENV = "EXACTLYONCE_BOOTSTRAP_SERVERS"
 #: The SQLAlchemy database URL.

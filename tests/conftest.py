@@ -25,6 +25,12 @@ PostgreSQL / MariaDB (``postgres_url`` / ``mysql_url``, one per session):
 ``database_url`` runs a test on SQLite, PostgreSQL and MariaDB, each time on a
 clean database (every table dropped) upgraded to the framework's head
 revision; ``empty_database_url`` is the same without the upgrade.
+
+Browser (``chromium``, one per session): Debian's ``/usr/bin/chromium``,
+installed by ``tests/services/chromium.sh`` when missing (Debian/Ubuntu as
+root), driven by Playwright for Python through ``executable_path`` (Playwright
+never downloads a browser here). A Chromium that cannot start skips the test,
+or fails it under ``CI=true``.
 """
 
 from __future__ import annotations
@@ -57,9 +63,14 @@ MARIADB_IMAGE = "mariadb:11"
 DATABASES = ["sqlite", "postgresql", "mysql"]
 DATABASE_IDS = ["sqlite", "postgresql", "mariadb"]
 
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_SCRIPT = Path(__file__).parent / "services" / "chromium.sh"
+#: Headless, as root (no sandbox), no GPU, no calls home.
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+
 # Fixtures that need a service; tests using them get the ``service`` marker.
 _SERVICE_FIXTURES = {"bootstrap_servers", "database_url", "empty_database_url", "postgres_url",
-                     "mysql_url", "kafka_cluster"}
+                     "mysql_url", "kafka_cluster", "chromium"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -80,6 +91,8 @@ def _prepare_services(needs: set[str]) -> None:
     against the first test's timeout. Whatever fails here is reported by the
     fixtures later, in the tests that need the service.
     """
+    if "chromium" in needs:
+        _set_up_chromium()
     if not needs or docker_available():
         return
     wants_database = bool(needs & {"database_url", "empty_database_url", "postgres_url", "mysql_url"})
@@ -188,6 +201,43 @@ def _set_up_local_databases() -> str | None:
     if result.returncode != 0:
         return f"{SERVICES_SCRIPT.name} failed: {(result.stdout + result.stderr).strip()[-300:]}"
     return None
+
+
+@functools.cache
+def _set_up_chromium() -> str | None:
+    """Run tests/services/chromium.sh once if /usr/bin/chromium is missing; ``None`` if it is there, else why not."""
+    if CHROMIUM.exists():
+        return None
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return f"install Debian's chromium package ({CHROMIUM_SCRIPT.name} does it on Debian/Ubuntu as root)"
+    result = subprocess.run(["bash", str(CHROMIUM_SCRIPT)], capture_output=True, text=True, timeout=900,
+                            check=False)
+    if result.returncode != 0 or not CHROMIUM.exists():
+        return f"{CHROMIUM_SCRIPT.name} failed: {(result.stdout + result.stderr).strip()[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Iterator[Any]:
+    """A headless Chromium (Debian's) driven by Playwright: a ``playwright.sync_api.Browser``."""
+    problem = _set_up_chromium()
+    if problem is not None:
+        unavailable(f"no Chromium: {problem}")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError as exc:
+        unavailable(f"Playwright for Python is not installed (pip install -e '.[dev]'): {exc}")
+    manager = sync_playwright().start()
+    try:
+        browser = manager.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+    except Exception as exc:
+        manager.stop()
+        unavailable(f"Chromium ({CHROMIUM}) did not start: {str(exc).strip()[:500]}")
+    try:
+        yield browser
+    finally:
+        browser.close()
+        manager.stop()
 
 
 @pytest.fixture(scope="session")

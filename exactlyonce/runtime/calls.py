@@ -1,8 +1,11 @@
 """What every path does with a record before and around its handler: admit it, derive its ID, call.
 
 A record is *admitted* before anything is claimed: a forged or unsigned one
-(with signing keys), or one larger than ``max_value_bytes``, is refused with
-a :class:`~exactlyonce.errors.MessageError` and dead-lettered without a claim.
+(with signing keys), one larger than ``max_value_bytes``, or, for a handler
+with ``model=``, one whose value is not JSON or does not validate, is refused
+with a :class:`~exactlyonce.errors.MessageError` and dead-lettered without a
+claim. Admission returns the message with its typed payload, which the ID
+strategy, ``sequence`` and the handler then read.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from exactlyonce import _session, ids, signing
+from exactlyonce import _session, ids, payload, signing
 from exactlyonce.errors import MessageError, OversizedValue
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
@@ -29,8 +32,13 @@ class Calls:
         self._signing_keys = signing_keys
         self._metrics = metrics
 
-    def admit(self, handler: Handler, message: Message) -> None:
-        """Refuse a record before anything is claimed: forged or unsigned, or too large."""
+    def admit(self, handler: Handler, message: Message) -> Message:
+        """Refuse a record before anything is claimed (forged or unsigned, too large, an invalid payload).
+
+        Returns ``message`` with its typed payload when the handler has
+        ``model=``. The checks run in this order, so a forged record never
+        reaches the model's validators, nor an oversized one the JSON decoder.
+        """
         if self._signing_keys is not None:
             signing.verify(message, self._signing_keys)
         if handler.max_value_bytes is not None and len(message.value or b"") > handler.max_value_bytes:
@@ -38,6 +46,19 @@ class Calls:
                 f"{message.where()}: value has {len(message.value or b'')} bytes, "
                 f"more than max_value_bytes={handler.max_value_bytes}"
             )
+        return self.typed(handler, message)
+
+    def typed(self, handler: Handler, message: Message) -> Message:
+        """``message`` with its typed payload (``handler.model``); as it is when it has one or needs none.
+
+        Raises :class:`~exactlyonce.errors.MessageDecodeError` or
+        :class:`~exactlyonce.errors.InvalidPayload`. Records parked by a
+        sequenced handler come back from the database without their payload:
+        they are typed again when released.
+        """
+        if handler.model is None or message.payload is not None:
+            return message
+        return payload.typed(handler.model, message)
 
     def derive(self, derive: Callable[[Message], T], message: Message) -> T:
         """``derive(message)``: the message ID or sequence; with signing on, from the signed parts only.

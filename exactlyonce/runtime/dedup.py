@@ -53,15 +53,15 @@ class Dedup:
     def process(self, handler: Handler, messages: list[Message]) -> None:
         """Decide ``messages`` (each partition's in order) and commit every decision.
 
-        Records that cannot be handled (bad signature, no usable ID,
-        oversized) are dead-lettered one by one; the others are claimed and
+        Records that cannot be handled (bad signature, oversized, an
+        invalid payload, no usable ID) are dead-lettered one by one; the others are claimed and
         handled together.
         """
         good: list[_Item] = []
         strategy = handler.message_id or ids.header()
         for message in messages:
             try:
-                self._calls.admit(handler, message)
+                message = self._calls.admit(handler, message)
                 good.append((message, self._calls.derive(lambda m: ids.resolve(strategy, m), message)))
             except MessageError as exc:
                 self._dead_letters.refuse(handler, message, exc)

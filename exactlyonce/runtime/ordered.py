@@ -92,7 +92,7 @@ class Ordered:
         items: list[_Item] = []
         for message in messages:
             try:
-                self._calls.admit(handler, message)
+                message = self._calls.admit(handler, message)
                 message_id, stream, number = self._calls.derive(lambda m: _sequence_and_id(handler, m), message)
                 items.append((message, message_id, stream, number))
             except MessageError as exc:
@@ -217,6 +217,13 @@ class Ordered:
         A failed attempt rolls back to the savepoint only, keeping what the
         transaction did for the records before it.
         """
+        try:
+            # A parked record comes back from the database without its typed payload.
+            message = self._calls.typed(handler, message)
+        except MessageError as exc:
+            self._dead_letters.publish(handler, message, message_id, exc, attempts=0)
+            book.add(message, Outcome.DEAD_LETTERED, message_id, error=exc)
+            return
         attempts = 0
 
         def attempt() -> None:

@@ -60,7 +60,7 @@ class Dialect:
     #: abort the whole transaction on a failed statement needs one.
     claims_in_savepoint: ClassVar[bool] = True
     #: The isolation level of the outbox relay's connections (``None``: the
-    #: engine's own); see ``Relay._connect`` for why.
+    #: engine's own); see :func:`exactlyonce.outbox.rows.connect` for why.
     relay_isolation_level: ClassVar[str | None] = None
 
     def claim(self, session: Session, rows: Sequence[Row]) -> set[str]:

@@ -133,9 +133,139 @@ def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:
             dbapi_connection.execute("PRAGMA journal_mode=WAL")
         dbapi_connection.execute("PRAGMA foreign_keys=ON")
 
-    @event.listens_for(engine, "begin")
+    event.listen(engine, "begin", _begin_immediate)
+
+
+def _begin_immediate(connection: sa.Connection) -> None:
+    """Take SQLite's write lock when the transaction begins (see :func:`create_engine`)."""
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+# -- an engine the application made (App(engine=...)) -----------------------------
+
+#: Where a MySQL/MariaDB connection keeps its own session values while the framework's are in force.
+_SAVED_SESSION = "exactlyonce.saved_session_timeouts"
+
+
+def adopt_engine(
+    engine: Any,
+    *,
+    lock_timeout: timedelta,
+    idle_in_transaction_timeout: timedelta,
+    lock_timeout_given: bool,
+) -> Engine:
+    """The framework's view of an engine the application configured itself; the engine is left as it is.
+
+    The view is ``engine.execution_options()``: it shares the engine's pool,
+    its connection settings and every event listener registered on it (now
+    or later), and adds listeners of its own that only the framework's
+    transactions fire:
+
+    - PostgreSQL: each transaction starts by setting ``lock_timeout`` and
+      ``idle_in_transaction_session_timeout`` for itself only (``SET LOCAL``,
+      as ``set_config(..., true)``): they end with it;
+    - MariaDB/MySQL: each transaction starts by saving the session's
+      ``innodb_lock_wait_timeout`` (and MariaDB's ``idle_transaction_timeout``)
+      and setting the framework's; they are set back just before it commits
+      or rolls back (MySQL has no transaction-scoped setting);
+    - SQLite: the engine must come from :func:`create_engine` (``BEGIN
+      IMMEDIATE``, WAL, the busy timeout as its ``lock_timeout``), since
+      those are settings of its connections that a view cannot add; the lock
+      wait is the engine's, so ``lock_timeout_given`` is refused;
+    - other databases get nothing, as :func:`create_engine` gives them nothing.
+
+    Refused (:class:`ConfigurationError`): not a synchronous ``Engine``, an
+    engine in ``AUTOCOMMIT`` (the claim and the handler's writes would not
+    share a transaction), and a SQLite engine as above. The framework never
+    disposes of it: the application that made it owns it.
+    """
+    if not isinstance(engine, Engine):
+        raise ConfigurationError(
+            f"engine must be a sqlalchemy.Engine (sqlalchemy.create_engine(...)), not {type(engine).__name__}"
+        )
+    options = engine.get_execution_options()
+    if options.get("isolation_level", getattr(engine.dialect, "_on_connect_isolation_level", None)) == "AUTOCOMMIT":
+        raise ConfigurationError(
+            "engine is in AUTOCOMMIT: every statement would commit on its own, so a record's claim and its "
+            "handler's writes would not share one transaction; give an engine with transactions"
+        )
+    backend = engine.dialect.name
+    if backend == "sqlite":
+        if not _has_listener(engine, "begin", _begin_immediate):
+            raise ConfigurationError(
+                "a SQLite engine must be made by exactlyonce.storage.engine.create_engine(url, **kwargs) (it "
+                "takes SQLAlchemy's create_engine arguments): the framework needs BEGIN IMMEDIATE, WAL and a "
+                "busy timeout on its connections, which it cannot add to an engine made elsewhere"
+            )
+        if lock_timeout_given:
+            raise ConfigurationError(
+                "lock_timeout has no effect on a SQLite engine given as engine=: its busy timeout is the "
+                "lock_timeout it was made with (create_engine(url, lock_timeout=...))"
+            )
+    view = engine.execution_options()
+    if backend == "postgresql":
+        _set_local_timeouts(view, lock_timeout, idle_in_transaction_timeout)
+    elif backend in ("mysql", "mariadb"):
+        _swap_session_timeouts(view, lock_timeout, idle_in_transaction_timeout)
+    return view
+
+
+def _has_listener(engine: Engine, name: str, listener: Any) -> bool:
+    """Whether ``listener`` is registered for ``name`` on ``engine`` or on the engine it is a view of."""
+    current: Any = engine
+    while current is not None:
+        if event.contains(current, name, listener):
+            return True
+        current = getattr(current, "_proxied", None)  # an OptionEngine's engine
+    return False
+
+
+def _set_local_timeouts(view: Engine, lock_timeout: timedelta, idle_timeout: timedelta) -> None:
+    # set_config(..., is_local => true) is SET LOCAL: the value ends with the transaction.
+    statement = (
+        f"SELECT set_config('lock_timeout', '{math.ceil(lock_timeout / timedelta(milliseconds=1))}', true), "
+        "set_config('idle_in_transaction_session_timeout', "
+        f"'{math.ceil(idle_timeout / timedelta(milliseconds=1))}', true)"
+    )
+
+    @event.listens_for(view, "begin")
     def _on_begin(connection: sa.Connection) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        connection.exec_driver_sql(statement)
+
+
+def _swap_session_timeouts(view: Engine, lock_timeout: timedelta, idle_timeout: timedelta) -> None:
+    lock_seconds = math.ceil(lock_timeout.total_seconds())
+    idle_seconds = math.ceil(idle_timeout.total_seconds())
+
+    @event.listens_for(view, "begin")
+    def _on_begin(connection: sa.Connection) -> None:
+        mariadb = bool(getattr(connection.dialect, "is_mariadb", False))
+        names = ["innodb_lock_wait_timeout", *(["idle_transaction_timeout"] if mariadb else [])]
+        ours = {"innodb_lock_wait_timeout": lock_seconds, "idle_transaction_timeout": idle_seconds}
+        cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+        try:
+            cursor.execute("SELECT " + ", ".join(f"@@SESSION.{name}" for name in names))
+            row = cursor.fetchone()
+            assert row is not None  # a SELECT of variables returns one row
+            saved = dict(zip(names, row, strict=True))
+            cursor.execute("SET " + ", ".join(f"SESSION {name} = {ours[name]}" for name in names))
+        finally:
+            cursor.close()
+        connection.info[_SAVED_SESSION] = saved
+
+    def _restore(connection: sa.Connection) -> None:
+        saved = connection.info.pop(_SAVED_SESSION, None)
+        if not saved:
+            return
+        with contextlib.suppress(Exception):  # a lost connection is discarded with what it had set
+            cursor = connection.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute("SET " + ", ".join(f"SESSION {name} = {int(value)}" for name, value in saved.items()))
+            finally:
+                cursor.close()
+
+    event.listen(view, "commit", _restore)
+    event.listen(view, "rollback", _restore)
 
 
 # SQLite reports both a busy database and a missing table as OperationalError;

@@ -86,7 +86,7 @@ def test_effectively_once_over_verified_tls(tls_broker: TlsBroker, postgres_url:
     assert tls_broker.proxy.refused == refused_before
 
 
-# The clear errors below need the bootstrap diagnosis in exactlyonce/_kafka.py
+# The clear errors below need the bootstrap diagnosis in exactlyonce/_kafka/diagnosis.py
 # (see the report of the TLS work): kafka-python 3 only times out.
 @pytest.mark.parametrize("trust", ["system CAs", "another CA"])
 def test_a_producer_that_does_not_trust_the_certificate_fails_clearly(tls_broker: TlsBroker, trust: str) -> None:

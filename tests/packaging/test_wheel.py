@@ -31,6 +31,10 @@ def test_wheel_ships_migrations_and_upgrades_from_outside_the_source_tree(tmp_pa
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[pytest11]\nexactlyonce = exactlyonce.pytest_plugin" in text
+    # The console's templates and its own script and stylesheet (package data).
+    for name in ("templates/base.html", "templates/overview.html", "templates/replay.html", "static/console.js",
+                 "static/console.css"):
+        assert f"exactlyonce/console/{name}" in names, name
 
     target = tmp_path / "site"
     subprocess.run(

@@ -40,10 +40,5 @@ def test_a_bounded_copy_is_never_replayed() -> None:
     """`dlq replay` refuses it: its value is not the message."""
     _, value, headers = _bounded_copy(_message(None, b"v" * 5000, (("message-id", b"m-1"),)),
                                       [*OURS, ("x-exactlyonce-topic", b"t")])
-
-    class Record:
-        topic, partition, offset, timestamp, key = "t.dlq", 0, 0, None, None
-
-    record = Record()
-    record.value, record.headers = value, headers  # type: ignore[attr-defined]
+    record = Message(topic="t.dlq", partition=0, offset=0, key=None, value=value, headers=tuple(headers))
     assert "truncated" in (replay_problem(to_dead_letter(record)) or "")

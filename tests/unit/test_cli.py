@@ -69,6 +69,7 @@ LEAVES = [
     ["status"],
     ["inspect", "m-1"],
     ["dlq", "list", "t.dlq"], ["dlq", "replay", "t.dlq"],
+    ["console"],
 ]
 
 
@@ -122,7 +123,9 @@ def test_a_command_logs_as_the_options_after_it_say(capsys: pytest.CaptureFixtur
     out, err = capsys.readouterr()
     assert out == "base\n"
     lines = [json.loads(line) for line in err.splitlines()]
-    assert {"level": "DEBUG", "logger": "exactlyonce.cli", "message": f"database: {url}"}.items() <= lines[0].items()
+    # Registered secrets (the test databases' passwords, as short as "root") are masked in the path too.
+    expected = {"level": "DEBUG", "logger": "exactlyonce.cli", "message": f"database: {logs.redact(url)}"}
+    assert expected.items() <= lines[0].items()
     assert main(["db", "current", "--database-url", url, "--log-level", "ERROR"]) == 0
     assert capsys.readouterr() == ("base\n", "")
 
@@ -294,3 +297,31 @@ def test_help_prints_default_durations_as_people_write_them(capsys: pytest.Captu
         text = " ".join(capsys.readouterr().out.split())
         assert "days," not in text and "0:00:00" not in text
         assert {"prune": "default 15d)", "relay": "(default 7d)"}[command] in text
+
+
+def test_relay_waits_for_a_restarting_database_at_its_start() -> None:
+    """A transient database error at the start is retried (a supervisor restarted the relay mid-restart);
+    any other error ends the command at once."""
+    import sqlalchemy as sa
+
+    calls: list[int] = []
+
+    class Restarting(Exception):
+        pass
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise sa.exc.OperationalError("SELECT 1", {}, Restarting("terminating connection"))
+
+    cli._when_the_database_answers(check)
+    assert len(calls) == 3
+
+    def broken() -> None:
+        calls.append(1)
+        raise sa.exc.ProgrammingError("SELECT 1", {}, Restarting("no such table"))
+
+    calls.clear()
+    with pytest.raises(sa.exc.ProgrammingError):
+        cli._when_the_database_answers(broken)
+    assert len(calls) == 1

@@ -19,7 +19,7 @@ def test_error_tree() -> None:
     """Every exception derives from ExactlyOnceError, grouped as the errors docstring draws."""
     from exactlyonce import errors
 
-    for exc in (errors.MessageDecodeError, errors.InvalidMessageId, errors.OversizedValue,
+    for exc in (errors.MessageDecodeError, errors.InvalidPayload, errors.InvalidMessageId, errors.OversizedValue,
                 errors.FingerprintMismatch, errors.BadSequence, errors.SequenceGap, errors.BadSignature):
         assert issubclass(exc, errors.MessageError)
     assert issubclass(errors.Skip, errors.HandlerSignal)
@@ -27,6 +27,7 @@ def test_error_tree() -> None:
     for exc in (errors.ConfigurationError, errors.MessageError, errors.TransientError,
                 errors.HandlerSignal):
         assert issubclass(exc, errors.ExactlyOnceError)
-    reasons = {c.reason for c in (errors.MessageDecodeError, errors.InvalidMessageId,
+    reasons = {c.reason for c in (errors.MessageDecodeError, errors.InvalidPayload, errors.InvalidMessageId,
                                   errors.OversizedValue, errors.FingerprintMismatch)}
-    assert reasons == {"undecodable-value", "invalid-message-id", "oversized-value", "fingerprint-mismatch"}
+    assert reasons == {"undecodable-value", "invalid-payload", "invalid-message-id", "oversized-value",
+                       "fingerprint-mismatch"}

@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles, no import hidden in a function to dodge one, and floors that stay floors.
+"""The package's import graph: no cycles, no import hidden in a function to dodge one, floors that stay floors,
+and kafka-python behind its one seam.
 
 The graph is read from the source with :mod:`ast`, not by importing: every
 ``import exactlyonce...`` and ``from exactlyonce... import ...`` (relative
@@ -26,7 +27,11 @@ TYPE_ONLY_ALLOWED: Mapping[tuple[str, str], str] = {}
 
 #: Imports of an exactlyonce module inside a function, each with the real reason it must be lazy.
 #: Dodging an import cycle is not a reason: fix the layering instead.
-LAZY_ALLOWED: Mapping[tuple[str, str], str] = {}
+LAZY_ALLOWED: Mapping[tuple[str, str], str] = {
+    ("exactlyonce.cli", "exactlyonce.console"): (
+        "the console needs an optional extra (starlette, jinja2, uvicorn): imported when `exactlyonce console` runs"
+    ),
+}
 
 #: The ground floor: each may import only the modules listed (all below it).
 GROUND_FLOOR: Mapping[str, frozenset[str]] = {
@@ -35,9 +40,27 @@ GROUND_FLOOR: Mapping[str, frozenset[str]] = {
 }
 
 #: The top floor: the entry points. Only the package's __init__ and the top floor itself import them.
-#: ``testing`` (the test kit wraps an App) and ``pytest_plugin`` are the entry points of a service's tests.
+#: The web console (a package) is an entry point on the admin layer, like the CLI. ``testing`` (the test
+#: kit wraps an App) and ``pytest_plugin`` are the entry points of a service's tests.
 TOP_FLOOR = frozenset({"exactlyonce.app", "exactlyonce.cli", "exactlyonce.admin", "exactlyonce.__main__",
-                       "exactlyonce.testing", "exactlyonce.pytest_plugin"})
+                       "exactlyonce.console", "exactlyonce.testing", "exactlyonce.pytest_plugin"})
+
+
+def on_top_floor(module: str) -> bool:
+    """Whether ``module`` is on the top floor (a module of the console package included)."""
+    return module in TOP_FLOOR or module.startswith("exactlyonce.console.")
+
+
+#: The only part of the package (a module, or a package and its modules) that imports kafka-python.
+KAFKA_SEAM = "exactlyonce._kafka"
+
+#: Modules outside the seam that import kafka-python all the same, each with why.
+KAFKA_ALLOWED: Mapping[str, str] = {
+    "exactlyonce.testing": (
+        "the twins replace kafka-python's clients inside the seam's wrappers and raise kafka-python's errors, "
+        "so that the wrappers' own translations stay under test"
+    ),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +155,27 @@ def import_edges(modules: Mapping[str, Path], root: str = ROOT) -> list[Edge]:
     return edges
 
 
+def external_imports(modules: Mapping[str, Path], top: str) -> list[Edge]:
+    """Every import of the outside package ``top`` (or one of its modules) by a package module."""
+    edges = []
+    for importer, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for statement, lazy, type_only in _walk(tree, lazy=False, type_only=False):
+            if isinstance(statement, ast.Import):
+                named = [alias.name for alias in statement.names]
+            else:
+                named = [] if statement.level else [statement.module or ""]
+            for name in dict.fromkeys(named):
+                if name == top or name.startswith(top + "."):
+                    edges.append(Edge(importer, name, statement.lineno, lazy, type_only))
+    return edges
+
+
+def in_seam(module: str, seam: str) -> bool:
+    """Whether ``module`` is the seam or, when the seam is a package, one of its modules."""
+    return module == seam or module.startswith(seam + ".")
+
+
 def find_cycle(edges: list[Edge]) -> list[str] | None:
     """One import cycle as ``[a, b, ..., a]``, or ``None``."""
     graph: dict[str, set[str]] = {}
@@ -199,6 +243,7 @@ def test_allow_lists_hold_only_imports_that_exist() -> None:
     type_only = {(e.importer, e.imported) for e in EDGES if e.type_only}
     assert set(LAZY_ALLOWED) <= lazy
     assert set(TYPE_ONLY_ALLOWED) <= type_only
+    assert set(KAFKA_ALLOWED) <= {e.importer for e in external_imports(MODULES, "kafka")}
 
 
 def test_ground_floor_imports_nothing_above_it() -> None:
@@ -211,8 +256,20 @@ def test_ground_floor_imports_nothing_above_it() -> None:
 def test_only_the_entry_points_import_the_top_floor() -> None:
     """app, cli, admin are imported by the package's __init__ and each other, never from below."""
     upward = sorted(str(e) for e in _counted(EDGES)
-                    if e.imported in TOP_FLOOR and e.importer not in TOP_FLOOR | {ROOT})
+                    if on_top_floor(e.imported) and not (on_top_floor(e.importer) or e.importer == ROOT))
     assert not upward, "imports of the top floor from below:\n" + "\n".join(upward)
+
+
+def test_only_the_kafka_seam_imports_kafka_python() -> None:
+    """kafka-python (``kafka`` and its modules) is imported in exactlyonce._kafka and nowhere else in the package.
+
+    Everything else speaks exactlyonce's types (Message, the seam's TopicPartition, its errors); an import
+    in a function or under ``if TYPE_CHECKING:`` counts too. The test twins are the one allowed exception.
+    """
+    edges = external_imports(MODULES, "kafka")
+    assert any(in_seam(e.importer, KAFKA_SEAM) for e in edges), "the walk found no kafka import in the seam"
+    outside = sorted(str(e) for e in edges if not in_seam(e.importer, KAFKA_SEAM) and e.importer not in KAFKA_ALLOWED)
+    assert not outside, f"kafka-python imported outside {KAFKA_SEAM}:\n" + "\n".join(outside)
 
 
 # -- the checker itself, on small made-up packages --------------------------------------------------------------
@@ -254,6 +311,31 @@ def test_checker_resolves_relative_type_only_and_subpackage_imports(tmp_path: Pa
         ("pkg.sub.leaf", "pkg.base", False),
     }
     assert find_cycle(edges) == ["pkg.base", "pkg.top", "pkg.base"]
+
+
+def test_checker_finds_every_kind_of_kafka_import(tmp_path: Path) -> None:
+    """Plain, from-, lazy and type-only imports of kafka and its modules count; look-alike names do not."""
+    _package(tmp_path, {
+        "__init__.py": "",
+        "_kafka/__init__.py": "import kafka\n",
+        "_kafka/reader.py": "from kafka.admin import ConfigResource\n",
+        "admin.py": ("import kafka.errors\nimport kafkaesque\nfrom typing import TYPE_CHECKING\n"
+                     "if TYPE_CHECKING:\n    from kafka.structs import TopicPartition\n"
+                     "def f():\n    from kafka import KafkaConsumer\n"),
+        "near.py": "from ._kafka import reader\nfrom pkg._kafka import x\nimport kafka_tools\n",
+    })
+    edges = external_imports(package_modules(tmp_path / "pkg", "pkg"), "kafka")
+    found = {(e.importer, e.imported, e.lazy, e.type_only) for e in edges}
+    assert found == {
+        ("pkg._kafka", "kafka", False, False),
+        ("pkg._kafka.reader", "kafka.admin", False, False),
+        ("pkg.admin", "kafka.errors", False, False),
+        ("pkg.admin", "kafka.structs", False, True),
+        ("pkg.admin", "kafka", True, False),
+    }
+    outside = {e.importer for e in edges if not in_seam(e.importer, "pkg._kafka")}
+    assert outside == {"pkg.admin"}
+    assert not in_seam("pkg._kafkaesque", "pkg._kafka")
 
 
 def test_checker_finds_no_cycle_in_a_tree(tmp_path: Path) -> None:
