@@ -621,8 +621,10 @@ class TestApp:
 
     ``with TestApp(app, database_url=...) as t:`` creates the framework's
     tables in the database (``exactlyonce db upgrade``; default: a temporary
-    SQLite file, deleted on exit). Create your own tables with
-    ``metadata.create_all(t.engine)``. Then each :meth:`send` puts a record
+    SQLite file, deleted on exit), or in the database of ``engine=`` (an
+    engine your test configured, used as ``App(engine=...)`` uses one and
+    never disposed of). The App's own ``database_url`` or engine is not
+    used. Create your own tables with ``metadata.create_all(t.engine)``. Then each :meth:`send` puts a record
     on an in-memory topic and runs a real :class:`~exactlyonce.runtime.Runner`
     of the App's handlers over it (the App's group, scopes, retry policies,
     dead-letter topics, signing keys and lock timeout) until everything is
@@ -664,15 +666,19 @@ class TestApp:
         app: App,
         database_url: str | None = None,
         *,
+        engine: Engine | None = None,
         signing_key: SigningKey | None = None,
     ) -> None:
         if not isinstance(app, App):
             raise ConfigurationError(f"TestApp needs an exactlyonce.App, got {type(app).__name__}")
+        if engine is not None and database_url is not None:
+            raise ConfigurationError("give TestApp a database_url or an engine, not both")
         if not app.handlers:
             raise ConfigurationError("the App has no handlers registered")
         self.app = app
         self._signing_key = signing.check_signing_key(signing_key) if signing_key is not None else None
         self._database_url = database_url
+        self._given_engine = engine
         self._temporary: tempfile.TemporaryDirectory[str] | None = None
         self._engine: Engine | None = None
         self._closed = False
@@ -701,14 +707,20 @@ class TestApp:
         if self._engine is not None or self._closed:
             raise ConfigurationError("a TestApp can be entered once")
         url = self._database_url
-        if url is None:
+        if url is None and self._given_engine is None:
             self._temporary = tempfile.TemporaryDirectory(prefix="exactlyonce-test-")
             url = f"sqlite:///{Path(self._temporary.name) / 'test.db'}"
         try:
-            self._engine = _db.create_engine(
-                url, lock_timeout=self.app.lock_timeout,
-                idle_in_transaction_timeout=self.app.idle_in_transaction_timeout,
-            )
+            if self._given_engine is not None:
+                self._engine = _db.adopt_engine(
+                    self._given_engine, lock_timeout=self.app.lock_timeout,
+                    idle_in_transaction_timeout=self.app.idle_in_transaction_timeout, lock_timeout_given=False,
+                )
+            else:
+                self._engine = _db.create_engine(
+                    url or "", lock_timeout=self.app.lock_timeout,
+                    idle_in_transaction_timeout=self.app.idle_in_transaction_timeout,
+                )
             migrate.upgrade(self._engine)
             with self._engine.connect() as conn:
                 self._outbox_start = int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(outbox.c.id), 0)))
@@ -724,9 +736,9 @@ class TestApp:
         self.close()
 
     def close(self) -> None:
-        """Dispose of the engine and delete the temporary database, if any (``__exit__`` does it)."""
+        """Dispose of the engine (not one given) and delete the temporary database, if any (``__exit__`` does it)."""
         self._closed = True
-        if self._engine is not None:
+        if self._engine is not None and self._given_engine is None:
             self._engine.dispose()
         if self._temporary is not None:
             self._temporary.cleanup()

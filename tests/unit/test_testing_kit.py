@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 import exactlyonce
 from exactlyonce import App, ConfigurationError, Message, Retry, TransientError, ids, signing
 from exactlyonce.outcome import Outcome
+from exactlyonce.storage import engine as _db
 from exactlyonce.testing import Origin, TestApp
 
 metadata = sa.MetaData()
@@ -102,6 +103,20 @@ def test_without_a_url_the_database_is_a_temporary_sqlite_file_deleted_at_exit()
         assert path.is_file()
         assert t.send("transfers", b"[]") == "dead_lettered"
     assert not path.exists()
+
+
+def test_an_engine_of_the_tests_own_is_used_and_not_disposed(tmp_path: Path) -> None:
+    engine = _db.create_engine(f"sqlite:///{tmp_path}/own.db")
+    with pytest.raises(ConfigurationError, match="not both"):
+        TestApp(bank, database_url="sqlite://", engine=engine)
+    pool = engine.pool
+    with TestApp(bank, engine=engine) as t:
+        metadata.create_all(t.engine)
+        assert t.send("transfers", {"transfer_id": "t1", "amount": 5}) == "applied"
+    assert engine.pool is pool  # not disposed (dispose() replaces the pool)
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(applied)).scalar_one() == 1
+    engine.dispose()
 
 
 def test_records_are_sent_as_given_and_message_id_adds_the_header(tmp_path: Path) -> None:
