@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -263,32 +264,50 @@ class RecordProducer:
             # kafka-python refuses some topics before sending: "." and "..", internal topics.
             raise ConfigurationError(f"cannot publish to topic {topic!r}: {exc}") from exc
 
-    def flush(self, timeout_s: float | None = None) -> None:
-        """Wait until every queued record has an outcome (acknowledged or failed)."""
-        # On a timeout the futures still pending report it. So they do when
-        # kafka-python's flush gives up otherwise (after a fatal error it can
-        # raise UnknownError "Future not done").
-        try:
-            self._producer.flush(timeout=timeout_s)
-        except kafka.errors.KafkaError as exc:
-            if not isinstance(exc, kafka.errors.KafkaTimeoutError):
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every queued record has an outcome (acknowledged or failed); return whether all have.
+
+        ``timeout_s`` bounds the whole wait (about: a step may overrun it by
+        a tenth of a second per partition in flight). kafka-python's own
+        ``flush(timeout)`` waits ``timeout`` for *each* batch in flight, so
+        after a whole-cluster restart a 10 s flush could last minutes; it is
+        called here in short steps against one deadline instead.
+        """
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            step = _FLUSH_STEP_S if deadline is None else max(0.0, min(_FLUSH_STEP_S, deadline - time.monotonic()))
+            try:
+                self._producer.flush(timeout=step)
+                return True
+            except kafka.errors.KafkaTimeoutError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    return False
+            except kafka.errors.KafkaError as exc:
+                # After a fatal error kafka-python can raise UnknownError "Future
+                # not done": the futures report their own outcome.
                 log.debug("producer flush: %s", exc)
+                return True
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Flush for up to ``timeout_s``, then close; records still in flight then are abandoned."""
-        try:
-            self._producer.close(timeout=timeout_s)
-        except kafka.errors.KafkaTimeoutError:
-            # kafka-python's close() gives up at its flush while records are in
-            # flight (the broker unreachable), leaving its I/O thread running
-            # until they expire: stop that thread without waiting for them.
-            sender = getattr(self._producer, "_sender", None)
-            if sender is None:
-                raise
+        """Flush for up to about ``timeout_s``, then close; records still in flight then are abandoned."""
+        if self.flush(timeout_s):
+            # Nothing in flight: closing only joins the I/O thread (bounded too).
+            with contextlib.suppress(kafka.errors.KafkaError):
+                self._producer.close(timeout=1.0)
+            return
+        # Records in flight (the broker unreachable): kafka-python's close()
+        # would wait at its flush, then leave its I/O thread running until they
+        # expire: stop that thread without waiting for them.
+        sender = getattr(self._producer, "_sender", None)
+        if sender is not None:
             sender.force_close()
             sender.join(1.0)
-            with contextlib.suppress(kafka.errors.KafkaTimeoutError):
-                self._producer.close(timeout=0)
+        with contextlib.suppress(kafka.errors.KafkaError):
+            self._producer.close(timeout=0)
+
+
+#: One step of :meth:`RecordProducer.flush`'s wait.
+_FLUSH_STEP_S = 0.1
 
 
 class _FailedSend:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from typing import Any
 
 import pytest
 
@@ -35,3 +36,54 @@ def test_producer_needs_a_broker(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("EXACTLYONCE_BOOTSTRAP_SERVERS", raising=False)
     with pytest.raises(ConfigurationError, match="EXACTLYONCE_BOOTSTRAP_SERVERS"):
         Producer()
+
+
+def test_close_is_bounded_by_its_timeout_however_many_batches_are_in_flight(monkeypatch: Any) -> None:
+    """kafka-python's flush(timeout) waits `timeout` per batch in flight (minutes after a cluster restart);
+    RecordProducer.close(timeout_s) waits about timeout_s in all, then abandons what is in flight.
+    Counted on a fake clock that kafka-python's waits advance."""
+    import kafka.errors
+
+    from exactlyonce._kafka import RecordProducer, clients
+
+    class Clock:
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+    monkeypatch.setattr(clients, "time", clock)
+
+    class Sender:
+        force_closed = False
+
+        def force_close(self) -> None:
+            self.force_closed = True
+
+        def join(self, timeout: float | None = None) -> None:
+            pass
+
+    class StuckProducer:
+        """Twenty batches in flight that never complete: kafka-python waits `timeout` for each."""
+
+        def __init__(self) -> None:
+            self._sender = Sender()
+            self.closed_with: list[float] = []
+
+        def flush(self, timeout: float | None = None) -> None:
+            clock.now += (timeout or 0) * 20
+            raise kafka.errors.KafkaTimeoutError("Timeout waiting for future")
+
+        def close(self, timeout: float | None = None) -> None:
+            self.closed_with.append(timeout or 0)
+            self.flush(timeout)
+
+    stuck = StuckProducer()
+    producer = RecordProducer.__new__(RecordProducer)
+    producer._producer = stuck  # type: ignore[assignment]
+    producer.close(10.0)
+    # kafka-python's own close(10.0) here: 200 s; ours: the deadline plus one step's overrun.
+    assert clock.now <= 10.0 + 0.1 * 20
+    assert stuck._sender.force_closed
+    assert stuck.closed_with == [0]
