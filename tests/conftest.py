@@ -25,6 +25,8 @@ PostgreSQL / MariaDB (``postgres_url`` / ``mysql_url``, one per session):
 ``database_url`` runs a test on SQLite, PostgreSQL and MariaDB, each time on a
 clean database (every table dropped) upgraded to the framework's head
 revision; ``empty_database_url`` is the same without the upgrade.
+
+``handler_kind`` runs a test with a sync handler and with an ``async def`` one.
 """
 
 from __future__ import annotations
@@ -56,6 +58,9 @@ MARIADB_IMAGE = "mariadb:11"
 
 DATABASES = ["sqlite", "postgresql", "mysql"]
 DATABASE_IDS = ["sqlite", "postgresql", "mariadb"]
+
+#: The guarantee tests' handlers: ``def handler(message, session)`` and ``async def handler(message, session)``.
+HANDLER_KINDS = ["sync", "async"]
 
 # Fixtures that need a service; tests using them get the ``service`` marker.
 _SERVICE_FIXTURES = {"bootstrap_servers", "database_url", "empty_database_url", "postgres_url",
@@ -273,6 +278,12 @@ def _clean_database(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     url: str = request.getfixturevalue("postgres_url" if kind == "postgresql" else "mysql_url")
     drop_all_tables(url)
     return url
+
+
+@pytest.fixture(params=HANDLER_KINDS)
+def handler_kind(request: pytest.FixtureRequest) -> str:
+    """``sync`` (a plain def handler) or ``async`` (an async def one): the guarantee tests run with both."""
+    return str(request.param)
 
 
 @pytest.fixture(params=DATABASES, ids=DATABASE_IDS)
