@@ -22,6 +22,29 @@ def test_default_drivers(url: str, driver: str) -> None:
     assert _db.normalize_url(url).drivername == driver
 
 
+@pytest.mark.parametrize(("url", "driver"), [
+    ("postgresql://u@h/db", "postgresql+psycopg"),
+    ("postgresql+psycopg://u@h/db", "postgresql+psycopg"),
+    ("mysql://u@h/db", "mysql+aiomysql"),
+    ("mysql+pymysql://u@h/db", "mysql+aiomysql"),
+    ("mariadb://u@h/db", "mariadb+aiomysql"),
+    ("mariadb+pymysql://u@h/db", "mariadb+aiomysql"),
+    ("sqlite:///x.db", "sqlite+aiosqlite"),
+    ("sqlite+pysqlite:///x.db", "sqlite+aiosqlite"),
+    ("mysql+asyncmy://u@h/db", "mysql+asyncmy"),
+    ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg"),
+])
+def test_default_async_drivers(url: str, driver: str) -> None:
+    """For async handlers: the tested async driver for a URL without one or with a tested sync one; others kept."""
+    assert _db.normalize_async_url(url).drivername == driver
+
+
+def test_an_async_engine_needs_an_async_driver() -> None:
+    """A sync-only driver for an async engine is a configuration error naming the async extras."""
+    with pytest.raises(ConfigurationError, match=r"exactlyonce\[postgres-async\]"):
+        _db.create_async_engine("postgresql+psycopg2://u@h/db")
+
+
 def test_invalid_url_is_a_configuration_error() -> None:
     """A malformed URL is reported as configuration, not a crash."""
     with pytest.raises(ConfigurationError):
