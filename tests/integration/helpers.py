@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -289,6 +290,11 @@ def handler_of(kind: str, body: Callable[[Any, Any], None]) -> Callable[[Any, An
         await session.run_sync(lambda sync_session: body(arg, sync_session))
 
     return handle
+
+
+def as_kind(kind: str) -> Callable[[Callable[[Any, Any], None]], Callable[[Any, Any], Any]]:
+    """A decorator: the function below as a handler of ``kind`` (:func:`handler_of`), under ``@app.handler``."""
+    return functools.partial(handler_of, kind)
 
 
 def effect_counts(engine: sa.Engine) -> dict[str, int]:

@@ -283,5 +283,5 @@ def test_async_engine_refuses_a_database_url_too_and_what_is_not_an_async_engine
     with pytest.raises(ConfigurationError, match="not both"):
         App("g", database_url="sqlite://", async_engine=given)
     for wrong in (sa.create_engine("sqlite://"), "sqlite+aiosqlite://"):
-        with pytest.raises(ConfigurationError, match="must be a sqlalchemy.ext.asyncio.AsyncEngine"):
+        with pytest.raises(ConfigurationError, match=r"must be a sqlalchemy\.ext\.asyncio\.AsyncEngine"):
             App("g", async_engine=wrong)  # type: ignore[arg-type]
