@@ -278,7 +278,7 @@ class App:
         """The async handlers' engine: the one given, else made on first use from :attr:`database_url`.
 
         Made with :func:`exactlyonce.storage.engine.create_async_engine`: the
-        same URL with its async driver (psycopg 3's async mode, aiomysql,
+        same URL with its async driver (psycopg 3's async mode, asyncmy,
         aiosqlite: the ``*-async`` extras) and the same lock and idle
         timeouts as :attr:`engine`.
         """

@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql",
                     "mariadb": "mariadb+pymysql"}
 # The same rule for async engines (async handlers): psycopg 3's async mode,
-# aiomysql, aiosqlite. A URL naming a tested sync driver gets its async twin.
+# asyncmy, aiosqlite. A URL naming a tested sync driver gets its async twin.
 _DEFAULT_ASYNC_DRIVERS = {
     "postgresql": "postgresql+psycopg",
-    "mysql": "mysql+aiomysql", "mysql+pymysql": "mysql+aiomysql",
-    "mariadb": "mariadb+aiomysql", "mariadb+pymysql": "mariadb+aiomysql",
+    "mysql": "mysql+asyncmy", "mysql+pymysql": "mysql+asyncmy",
+    "mariadb": "mariadb+asyncmy", "mariadb+pymysql": "mariadb+asyncmy",
     "sqlite": "sqlite+aiosqlite", "sqlite+pysqlite": "sqlite+aiosqlite",
 }
 
@@ -124,7 +124,7 @@ def create_async_engine(
     """:func:`create_engine` for async handlers: the same settings, on an async driver.
 
     The driver comes from :func:`normalize_async_url` (psycopg 3 in async
-    mode, aiomysql, aiosqlite); the per-connection settings are those of
+    mode, asyncmy, aiosqlite); the per-connection settings are those of
     :func:`create_engine`, applied through the engine's ``sync_engine``.
     """
     parsed = normalize_async_url(url)
@@ -224,7 +224,11 @@ def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:
 # only the first is worth retrying.
 _SQLITE_TRANSIENT = ("database is locked", "database is busy", "disk i/o error")
 
-# PyMySQL raises OperationalError for most server errors, an unknown column
+# The MySQL drivers whose errors carry the server's error code first in their
+# args: PyMySQL (sync) and asyncmy (async), and the other usual ones.
+_MYSQL_DRIVER_MODULES = ("pymysql", "asyncmy", "MySQLdb", "mariadb", "mysql")
+
+# PyMySQL (and asyncmy) raise OperationalError for most server errors, an unknown column
 # (1054) included; only these codes are worth retrying: too many connections,
 # server shutdown, lock wait timeout, deadlock, connection killed, idle
 # timeout, and the client's lost-connection errors.
@@ -261,7 +265,7 @@ def is_transient(exc: BaseException, *, chained: bool = False) -> bool:
         module = type(exc.orig).__module__
         if module.startswith("sqlite3"):
             return any(text in str(exc.orig).lower() for text in _SQLITE_TRANSIENT)
-        if module.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
+        if module.startswith(_MYSQL_DRIVER_MODULES):
             args: tuple[Any, ...] = getattr(exc.orig, "args", ())
             return bool(args) and args[0] in _MYSQL_TRANSIENT
         return True
@@ -281,7 +285,7 @@ def is_conflict(exc: BaseException) -> bool:
         orig = each.orig if isinstance(each, sa.exc.DBAPIError) else each
         if getattr(orig, "sqlstate", None) in _PG_CONFLICTS or getattr(orig, "pgcode", None) in _PG_CONFLICTS:
             return True
-        if type(orig).__module__.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
+        if type(orig).__module__.startswith(_MYSQL_DRIVER_MODULES):
             args: tuple[Any, ...] = getattr(orig, "args", ())
             if args and args[0] in _MYSQL_CONFLICTS:
                 return True

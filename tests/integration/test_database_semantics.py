@@ -46,7 +46,7 @@ def test_handler_sql_error_is_dead_lettered_not_retried_as_transient(
 ) -> None:
     """A handler's SQL error (unknown column) is a handler failure: dead-lettered, not retried forever.
 
-    For an async handler through the async driver too (aiomysql's errors are PyMySQL's).
+    For an async handler through the async driver too (asyncmy's errors carry the server's codes too).
     """
     topic = unique("sql-error")
     create_topic(bootstrap_servers, topic)
@@ -121,7 +121,7 @@ def test_the_async_engine_has_the_same_settings_and_error_classes(database_url: 
 
     asyncio.run(main())
     engine.dispose()
-    expected = {"postgresql": ("psycopg", ("1s", "70s")), "mysql": ("aiomysql", (1, 70)),
+    expected = {"postgresql": ("psycopg", ("1s", "70s")), "mysql": ("asyncmy", (1, 70)),
                 "sqlite": ("aiosqlite", "wal")}[backend]
     assert (found["driver"], found["settings"]) == expected
     assert found["transient"] is True, found

@@ -25,13 +25,13 @@ def test_default_drivers(url: str, driver: str) -> None:
 @pytest.mark.parametrize(("url", "driver"), [
     ("postgresql://u@h/db", "postgresql+psycopg"),
     ("postgresql+psycopg://u@h/db", "postgresql+psycopg"),
-    ("mysql://u@h/db", "mysql+aiomysql"),
-    ("mysql+pymysql://u@h/db", "mysql+aiomysql"),
-    ("mariadb://u@h/db", "mariadb+aiomysql"),
-    ("mariadb+pymysql://u@h/db", "mariadb+aiomysql"),
+    ("mysql://u@h/db", "mysql+asyncmy"),
+    ("mysql+pymysql://u@h/db", "mysql+asyncmy"),
+    ("mariadb://u@h/db", "mariadb+asyncmy"),
+    ("mariadb+pymysql://u@h/db", "mariadb+asyncmy"),
     ("sqlite:///x.db", "sqlite+aiosqlite"),
     ("sqlite+pysqlite:///x.db", "sqlite+aiosqlite"),
-    ("mysql+asyncmy://u@h/db", "mysql+asyncmy"),
+    ("mysql+aiomysql://u@h/db", "mysql+aiomysql"),
     ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg"),
 ])
 def test_default_async_drivers(url: str, driver: str) -> None:
@@ -82,6 +82,17 @@ def test_mysql_errors_are_transient_only_for_connection_and_lock_codes() -> None
     assert _db.is_transient(_operational(pymysql.err.OperationalError(1213, "Deadlock found")))
     assert _db.is_transient(_operational(pymysql.err.OperationalError(2013, "Lost connection")))
     assert not _db.is_transient(_operational(pymysql.err.OperationalError(1054, "Unknown column")))
+
+
+def test_asyncmy_errors_are_classified_as_pymysqls() -> None:
+    """The async MySQL driver's errors: the same codes are transient, and 1213 is a conflict (halves the batch)."""
+    from asyncmy import errors
+
+    assert _db.is_transient(_operational(errors.OperationalError(1205, "Lock wait timeout exceeded")))
+    assert _db.is_transient(_operational(errors.OperationalError(1213, "Deadlock found")))
+    assert _db.is_conflict(_operational(errors.OperationalError(1213, "Deadlock found")))
+    assert not _db.is_transient(_operational(errors.OperationalError(1054, "Unknown column")))
+    assert not _db.is_conflict(_operational(errors.OperationalError(1205, "Lock wait timeout exceeded")))
 
 
 def test_an_error_raised_from_or_while_handling_a_transient_one_is_transient_when_chained() -> None:
