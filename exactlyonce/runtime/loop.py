@@ -40,10 +40,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Engine, util
+from sqlalchemy.util import concurrency
 
 from exactlyonce import _session
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
-from exactlyonce.errors import TransientError
+from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
 from exactlyonce.runtime.booking import Bookkeeper
@@ -143,9 +144,21 @@ class Runner:
         With ``async def`` handlers, on an event loop of the worker's own,
         made here and closed on the way out.
         """
-        if self._async_engine is None:
+        if self._async_engine is None or _on_a_workers_loop():
+            # (A runner started from inside another's work, such as a test's
+            # second worker, runs on the first one's loop, already in hand.)
             self._run()
             return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no event loop runs in this thread: the worker makes its own
+        else:
+            raise ConfigurationError(
+                "App.run() with async def handlers was called from a coroutine, on a running event loop: "
+                "the worker runs its own event loop and blocks until it stops; run it in a thread of "
+                "its own (await asyncio.to_thread(app.run, install_signal_handlers=False))"
+            )
         loop = asyncio.new_event_loop()
         try:
             loop.run_until_complete(self._run_on_loop(self._async_engine))
@@ -298,6 +311,12 @@ class Runner:
         if self._consumer is None:  # pragma: no cover - run() sets it first
             raise RuntimeError("consumer not started")
         return self._consumer
+
+
+def _on_a_workers_loop() -> bool:
+    """Whether this code runs under ``greenlet_spawn`` (a worker's ``_run`` on its event loop)."""
+    in_greenlet = getattr(concurrency, "in_greenlet", None)
+    return bool(in_greenlet and in_greenlet())
 
 
 def _cancel_tasks_left(loop: asyncio.AbstractEventLoop) -> None:
