@@ -253,12 +253,12 @@ class RuntimeModel(RuleBasedStateMachine):
                 await self._handle_async(message, session)
 
         self.app = app
+        # The engine the handlers' transactions (and their dead letters) run on.
+        self.decisions = app.engine if self.handler_kind == "sync" else app.async_engine.sync_engine
         self.dialect = app.engine.dialect.name
         with app.engine.begin() as conn:
             for table in (model_effects, processed, counters, parked, sequence_streams):
                 conn.execute(sa.delete(table))
-        # The engine the handlers' transactions (and their dead letters) run on.
-        self.decisions = app.engine if self.handler_kind == "sync" else app.async_engine.sync_engine
         sa.event.listen(self.decisions, "commit", self._on_db_commit)
         sa.event.listen(self.decisions, "rollback", self._on_db_rollback)
         self.cluster.on_append = self._on_append

@@ -191,6 +191,9 @@ class Runner:
             on_revoked=self._on_revoked,
         )
         log.info("consuming %s as group %r", ", ".join(sorted(self._handlers)), self._app.group_id)
+        awaited = sorted(topic for topic, handler in self._handlers.items() if handler.is_async)
+        if awaited:
+            log.info("async def handlers (%s) run on the worker's event loop", ", ".join(awaited))
         try:
             while not self._stop.is_set():
                 try:
