@@ -61,10 +61,11 @@ kafka: $(STAMP)
 	$(BIN)/python -m tests.services.kafka --fetch-only
 
 ## A longer run of the chaos bank test: make chaos DURATION=600 SEED=7
+## (ASYNC=1: with an async def transfer handler)
 DURATION ?= 600
 SEED ?= 1
 chaos: $(STAMP)
-	$(BIN)/python -m tests.chaos.bank --duration $(DURATION) --seed $(SEED)
+	$(BIN)/python -m tests.chaos.bank --duration $(DURATION) --seed $(SEED) $(if $(ASYNC),--async-handler)
 
 ## The same on a three-node Apache Kafka cluster, with leaders, the group
 ## coordinator and the whole cluster killed too: make cluster-chaos DURATION=600

@@ -22,9 +22,17 @@ duplicates, never applied. So, while a handler holds it:
 A raw ``COMMIT`` statement sent as SQL, and connections the handler opens
 itself (``engine.connect()``), are outside what the framework can see.
 
-:func:`call` also refuses a handler that returned an awaitable (a coroutine
-function in disguise): nothing of it ran, so it is a configuration error of
-the worker, raised out of :meth:`App.run`, not a failure of one record.
+An ``async def`` handler gets the :class:`~sqlalchemy.ext.asyncio.AsyncSession`
+that proxies the same :class:`HandlerSession` (:meth:`HandlerSession.for_async`):
+its ``await session.commit()``, ``rollback()`` and ``close()`` run the
+refusing methods above, so the same protections hold. :func:`call` awaits it
+in place (SQLAlchemy's greenlet bridge): the runner's own work in the
+transaction is the same sync code for both kinds of handler.
+
+:func:`call` refuses a *sync* handler that returned an awaitable (a
+coroutine function in disguise, such as a sync wrapper of an ``async def``):
+nothing of it ran, so it is a configuration error of the worker, raised out
+of :meth:`App.run`, not a failure of one record.
 """
 
 from __future__ import annotations
@@ -32,13 +40,20 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import event
+from sqlalchemy import event, util
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session
 
 from exactlyonce.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+
+# Await a coroutine from sync code running under greenlet_spawn: ``await_``
+# since SQLAlchemy 2.1, ``await_only`` before.
+_await: Callable[[Any], Any] = getattr(util, "await_", None) or util.await_only
 
 # Set in a pooled connection's ``info`` while a handler holds the session on it.
 _LENT = "exactlyonce.lent_to"
@@ -70,11 +85,28 @@ class HandlerSession(Session):
     """A :class:`Session` that a handler may use but not end (see the module docstring)."""
 
     _lent_to: str | None = None
+    #: The AsyncSession that proxies this session, for an async handler (see :meth:`for_async`).
+    async_view: AsyncSession | None = None
 
     def __init__(self, bind: Engine, **kwargs: Any) -> None:
         super().__init__(bind, **kwargs)
         if not event.contains(bind, "commit", _refuse_commit):
             event.listen(bind, "commit", _refuse_commit)
+
+    @classmethod
+    def for_async(cls, engine: AsyncEngine) -> HandlerSession:
+        """A session on ``engine.sync_engine`` with its :attr:`async_view`, for an async handler.
+
+        The runner uses the session itself (under ``greenlet_spawn``, where its
+        blocking calls become awaits); the handler gets ``async_view``, an
+        ``AsyncSession`` over the same session and transaction.
+        """
+        from sqlalchemy.ext.asyncio import AsyncSession  # needs greenlet: the async extras
+
+        view = AsyncSession(engine, sync_session_class=cls)
+        session = cast(HandlerSession, view.sync_session)
+        session.async_view = view  # the proxy is only weakly registered: keep it alive with its session
+        return session
 
     def _refuse(self, method: str) -> None:
         if self._lent_to is not None:
@@ -145,16 +177,33 @@ def _refuse_commit(connection: Connection) -> None:
         )
 
 
-def call(func: Callable[[Any, Session], Any], arg: Any, session: HandlerSession, scope: str) -> None:
-    """Run ``func(arg, session)`` with ``session`` lent to it; refuse an awaitable result."""
+def call(
+    func: Callable[[Any, Any], Any], arg: Any, session: HandlerSession, scope: str, *, is_async: bool = False,
+) -> None:
+    """Run ``func(arg, session)`` with ``session`` lent to it.
+
+    ``is_async``: ``func`` is an ``async def`` handler: it gets the session's
+    :attr:`~HandlerSession.async_view` and is awaited here (the caller runs
+    under ``greenlet_spawn`` on the worker's event loop). A sync handler that
+    returns an awaitable is refused.
+    """
+    if is_async:
+        view = session.async_view
+        if view is None:  # pragma: no cover - the runner opens async handlers' sessions with for_async
+            raise RuntimeError(f"the async handler for {scope} needs a session opened with HandlerSession.for_async")
+        with session.lent(scope):
+            result = func(arg, view)
+            if inspect.isawaitable(result):
+                _await(result)
+        return
     with session.lent(scope):
         result = func(arg, session)
     if inspect.isawaitable(result) or inspect.isasyncgen(result):
         if inspect.iscoroutine(result):
             result.close()  # never started: closing it avoids "coroutine ... was never awaited"
         raise Unrunnable(ConfigurationError(
-            f"the handler for {scope} returned {type(result).__name__} {result!r}, an awaitable: none of it "
-            "ran, and native async handlers are not supported yet: register a plain (sync) "
-            "def handler(message, session) that does its work before it returns. The record was "
-            "rolled back and not recorded; the worker stops"
+            f"the handler for {scope} returned {type(result).__name__} {result!r}, an awaitable, but it was "
+            "registered as a sync function (a sync wrapper of an async def?): none of it ran. Register the "
+            "async def function itself (exactlyonce awaits it, with an AsyncSession), or a wrapper that is "
+            "itself an async def. The record was rolled back and not recorded; the worker stops"
         ))

@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import timedelta
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
@@ -22,6 +22,10 @@ from exactlyonce.retry import Retry
 from exactlyonce.runtime import Runner
 from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
 from exactlyonce.storage import engine as _db
+
+if TYPE_CHECKING:
+    # Imported only when used: sqlalchemy.ext.asyncio needs greenlet (the async extras).
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "BOOTSTRAP_SERVERS_ENV",
@@ -95,6 +99,13 @@ class App:
     lock_timeout=..., **sqlalchemy_kwargs)``, whose ``lock_timeout`` is its
     busy timeout (``App(lock_timeout=...)`` is then refused); an engine in
     ``AUTOCOMMIT`` is refused. See docs/handlers.md, "Bring your own engine".
+
+    ``async_engine``: an :class:`~sqlalchemy.ext.asyncio.AsyncEngine` for
+    the ``async def`` handlers, for a service that configures its own (not
+    with ``database_url``). The framework uses it and never disposes of it.
+    Without it, the async handlers' engine is made from ``database_url`` with
+    an async driver (:attr:`async_engine`). docs/handlers.md, "Async
+    handlers", says what else to know.
     """
 
     def __init__(
@@ -113,12 +124,14 @@ class App:
         lock_timeout: timedelta | None = None,
         idle_in_transaction_timeout: timedelta | None = None,
         engine: Engine | None = None,
+        async_engine: AsyncEngine | None = None,
     ) -> None:
         if not isinstance(group_id, str) or not group_id:
             raise ConfigurationError("group_id must be a non-empty string")
         if engine is not None and database_url is not None:
             raise ConfigurationError("give App either database_url or engine, not both: the engine already "
                                      "says which database it connects to")
+        _check_async_engine(async_engine, database_url)
         self.group_id = group_id
         self._bootstrap_servers = bootstrap_servers
         self._database_url = database_url
@@ -129,13 +142,8 @@ class App:
             raise ConfigurationError("batch_wait must not be negative")
         self.batch_wait = batch_wait
         self.outbox = outbox
-        keys = signing_keys if signing_keys is not None else signing.verification_keys_from_env()
         #: Verification keys; ``None``: records are not authenticated.
-        self.signing_keys: dict[str, bytes] | None = (
-            signing.check_verification_keys(keys) if keys is not None else None
-        )
-        if self.signing_keys is not None and not self.signing_keys:
-            raise ConfigurationError("signing_keys is empty: give at least one key, or None to not verify")
+        self.signing_keys: dict[str, bytes] | None = _verification_keys(signing_keys)
         self.signing_key: signing.SigningKey | None = signing.resolve_signing_key(signing_key)
         max_poll = timedelta(milliseconds=self.consumer_config.get(
             "max_poll_interval_ms", _db.DEFAULT_MAX_POLL_INTERVAL / timedelta(milliseconds=1)))
@@ -165,6 +173,9 @@ class App:
                 engine, lock_timeout=self.lock_timeout, idle_in_transaction_timeout=self.idle_in_transaction_timeout,
                 lock_timeout_given=lock_timeout is not None,
             )
+        self._async_engine = async_engine
+        #: Whether the App made :attr:`async_engine` itself (then each run's event loop disposes of its pool).
+        self.owns_async_engine = False
         self._stop = threading.Event()
         #: Records by outcome (``applied``, ``duplicate``, ``skipped``,
         #: ``dead_lettered``, ``parked``, ``fingerprint_mismatch``) and dead
@@ -288,6 +299,12 @@ class App:
         ``database_url`` yourself when the app is done with it, if the
         process goes on.
         """
+        if self._engine is None and self._async_engine is not None and not self.owns_async_engine:
+            raise ConfigurationError(
+                "this App was given async_engine= and no sync engine: its sync handlers and its outbox "
+                "relay (a thread of its own) need one: pass engine= too, or register async def handlers "
+                "only and pass outbox=False"
+            )
         if self._engine is None:
             self._engine = _db.create_engine(
                 self.database_url,
@@ -295,6 +312,24 @@ class App:
                 idle_in_transaction_timeout=self.idle_in_transaction_timeout,
             )
         return self._engine
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The async handlers' engine: the one given, else made on first use from :attr:`database_url`.
+
+        Made with :func:`exactlyonce.storage.engine.create_async_engine`: the
+        same URL with its async driver (psycopg 3's async mode, asyncmy,
+        aiosqlite: the ``*-async`` extras) and the same lock and idle
+        timeouts as :attr:`engine`.
+        """
+        if self._async_engine is None:
+            self._async_engine = _db.create_async_engine(
+                self.database_url,
+                lock_timeout=self.lock_timeout,
+                idle_in_transaction_timeout=self.idle_in_transaction_timeout,
+            )
+            self.owns_async_engine = True
+        return self._async_engine
 
     # -- running ------------------------------------------------------------
 
@@ -341,3 +376,22 @@ class App:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.stop()
 
+
+def _verification_keys(given: Mapping[str, bytes | str] | None) -> dict[str, bytes] | None:
+    """``signing_keys``, else the environment's (``None``: records are not authenticated), checked."""
+    keys = given if given is not None else signing.verification_keys_from_env()
+    checked = signing.check_verification_keys(keys) if keys is not None else None
+    if checked is not None and not checked:
+        raise ConfigurationError("signing_keys is empty: give at least one key, or None to not verify")
+    return checked
+
+
+def _check_async_engine(async_engine: object, database_url: str | None) -> None:
+    if async_engine is None:
+        return
+    if database_url is not None:
+        raise ConfigurationError("pass database_url or async_engine, not both: the engine's URL is the database")
+    if not isinstance(getattr(async_engine, "sync_engine", None), Engine):
+        raise ConfigurationError(
+            f"async_engine must be a sqlalchemy.ext.asyncio.AsyncEngine, not {type(async_engine).__name__}"
+        )

@@ -479,6 +479,12 @@ def _override_app_settings(app: App, args: argparse.Namespace) -> None:
         if app._engine is not None:
             raise ExactlyOnceError(f"--database-url cannot take effect: {args.app} created its database engine "
                                    "when it was imported (app.engine was used), and would keep using it")
+        if app._async_engine is not None:
+            raise ExactlyOnceError(
+                f"--database-url cannot take effect: {args.app} " + (
+                    "created its async engine when it was imported (app.async_engine was used)"
+                    if app.owns_async_engine else "was given its async engine (async_engine=)"
+                ) + ", and would keep using it")
         app._database_url = _database_url(args)
     if args.bootstrap_servers is not None:
         app._bootstrap_servers = args.bootstrap_servers

@@ -9,10 +9,10 @@ from __future__ import annotations
 import enum
 import functools
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -21,6 +21,9 @@ from exactlyonce.errors import ConfigurationError
 from exactlyonce.retry import Retry
 from exactlyonce.storage.schema import MAX_SCOPE_LENGTH
 
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
 __all__ = [
     "Handler",
     "HandlerFunc",
@@ -28,10 +31,12 @@ __all__ = [
     "OnMismatch",
     "SequenceFunc",
     "check_registration",
+    "is_coroutine_function",
 ]
 
-#: ``func(message, session)``, or ``func(messages, session)`` for a batch handler.
-HandlerFunc = Callable[[Any, Session], Any]
+#: ``func(message, session)``, or ``func(messages, session)`` for a batch handler;
+#: an ``async def`` one gets an ``AsyncSession`` and is awaited.
+HandlerFunc = Callable[[Any, Session], Any] | Callable[[Any, "AsyncSession"], Awaitable[Any]]
 
 #: ``sequence(message) -> (stream, number)`` for a sequenced handler.
 SequenceFunc = Callable[[Any], tuple[str, int]]
@@ -95,6 +100,9 @@ class Handler:
     #: (a pydantic v2 model or a dataclass); the handler, the message ID
     #: strategy and ``sequence`` read it as ``message.payload``. ``None``: raw bytes only.
     model: type[Any] | None = None
+    #: An ``async def`` handler: awaited on the worker's event loop with an
+    #: :class:`~sqlalchemy.ext.asyncio.AsyncSession` (docs/handlers.md, "Async handlers").
+    is_async: bool = False
 
 
 def check_registration(
@@ -160,7 +168,7 @@ def check_registration(
     def make(func: HandlerFunc) -> Handler:
         if not callable(func):
             raise ConfigurationError("handler must be callable")
-        _refuse_unrunnable(func)
+        is_async = is_coroutine_function(func)
         return Handler(
             topic=topic,
             func=func,
@@ -176,6 +184,7 @@ def check_registration(
             gap_timeout=gap_timeout,
             on_gap=gap_policy,
             model=model,
+            is_async=is_async,
         )
 
     return make
@@ -218,16 +227,16 @@ def _check_signed_id(message_id: ids.MessageIdStrategy) -> None:
         )
 
 
-def _refuse_unrunnable(func: Callable[..., Any]) -> None:
-    """Refuse a handler whose body would not run when the runner calls it.
+def is_coroutine_function(func: Callable[..., Any]) -> bool:
+    """Whether calling ``func`` returns a coroutine to await: an ``async def`` handler.
 
-    Calling an ``async def`` function (or an async generator function) only
-    creates a coroutine (or an async generator): nothing of the body runs, yet
-    the record would be recorded as applied. Looks through
-    ``functools.partial`` and at a callable object's ``__call__``; a sync
-    wrapper around an ``async def`` function (``functools.wraps``) is not
-    refused here, since it may run the coroutine itself, but if it returns
-    one, the runner stops with a ConfigurationError.
+    Looks through ``functools.partial`` and at a callable object's
+    ``__call__``. Refuses (``ConfigurationError``) a function whose body would
+    not run when it is called or awaited: a generator function or an async
+    generator function. A sync wrapper around an ``async def`` function
+    (``functools.wraps``) is a sync handler here: if it returns a coroutine,
+    the runner stops with a ConfigurationError (register the ``async def``
+    itself).
     """
     target: Any = func
     while isinstance(target, functools.partial):
@@ -235,16 +244,15 @@ def _refuse_unrunnable(func: Callable[..., Any]) -> None:
     if not (inspect.isfunction(target) or inspect.ismethod(target)):
         target = type(target).__call__  # a callable object: what calling it runs
     name = getattr(func, "__qualname__", None) or repr(func)
-    if inspect.iscoroutinefunction(target) or inspect.isasyncgenfunction(target):
-        kind, made = (("an async generator function", "an async generator") if inspect.isasyncgenfunction(target)
-                      else ("an async def function", "a coroutine"))
+    if inspect.isasyncgenfunction(target):
         raise ConfigurationError(
-            f"handler {name} is {kind}: native async handlers are not supported yet (calling it only "
-            f"creates {made}; none of its body would run). Register a plain "
-            "def handler(message, session); call async code from it with asyncio.run(...) if you must"
+            f"handler {name} is an async generator function: calling it only creates an async generator, "
+            "none of its body would run. Register async def handler(message, session) that does its work "
+            "before it returns"
         )
     if inspect.isgeneratorfunction(target):
         raise ConfigurationError(
             f"handler {name} is a generator function: calling it runs none of its body. "
             "Register a plain def handler(message, session) that does its work before it returns"
         )
+    return inspect.iscoroutinefunction(target)

@@ -70,7 +70,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar, cast
 
 import kafka.errors
 import sqlalchemy as sa
@@ -92,6 +92,9 @@ from exactlyonce.signing import SigningKey
 from exactlyonce.storage import engine as _db
 from exactlyonce.storage import migrate
 from exactlyonce.storage.schema import outbox
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 __all__ = [
     "CRASH_AFTER",
@@ -614,6 +617,19 @@ class _WorkerSettings:
     handlers: Mapping[str, Handler]
     bootstrap_servers: str
     engine: Engine
+    #: The test database's URL (password included), for the async handlers' engine.
+    url: str = ""
+    lock_timeout: timedelta = timedelta(seconds=30)
+    #: The async engine is made here, from ``url``: each run's event loop disposes of its pool.
+    owns_async_engine: bool = True
+    _async_engine: AsyncEngine | None = None
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The async handlers' engine on the test database, made on first use (as ``App.async_engine``)."""
+        if self._async_engine is None:
+            self._async_engine = _db.create_async_engine(self.url, lock_timeout=self.lock_timeout)
+        return self._async_engine
 
 
 class TestApp:
@@ -940,6 +956,8 @@ class TestApp:
             handlers=app.handlers,
             bootstrap_servers="exactlyonce-testapp:9092",
             engine=self.engine,
+            url=self.engine.url.render_as_string(hide_password=False),
+            lock_timeout=app.lock_timeout,
         )
 
     def _appended(self, record: TwinRecord) -> None:

@@ -31,6 +31,8 @@ installed by ``tests/services/chromium.sh`` when missing (Debian/Ubuntu as
 root), driven by Playwright for Python through ``executable_path`` (Playwright
 never downloads a browser here). A Chromium that cannot start skips the test,
 or fails it under ``CI=true``.
+
+``handler_kind`` runs a test with a sync handler and with an ``async def`` one.
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_SCRIPT = Path(__file__).parent / "services" / "chromium.sh"
 #: Headless, as root (no sandbox), no GPU, no calls home.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+
+#: The guarantee tests' handlers: ``def handler(message, session)`` and ``async def handler(message, session)``.
+HANDLER_KINDS = ["sync", "async"]
 
 # Fixtures that need a service; tests using them get the ``service`` marker.
 _SERVICE_FIXTURES = {"bootstrap_servers", "database_url", "empty_database_url", "postgres_url",
@@ -323,6 +328,12 @@ def _clean_database(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     url: str = request.getfixturevalue("postgres_url" if kind == "postgresql" else "mysql_url")
     drop_all_tables(url)
     return url
+
+
+@pytest.fixture(params=HANDLER_KINDS)
+def handler_kind(request: pytest.FixtureRequest) -> str:
+    """``sync`` (a plain def handler) or ``async`` (an async def one): the guarantee tests run with both."""
+    return str(request.param)
 
 
 @pytest.fixture(params=DATABASES, ids=DATABASE_IDS)

@@ -45,6 +45,7 @@ reason; each stream handled up to its first gap.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
@@ -185,6 +186,9 @@ class RuntimeModel(RuleBasedStateMachine):
 
     #: Set by the test: a database upgraded to head with ``model_effects`` created.
     database_url: str = ""
+    #: ``sync``: ``def`` handlers; ``async``: ``async def`` handlers, each Runner on its own
+    #: event loop, the handlers' transactions on the App's async engine.
+    handler_kind: str = "sync"
 
     def __init__(self) -> None:
         super().__init__()
@@ -228,23 +232,35 @@ class RuntimeModel(RuleBasedStateMachine):
             outbox=False,
         )
 
-        @app.handler(TOPIC, message_id=ids.json_field("id"), batch_size=batch_size,
-                     retry=Retry(attempts=3, backoff=timedelta(0), max_backoff=timedelta(0)))
-        def handle(message: Any, session: Any) -> None:
-            self._handle(message, session)
+        retry = Retry(attempts=3, backoff=timedelta(0), max_backoff=timedelta(0))
+        if self.handler_kind == "sync":
+            @app.handler(TOPIC, message_id=ids.json_field("id"), batch_size=batch_size, retry=retry)
+            def handle(message: Any, session: Any) -> None:
+                self._handle(message, session)
 
-        @app.handler(LEDGER, sequence=lambda m: (m.json()["s"], m.json()["n"]), batch_size=batch_size,
-                     retry=Retry(attempts=3, backoff=timedelta(0), max_backoff=timedelta(0)))
-        def handle_in_order(message: Any, session: Any) -> None:
-            self._handle(message, session)
+            @app.handler(LEDGER, sequence=lambda m: (m.json()["s"], m.json()["n"]), batch_size=batch_size,
+                         retry=retry)
+            def handle_in_order(message: Any, session: Any) -> None:
+                self._handle(message, session)
+        else:
+            @app.handler(TOPIC, message_id=ids.json_field("id"), batch_size=batch_size, retry=retry)
+            async def handle_async(message: Any, session: Any) -> None:
+                await self._handle_async(message, session)
+
+            @app.handler(LEDGER, sequence=lambda m: (m.json()["s"], m.json()["n"]), batch_size=batch_size,
+                         retry=retry)
+            async def handle_in_order_async(message: Any, session: Any) -> None:
+                await self._handle_async(message, session)
 
         self.app = app
+        # The engine the handlers' transactions (and their dead letters) run on.
+        self.decisions = app.engine if self.handler_kind == "sync" else app.async_engine.sync_engine
         self.dialect = app.engine.dialect.name
         with app.engine.begin() as conn:
             for table in (model_effects, processed, counters, parked, sequence_streams):
                 conn.execute(sa.delete(table))
-        sa.event.listen(app.engine, "commit", self._on_db_commit)
-        sa.event.listen(app.engine, "rollback", self._on_db_rollback)
+        sa.event.listen(self.decisions, "commit", self._on_db_commit)
+        sa.event.listen(self.decisions, "rollback", self._on_db_rollback)
         self.cluster.on_append = self._on_append
 
     def teardown(self) -> None:
@@ -254,9 +270,9 @@ class RuntimeModel(RuleBasedStateMachine):
             self.drain()
         finally:
             for name, listener in (("commit", self._on_db_commit), ("rollback", self._on_db_rollback)):
-                if sa.event.contains(self.app.engine, name, listener):
-                    sa.event.remove(self.app.engine, name, listener)
-            self.app.engine.dispose()
+                if sa.event.contains(self.decisions, name, listener):
+                    sa.event.remove(self.decisions, name, listener)
+            self.app.engine.dispose()  # (the async engine's pool is disposed of by each Runner, on its loop)
 
     # -- the handler --------------------------------------------------------
 
@@ -279,6 +295,29 @@ class RuntimeModel(RuleBasedStateMachine):
         ):
             raise ValueError(f"handler failure ({behaviour}, call {self.calls[message.value]})")
         session.execute(sa.insert(model_effects).values(message_id=body["id"], payload=message.value.decode()))
+
+    async def _handle_async(self, message: Any, session: Any) -> None:
+        """:meth:`_handle` as an ``async def`` handler: the same faults and effects, through its AsyncSession."""
+        await asyncio.sleep(0)
+        if self.handler_faults:
+            fault = self.handler_faults.pop(0)
+            if fault == "crash":
+                self._crash()
+                raise Crash("crashed in the handler, before the database commit")
+            raise transient_error(self.dialect)
+        body = message.json()
+        if message.topic == LEDGER:
+            await session.execute(sa.insert(model_effects).values(message_id=f"{body['s']}#{body['n']}",
+                                                                  payload=message.value.decode()))
+            return
+        self.calls[message.value] += 1
+        behaviour = body.get("b", "ok")
+        if behaviour == "always" or (
+            behaviour.startswith("first") and self.calls[message.value] <= int(behaviour[5:])
+        ):
+            raise ValueError(f"handler failure ({behaviour}, call {self.calls[message.value]})")
+        await session.execute(sa.insert(model_effects).values(message_id=body["id"],
+                                                              payload=message.value.decode()))
 
     def _crash(self) -> None:
         """The process dies: the innermost worker's consumer and producers answer nothing any more."""

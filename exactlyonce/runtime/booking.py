@@ -29,6 +29,8 @@ from exactlyonce.storage import store
 from exactlyonce.storage.store import Tally
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from exactlyonce.handler import Handler
 
 log = logging.getLogger("exactlyonce")
@@ -79,30 +81,58 @@ Observer = Callable[["Handler", Entry], None]
 class Bookkeeper:
     """Opens booked transactions, and reports the books that committed.
 
+    ``engine`` serves the sync handlers, ``async_engine`` the ``async def``
+    ones (each ``None`` when the App has no such handler): every transaction
+    of a handler, its dead letters' too, is on its handler's engine. An async
+    engine is used through its ``sync_engine`` by the same code, under
+    ``greenlet_spawn`` on the worker's event loop (see ``Runner.run``).
+
     ``observer``, if given, is called with each committed decision, in order,
     after it is counted and logged (:class:`exactlyonce.testing.TestApp`
     reads every record's outcome this way).
     """
 
     def __init__(
-        self, engine: Engine, group_id: str, stats: Counter[str], metrics: Metrics, *,
-        observer: Observer | None = None,
+        self, engine: Engine | None, group_id: str, stats: Counter[str], metrics: Metrics,
+        async_engine: AsyncEngine | None = None, *, observer: Observer | None = None,
     ) -> None:
         self._engine = engine
+        self._async_engine = async_engine
         self._group_id = group_id
         self.stats = stats
         self._metrics = metrics
         self._observer = observer
+
+    def engine_for(self, handler: Handler) -> Engine:
+        """The (sync) engine of ``handler``'s transactions: an async engine's ``sync_engine`` for an async one."""
+        if handler.is_async:
+            if self._async_engine is None:  # pragma: no cover - the Runner passes one when it has async handlers
+                raise RuntimeError(f"no async engine for the async handler of {handler.scope}")
+            return self._async_engine.sync_engine
+        if self._engine is None:  # pragma: no cover - the Runner passes one when it has sync handlers
+            raise RuntimeError(f"no engine for the handler of {handler.scope}")
+        return self._engine
+
+    def engines(self) -> list[Engine]:
+        """Every engine the transactions use."""
+        engines = [self._engine, self._async_engine.sync_engine if self._async_engine is not None else None]
+        return [engine for engine in engines if engine is not None]
 
     @contextlib.contextmanager
     def transaction(self, handler: Handler) -> Iterator[tuple[_session.HandlerSession, Book]]:
         """A transaction and its book: written before the commit, reported after it.
 
         The session is a :class:`~exactlyonce._session.HandlerSession`: it may
-        be lent to the handler, which cannot end the transaction.
+        be lent to the handler, which cannot end the transaction. An async
+        handler's also has the ``AsyncSession`` it is given
+        (:attr:`~exactlyonce._session.HandlerSession.async_view`).
         """
         book = Book(handler)
-        with _session.HandlerSession(self._engine) as session, session.begin():
+        if handler.is_async and self._async_engine is not None:
+            session = _session.HandlerSession.for_async(self._async_engine)
+        else:
+            session = _session.HandlerSession(self.engine_for(handler))
+        with session, session.begin():
             yield session, book
             book.write(session, self._group_id)
         self.report(book)

@@ -83,7 +83,7 @@ class Calls:
     def call(self, handler: Handler, arg: Any, session: _session.HandlerSession) -> None:
         """Call the handler once (a record, or a batch's list), timing the call alone."""
         started = time.monotonic()
-        _session.call(handler.func, arg, session, handler.scope)
+        _session.call(handler.func, arg, session, handler.scope, is_async=handler.is_async)
         self._metrics.handler_seconds(handler.scope, time.monotonic() - started)
 
     def count_retries(self, handler: Handler, attempts: int) -> None:

@@ -10,6 +10,13 @@ A crash before (2) leaves nothing behind: the record is redelivered and
 applied. A crash between (2) and (3) redelivers a record whose dedup row
 exists: it is skipped. Nothing is lost and nothing is applied twice.
 
+``async def`` handlers run on ONE event loop that the worker owns:
+:meth:`Runner.run` then runs the same sync loop below under SQLAlchemy's
+``greenlet_spawn`` on it, each async handler's transactions on the App's
+async engine (their blocking calls become awaits), and each handler is
+awaited in place, inside its transaction. kafka-python's heartbeats run on
+their own thread, whatever the loop does.
+
 A record's route: :meth:`Runner.run` polls a batch; :meth:`Runner._process`
 hands each topic's records, ``batch_size`` at a time, to its handler's path
 (:mod:`~exactlyonce.runtime.dedup` or :mod:`~exactlyonce.runtime.ordered`),
@@ -22,6 +29,8 @@ batch instead.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 import threading
 import time
@@ -30,11 +39,12 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, util
+from sqlalchemy.util import concurrency
 
 from exactlyonce import _session
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
-from exactlyonce.errors import TransientError
+from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
 from exactlyonce.runtime.booking import Bookkeeper, Observer
@@ -47,6 +57,8 @@ from exactlyonce.storage import migrate
 from exactlyonce.storage.schema import counters, parked, processed, sequence_streams
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from exactlyonce.handler import Handler
 
 log = logging.getLogger("exactlyonce")
@@ -74,6 +86,17 @@ class Settings(Protocol):
 
     @property
     def engine(self) -> Engine: ...
+
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The engine of the ``async def`` handlers (read only when there are some)."""
+        ...
+
+    #: Whether the App made ``async_engine`` itself (from its URL): then the
+    #: worker disposes of its pool when its event loop ends, since the
+    #: connections belong to that loop. An engine the App was given is never
+    #: disposed of.
+    owns_async_engine: bool
 
 
 class Runner:
@@ -103,12 +126,17 @@ class Runner:
         self.stats = app.stats
         self._metrics = app.metrics
         self._transient = Transient(stop, app.transient_retry_budget, app.metrics)
-        self._books = Bookkeeper(app.engine, app.group_id, app.stats, app.metrics, observer=observer)
+        handlers = list(self._handlers.values())
+        #: Each kind of handler's engine, only where the App has that kind.
+        self._engine = app.engine if any(not h.is_async for h in handlers) else None
+        self._async_engine = app.async_engine if any(h.is_async for h in handlers) else None
+        self._books = Bookkeeper(self._engine, app.group_id, app.stats, app.metrics, self._async_engine,
+                                 observer=observer)
         self._dead_letters = DeadLetters(self._books, self._transient, lambda: producer_factory(
             bootstrap_servers=app.bootstrap_servers, config=app.producer_config))
         calls = Calls(app.signing_keys, app.metrics)
         self._dedup = Dedup(self._books, self._transient, self._dead_letters, calls)
-        self._ordered = Ordered([h for h in self._handlers.values() if h.sequence is not None], app.engine,
+        self._ordered = Ordered([h for h in handlers if h.sequence is not None],
                                 self._books, self._transient, self._dead_letters, calls, app.metrics)
 
     @property
@@ -119,7 +147,46 @@ class Runner:
     # -- lifecycle ----------------------------------------------------------
 
     def run(self) -> None:
-        """Consume until stopped; always commit what is done and leave the group."""
+        """Consume until stopped; always commit what is done and leave the group.
+
+        With ``async def`` handlers, on an event loop of the worker's own,
+        made here and closed on the way out.
+        """
+        if self._async_engine is None or _on_a_workers_loop():
+            # (A runner started from inside another's work, such as a test's
+            # second worker, runs on the first one's loop, already in hand.)
+            self._run()
+            return
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no event loop runs in this thread: the worker makes its own
+        else:
+            raise ConfigurationError(
+                "App.run() with async def handlers was called from a coroutine, on a running event loop: "
+                "the worker runs its own event loop and blocks until it stops; run it in a thread of "
+                "its own (await asyncio.to_thread(app.run, install_signal_handlers=False))"
+            )
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._run_on_loop(self._async_engine))
+        finally:
+            try:
+                _cancel_tasks_left(loop)
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.run_until_complete(loop.shutdown_default_executor())
+            finally:
+                loop.close()
+
+    async def _run_on_loop(self, async_engine: AsyncEngine) -> None:
+        try:
+            await util.greenlet_spawn(self._run)
+        finally:
+            if self._app.owns_async_engine:
+                # Its pooled connections belong to this loop, which ends here.
+                await async_engine.dispose()
+
+    def _run(self) -> None:
         try:
             self._check_schema()
         except Stopped:
@@ -132,6 +199,9 @@ class Runner:
             on_revoked=self._on_revoked,
         )
         log.info("consuming %s as group %r", ", ".join(sorted(self._handlers)), self._app.group_id)
+        awaited = sorted(topic for topic, handler in self._handlers.items() if handler.is_async)
+        if awaited:
+            log.info("async def handlers (%s) run on the worker's event loop", ", ".join(awaited))
         try:
             while not self._stop.is_set():
                 try:
@@ -162,7 +232,8 @@ class Runner:
         needed = [processed, counters]
         if any(handler.sequence is not None for handler in self._handlers.values()):
             needed += [sequence_streams, parked]
-        self._transient.retry(lambda: migrate.require_tables(self._app.engine, *needed))
+        for engine in self._books.engines():
+            self._transient.retry(functools.partial(migrate.require_tables, engine, *needed))
 
     def _fill(self, batch: Batch) -> Batch:
         """Keep polling for up to ``batch_wait`` while the batch is below the largest batch size."""
@@ -251,3 +322,22 @@ class Runner:
         if self._consumer is None:  # pragma: no cover - run() sets it first
             raise RuntimeError("consumer not started")
         return self._consumer
+
+
+def _on_a_workers_loop() -> bool:
+    """Whether this code runs under ``greenlet_spawn`` (a worker's ``_run`` on its event loop)."""
+    in_greenlet = getattr(concurrency, "in_greenlet", None)
+    return bool(in_greenlet and in_greenlet())
+
+
+def _cancel_tasks_left(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the tasks a handler started and left running, and let them finish (as ``asyncio.run`` does)."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
+        return
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    for task in tasks:
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("a task left running by a handler failed: %r", task.exception())

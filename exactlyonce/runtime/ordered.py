@@ -52,8 +52,6 @@ from exactlyonce.storage import engine as _db
 from exactlyonce.storage import sequence as seq
 
 if TYPE_CHECKING:
-    from sqlalchemy import Engine
-
     from exactlyonce.handler import Handler
 
 log = logging.getLogger("exactlyonce")
@@ -69,11 +67,10 @@ class Ordered:
     """The path of handlers with ``sequence=``, and their work between polls."""
 
     def __init__(
-        self, handlers: list[Handler], engine: Engine, books: Bookkeeper, transient: Transient,
+        self, handlers: list[Handler], books: Bookkeeper, transient: Transient,
         dead_letters: DeadLetters, calls: Calls, metrics: Metrics,
     ) -> None:
         self._handlers = handlers
-        self._engine = engine
         self._books = books
         self._transient = transient
         self._dead_letters = dead_letters
@@ -304,7 +301,7 @@ class Ordered:
         now = utcnow()
         cutoff = now - handler.gap_timeout
         if handler.on_gap is OnGap.WAIT:
-            with Session(self._engine) as session:
+            with Session(self._books.engine_for(handler)) as session:
                 late = seq.overdue(session, scope, cutoff)
             self._metrics.open_gaps(scope, len(late))
             self._report_gaps(handler, late)

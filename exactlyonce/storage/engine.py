@@ -6,7 +6,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -15,11 +15,23 @@ from sqlalchemy.orm import Session
 
 from exactlyonce.errors import ConfigurationError, TransientError
 
+if TYPE_CHECKING:
+    # Imported when an async engine is made: sqlalchemy.ext.asyncio needs greenlet (the async extras).
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
 # A URL without a driver gets the driver exactlyonce tests against, instead of
 # SQLAlchemy's historical default (psycopg2 / mysqlclient), which is usually
 # not installed.
 _DEFAULT_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql",
                     "mariadb": "mariadb+pymysql"}
+# The same rule for async engines (async handlers): psycopg 3's async mode,
+# asyncmy, aiosqlite. A URL naming a tested sync driver gets its async twin.
+_DEFAULT_ASYNC_DRIVERS = {
+    "postgresql": "postgresql+psycopg",
+    "mysql": "mysql+asyncmy", "mysql+pymysql": "mysql+asyncmy",
+    "mariadb": "mariadb+asyncmy", "mariadb+pymysql": "mariadb+asyncmy",
+    "sqlite": "sqlite+aiosqlite", "sqlite+pysqlite": "sqlite+aiosqlite",
+}
 
 #: kafka-python's default ``max_poll_interval_ms``: a member that does not
 #: poll for this long is evicted from its group.
@@ -44,12 +56,29 @@ SQLITE_BUSY_TIMEOUT_S = DEFAULT_LOCK_TIMEOUT.total_seconds()
 
 def normalize_url(url: str | URL) -> URL:
     """Parse ``url`` and fill in the default driver for its dialect."""
-    try:
-        parsed = make_url(url)
-    except sa.exc.ArgumentError as exc:
-        raise ConfigurationError(f"invalid database URL: {exc}") from exc
+    parsed = _parse(url)
     driver = _DEFAULT_DRIVERS.get(parsed.drivername)
     return parsed.set(drivername=driver) if driver else parsed
+
+
+def normalize_async_url(url: str | URL) -> URL:
+    """Parse ``url`` for an async engine: the tested async driver for a URL without one.
+
+    A URL naming one of the tested sync drivers (``pymysql``, ``pysqlite``)
+    gets its async twin, so that one ``database_url`` serves an App's sync and
+    async handlers alike; psycopg 3 is both (SQLAlchemy picks its async mode
+    for an async engine). Any other driver is kept: it must be an async one.
+    """
+    parsed = _parse(url)
+    driver = _DEFAULT_ASYNC_DRIVERS.get(parsed.drivername)
+    return parsed.set(drivername=driver) if driver else parsed
+
+
+def _parse(url: str | URL) -> URL:
+    try:
+        return make_url(url)
+    except sa.exc.ArgumentError as exc:
+        raise ConfigurationError(f"invalid database URL: {exc}") from exc
 
 
 def create_engine(
@@ -74,25 +103,73 @@ def create_engine(
       processes claiming the same ID then queue on the lock instead of failing
       with "database is locked" when one tries to upgrade a read lock.
     """
+    parsed = normalize_url(url)
+    _check_timeouts(lock_timeout, idle_in_transaction_timeout)
+    _defaults(parsed, lock_timeout, kwargs)
+    try:
+        engine = sa.create_engine(parsed, **kwargs)
+    except (ImportError, sa.exc.ArgumentError) as exc:
+        raise ConfigurationError(f"cannot use database URL {parsed!r}: {exc}") from exc
+    tune(engine, lock_timeout=lock_timeout, idle_in_transaction_timeout=idle_in_transaction_timeout)
+    return engine
+
+
+def create_async_engine(
+    url: str | URL,
+    *,
+    lock_timeout: timedelta = DEFAULT_LOCK_TIMEOUT,
+    idle_in_transaction_timeout: timedelta = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """:func:`create_engine` for async handlers: the same settings, on an async driver.
+
+    The driver comes from :func:`normalize_async_url` (psycopg 3 in async
+    mode, asyncmy, aiosqlite); the per-connection settings are those of
+    :func:`create_engine`, applied through the engine's ``sync_engine``.
+    """
+    parsed = normalize_async_url(url)
+    _check_timeouts(lock_timeout, idle_in_transaction_timeout)
+    _defaults(parsed, lock_timeout, kwargs)
+    try:
+        from sqlalchemy.ext.asyncio import create_async_engine as _create_async_engine
+
+        engine = _create_async_engine(parsed, **kwargs)
+    except (ImportError, sa.exc.ArgumentError, sa.exc.InvalidRequestError) as exc:
+        raise ConfigurationError(
+            f"cannot use database URL {parsed!r} for async handlers: {exc} (install the async driver: "
+            "exactlyonce[postgres-async], [mysql-async] or [sqlite-async])"
+        ) from exc
+    tune(engine.sync_engine, lock_timeout=lock_timeout, idle_in_transaction_timeout=idle_in_transaction_timeout)
+    return engine
+
+
+def _check_timeouts(lock_timeout: timedelta, idle_in_transaction_timeout: timedelta) -> None:
     for name, value in (("lock_timeout", lock_timeout), ("idle_in_transaction_timeout", idle_in_transaction_timeout)):
         if not isinstance(value, timedelta) or value <= timedelta(0):
             raise ConfigurationError(f"{name} must be a positive timedelta")
-    parsed = normalize_url(url)
+
+
+def _defaults(parsed: URL, lock_timeout: timedelta, kwargs: dict[str, Any]) -> None:
     kwargs.setdefault("pool_pre_ping", True)
     if parsed.get_backend_name() == "sqlite":
         connect_args = kwargs.setdefault("connect_args", {})
         connect_args.setdefault("timeout", lock_timeout.total_seconds())
         # The driver's own implicit BEGIN is switched off; we emit ours below.
         connect_args.setdefault("isolation_level", None)
-    try:
-        engine = sa.create_engine(parsed, **kwargs)
-    except (ImportError, sa.exc.ArgumentError) as exc:
-        raise ConfigurationError(f"cannot use database URL {parsed!r}: {exc}") from exc
-    if parsed.get_backend_name() == "sqlite":
-        _tune_sqlite(engine, in_memory=parsed.database in (None, "", ":memory:"))
+
+
+def tune(
+    engine: Engine,
+    *,
+    lock_timeout: timedelta = DEFAULT_LOCK_TIMEOUT,
+    idle_in_transaction_timeout: timedelta = DEFAULT_IDLE_IN_TRANSACTION_TIMEOUT,
+) -> None:
+    """Add :func:`create_engine`'s per-connection settings to ``engine`` (an async engine's ``sync_engine`` too)."""
+    backend = engine.url.get_backend_name()
+    if backend == "sqlite":
+        _tune_sqlite(engine, in_memory=engine.url.database in (None, "", ":memory:"))
     else:
-        _set_timeouts(engine, parsed.get_backend_name(), lock_timeout, idle_in_transaction_timeout)
-    return engine
+        _set_timeouts(engine, backend, lock_timeout, idle_in_transaction_timeout)
 
 
 def _set_timeouts(engine: Engine, backend: str, lock_timeout: timedelta, idle_timeout: timedelta) -> None:
@@ -129,9 +206,14 @@ def _set_timeouts(engine: Engine, backend: str, lock_timeout: timedelta, idle_ti
 def _tune_sqlite(engine: Engine, *, in_memory: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        if not in_memory:
-            dbapi_connection.execute("PRAGMA journal_mode=WAL")
-        dbapi_connection.execute("PRAGMA foreign_keys=ON")
+        # Through a cursor: sqlite3's connection and aiosqlite's adapted one both have it.
+        cursor = dbapi_connection.cursor()
+        try:
+            if not in_memory:
+                cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
 
     event.listen(engine, "begin", _begin_immediate)
 
@@ -272,7 +354,11 @@ def _swap_session_timeouts(view: Engine, lock_timeout: timedelta, idle_timeout: 
 # only the first is worth retrying.
 _SQLITE_TRANSIENT = ("database is locked", "database is busy", "disk i/o error")
 
-# PyMySQL raises OperationalError for most server errors, an unknown column
+# The MySQL drivers whose errors carry the server's error code first in their
+# args: PyMySQL (sync) and asyncmy (async), and the other usual ones.
+_MYSQL_DRIVER_MODULES = ("pymysql", "asyncmy", "MySQLdb", "mariadb", "mysql")
+
+# PyMySQL (and asyncmy) raise OperationalError for most server errors, an unknown column
 # (1054) included; only these codes are worth retrying: too many connections,
 # server shutdown, lock wait timeout, deadlock, connection killed, idle
 # timeout, and the client's lost-connection errors.
@@ -309,7 +395,7 @@ def is_transient(exc: BaseException, *, chained: bool = False) -> bool:
         module = type(exc.orig).__module__
         if module.startswith("sqlite3"):
             return any(text in str(exc.orig).lower() for text in _SQLITE_TRANSIENT)
-        if module.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
+        if module.startswith(_MYSQL_DRIVER_MODULES):
             args: tuple[Any, ...] = getattr(exc.orig, "args", ())
             return bool(args) and args[0] in _MYSQL_TRANSIENT
         return True
@@ -329,7 +415,7 @@ def is_conflict(exc: BaseException) -> bool:
         orig = each.orig if isinstance(each, sa.exc.DBAPIError) else each
         if getattr(orig, "sqlstate", None) in _PG_CONFLICTS or getattr(orig, "pgcode", None) in _PG_CONFLICTS:
             return True
-        if type(orig).__module__.startswith(("pymysql", "MySQLdb", "mariadb", "mysql")):
+        if type(orig).__module__.startswith(_MYSQL_DRIVER_MODULES):
             args: tuple[Any, ...] = getattr(orig, "args", ())
             if args and args[0] in _MYSQL_CONFLICTS:
                 return True

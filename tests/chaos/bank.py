@@ -44,7 +44,8 @@ outbox is empty.
 
 ``python -m tests.chaos.bank --duration 600 --seed 7`` runs a soak
 (``make chaos``; ``--cluster`` on a three-node Kafka cluster, ``make
-cluster-chaos``); ``tests/chaos/test_bank.py`` runs about a minute of each.
+cluster-chaos``; ``--async-handler`` with an ``async def`` transfer handler,
+``make chaos ASYNC=1``); ``tests/chaos/test_bank.py`` runs about a minute of each.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ COMMANDS = {
     "ledger": ["run", "examples.ledger.service:app"],
 }
 
+#: Set (to "1") for the transfer workers to run the async def variant of their handler.
+ASYNC_HANDLER_ENV = "CHAOS_ASYNC_HANDLER"
+
 #: One row per handler run that committed, with no unique constraint: a
 #: transfer applied twice shows as two rows, although the example's own
 #: ``transfers`` table has the transfer ID as its primary key.
@@ -126,6 +130,8 @@ class Report:
     workers: int
     relays: int = 0
     ledger_workers: int = 0
+    #: The transfer workers' handler: ``sync`` (a def) or ``async`` (an async def, tests/chaos/service.py).
+    handler: str = "sync"
     transfers: int = 0
     records_sent: int = 0
     resent: int = 0
@@ -185,7 +191,8 @@ class Report:
     def summary(self) -> str:
         """Three lines of figures: the transfers, the ledger, the faults and the verdict."""
         return (
-            f"seed={self.seed} duration={self.duration_s:.0f}s processes=transfer:{self.workers},"
+            f"seed={self.seed} duration={self.duration_s:.0f}s handler={self.handler} "
+            f"processes=transfer:{self.workers},"
             f"relay:{self.relays},ledger:{self.ledger_workers} "
             f"transfers={self.transfers} records={self.records_sent} resent={self.resent} "
             f"applied_once={self.applied_once} applied_twice={self.applied_twice} lost={self.lost} "
@@ -417,16 +424,18 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
              workers: int = 3, relays: int = 2, ledger_workers: int = 2, accounts: int = 40,
              partitions: int = 6, applied_partitions: int = 4, rate: float = 150.0,
              faults: tuple[str, ...] = ("kill", "zombie", "cut", "db-restart"),
-             log_dir: Path | None = None, out: Any = print, cluster: KafkaCluster | None = None) -> Report:
+             log_dir: Path | None = None, out: Any = print, cluster: KafkaCluster | None = None,
+             async_handler: bool = False) -> Report:
     """Run the bank and its ledger under faults for ``duration_s`` and check them.
 
     Without ``cluster`` the bank runs on a broker of its own behind a fault
     proxy; with one, on that running cluster (and may inject
-    :data:`BROKER_FAULTS`).
+    :data:`BROKER_FAULTS`). ``async_handler``: the transfer workers run the
+    ``async def`` variant of their handler (:mod:`tests.chaos.service`).
     """
     rng = random.Random(seed)
     report = Report(seed=seed, duration_s=duration_s, workers=workers, relays=relays,
-                    ledger_workers=ledger_workers)
+                    ledger_workers=ledger_workers, handler="async" if async_handler else "sync")
     log_dir = log_dir or Path(os.environ.get("TMPDIR", "/tmp")) / f"exactlyonce-chaos-{seed}-{os.getpid()}"
     log_dir.mkdir(parents=True, exist_ok=True)
     injected: Counter[str] = Counter()
@@ -468,6 +477,7 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
             "CHAOS_TOPIC": topic,
             "CHAOS_GROUP": group,
             "CHAOS_CONSUMER_CONFIG": consumer_config,
+            ASYNC_HANDLER_ENV: "1" if async_handler else "",
             # Read by examples.transfer.service (where apply_transfer
             # publishes) and by examples.ledger.service (what it consumes).
             "EXACTLYONCE_TRANSFER_APPLIED_TOPIC": applied_topic,
@@ -778,6 +788,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cluster", action="store_true",
                         help="run on a three-node Apache Kafka cluster started here, with broker faults "
                              f"({', '.join(BROKER_FAULTS)}) added to --faults")
+    parser.add_argument("--async-handler", action="store_true",
+                        help="the transfer workers run an async def handler (an AsyncSession on their event loop)")
     parser.add_argument("--json", action="store_true", help="also print the report as JSON")
     args = parser.parse_args(argv)
     faults = tuple(args.faults.split(","))
@@ -788,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             faults = tuple(f for f in faults if f != "cut") + BROKER_FAULTS
         report = run_bank(duration_s=args.duration, seed=args.seed, workers=args.workers, relays=args.relays,
                           ledger_workers=args.ledger_workers, database_url=args.database_url,
-                          faults=faults, cluster=cluster)
+                          faults=faults, cluster=cluster, async_handler=args.async_handler)
     if args.json:
         print(json.dumps({**asdict(report), "ok": report.ok}))
     return 0 if report.ok else 1

@@ -3,7 +3,8 @@
 Transfer workers, standalone outbox relays and ledger workers are all killed,
 stopped and cut off at random; every statement must still be numbered 1..N
 with one debit and one credit line per applied transfer. The second test runs
-the bank on a three-node Apache Kafka cluster and kills its brokers.
+the same with an async def transfer handler; the third runs the bank on a
+three-node Apache Kafka cluster and kills its brokers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,25 @@ def test_bank_survives_kills_zombies_db_restarts_and_connection_cuts(
         database_url=postgres_url,
         log_dir=tmp_path,
     )
+    assert report.transfers > 1000
+    assert sum(report.faults.values()) >= 5
+    assert report.bad_sent > 0
+    assert report.ledger_lines > 2000 and report.ledger_lines == report.events
+    assert report.ok, report.summary()
+
+
+@pytest.mark.service
+@pytest.mark.timeout(900)
+def test_bank_with_async_transfer_handlers_survives_the_same_faults(postgres_url: str, tmp_path: Path) -> None:
+    """The same bank with an async def transfer handler (each worker's event loop, psycopg's async mode)."""
+    report = run_bank(
+        duration_s=float(os.environ.get("CHAOS_DURATION", 45)),
+        seed=int(os.environ.get("CHAOS_SEED", 1)),
+        database_url=postgres_url,
+        log_dir=tmp_path,
+        async_handler=True,
+    )
+    assert report.handler == "async"
     assert report.transfers > 1000
     assert sum(report.faults.values()) >= 5
     assert report.bad_sent > 0

@@ -1,4 +1,7 @@
-"""Retries, explicit outcomes and bad input: each ends applied once or dead-lettered once."""
+"""Retries, explicit outcomes and bad input: each ends applied once or dead-lettered once.
+
+The retries, the signals and the fingerprint policies with async def handlers too (``handler_kind``).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ from sqlalchemy.orm import Session
 from exactlyonce import DeadLetter, Message, Skip
 from exactlyonce.retry import Retry
 from tests.integration.helpers import (
+    as_kind,
     committed_and_end_offsets,
     create_effects,
     create_topic,
@@ -36,7 +40,9 @@ FAST = dict(backoff=timedelta(milliseconds=1), max_backoff=timedelta(millisecond
 
 
 
-def test_retryable_failures_are_retried_then_applied_once(bootstrap_servers: str, database_url: str) -> None:
+def test_retryable_failures_are_retried_then_applied_once(
+    bootstrap_servers: str, database_url: str, handler_kind: str
+) -> None:
     """A handler failing twice with a retryable error applies once on the third attempt."""
     topic = unique("retry")
     create_topic(bootstrap_servers, topic)
@@ -46,6 +52,7 @@ def test_retryable_failures_are_retried_then_applied_once(bootstrap_servers: str
     app = make_app(bootstrap_servers, database_url)
 
     @app.handler(topic, retry=Retry(attempts=3, retry_on=(ValueError,), **FAST))
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         calls.append("try")
         insert_effect(session, "m1")
@@ -60,8 +67,8 @@ def test_retryable_failures_are_retried_then_applied_once(bootstrap_servers: str
     assert app.stats["dead_lettered"] == 0
 
 
-def test_non_retryable_error_is_dead_lettered_after_one_attempt(bootstrap_servers: str,
-                                                                database_url: str) -> None:
+def test_non_retryable_error_is_dead_lettered_after_one_attempt(bootstrap_servers: str, database_url: str,
+                                                                handler_kind: str) -> None:
     """An exception outside retry_on dead-letters at once, with attempts=1 in the headers."""
     topic = unique("noretry")
     create_topic(bootstrap_servers, topic)
@@ -71,6 +78,7 @@ def test_non_retryable_error_is_dead_lettered_after_one_attempt(bootstrap_server
 
     # batch_size=1: a failing batch would add an attempt of its own before the split.
     @app.handler(topic, retry=Retry(attempts=5, retry_on=(ValueError,), **FAST), batch_size=1)
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         calls.append("try")
         raise KeyError("not retryable")
@@ -86,7 +94,7 @@ def test_non_retryable_error_is_dead_lettered_after_one_attempt(bootstrap_server
     assert {r.outcome for r in dedup_rows(engine)} == {"dead_lettered"}
 
 
-def test_skip_and_dead_letter_signals(bootstrap_servers: str, database_url: str) -> None:
+def test_skip_and_dead_letter_signals(bootstrap_servers: str, database_url: str, handler_kind: str) -> None:
     """Skip keeps no writes but records the message; DeadLetter dead-letters now with its reason."""
     topic = unique("signals")
     create_topic(bootstrap_servers, topic)
@@ -96,6 +104,7 @@ def test_skip_and_dead_letter_signals(bootstrap_servers: str, database_url: str)
     app = make_app(bootstrap_servers, database_url)
 
     @app.handler(topic, batch_size=1)
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         message_id = (message.header("message-id") or b"").decode()
         calls.append(message_id)
@@ -119,7 +128,7 @@ def test_skip_and_dead_letter_signals(bootstrap_servers: str, database_url: str)
 
 
 @pytest.mark.parametrize("policy", ["dead_letter", "skip"])
-def test_fingerprint_mismatch(bootstrap_servers: str, database_url: str, policy: str) -> None:
+def test_fingerprint_mismatch(bootstrap_servers: str, database_url: str, policy: str, handler_kind: str) -> None:
     """A known ID re-sent with a different payload is dead-lettered (default) or skipped, never applied."""
     topic = unique("mismatch")
     create_topic(bootstrap_servers, topic)
@@ -128,6 +137,7 @@ def test_fingerprint_mismatch(bootstrap_servers: str, database_url: str, policy:
     app = make_app(bootstrap_servers, database_url)
 
     @app.handler(topic, on_fingerprint_mismatch=policy)
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         insert_effect(session, "t1", (message.value or b"").decode())
 

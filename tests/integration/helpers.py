@@ -7,7 +7,9 @@ directory in the worker subprocesses).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -263,6 +265,36 @@ def create_effects(engine: sa.Engine) -> None:
 def insert_effect(session: Any, message_id: str, payload: str | None = None, worker: str = "") -> None:
     """Record one applied effect inside the handler's session (its transaction)."""
     session.execute(sa.insert(effects).values(message_id=message_id, payload=payload, worker=worker))
+
+
+async def insert_effect_async(session: Any, message_id: str, payload: str | None = None, worker: str = "") -> None:
+    """:func:`insert_effect` for an async handler: through its ``AsyncSession``, after a real await."""
+    await asyncio.sleep(0)  # the worker's event loop runs other tasks here, inside the transaction
+    await session.execute(sa.insert(effects).values(message_id=message_id, payload=payload, worker=worker))
+
+
+def handler_of(kind: str, body: Callable[[Any, Any], None]) -> Callable[[Any, Any], Any]:
+    """``body(message, session)`` as a handler of ``kind`` (the ``handler_kind`` fixture).
+
+    ``sync``: ``body`` itself. ``async``: an ``async def`` handler, given an
+    ``AsyncSession`` on the worker's event loop, that awaits the loop and then
+    runs ``body`` through ``session.run_sync``: with the same session and
+    transaction, and whatever ``body`` raises raised out of the coroutine.
+    """
+    if kind == "sync":
+        return body
+    assert kind == "async", kind
+
+    async def handle(arg: Any, session: Any) -> None:
+        await asyncio.sleep(0)
+        await session.run_sync(lambda sync_session: body(arg, sync_session))
+
+    return handle
+
+
+def as_kind(kind: str) -> Callable[[Callable[[Any, Any], None]], Callable[[Any, Any], Any]]:
+    """A decorator: the function below as a handler of ``kind`` (:func:`handler_of`), under ``@app.handler``."""
+    return functools.partial(handler_of, kind)
 
 
 def effect_counts(engine: sa.Engine) -> dict[str, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 from collections import defaultdict
@@ -35,6 +36,13 @@ def stream_and_number(message: Message) -> tuple[str, int]:
 def insert_seq_effect(session: Any, message: Message, worker: str = "") -> None:
     stream, n = stream_and_number(message)
     session.execute(sa.insert(seq_effects).values(stream=stream, n=n, worker=worker))
+
+
+async def insert_seq_effect_async(session: Any, message: Message, worker: str = "") -> None:
+    """:func:`insert_seq_effect` for an async handler (an ``AsyncSession``), after a real await."""
+    stream, n = stream_and_number(message)
+    await asyncio.sleep(0)
+    await session.execute(sa.insert(seq_effects).values(stream=stream, n=n, worker=worker))
 
 
 def applied(engine: sa.Engine) -> dict[str, list[int]]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from exactlyonce import Message, Retry
 
 from .helpers import (
+    as_kind,
     create_effects,
     create_topic,
     dedup_rows,
@@ -17,6 +19,7 @@ from .helpers import (
     engine_for,
     headers_of,
     insert_effect,
+    insert_effect_async,
     make_app,
     produce,
     read_topic,
@@ -31,7 +34,9 @@ def _id(message: Message) -> str:
     return (message.header("message-id") or b"").decode()
 
 
-def test_batch_handler_gets_new_messages_in_partition_order(bootstrap_servers: str, database_url: str) -> None:
+def test_batch_handler_gets_new_messages_in_partition_order(
+    bootstrap_servers: str, database_url: str, handler_kind: str
+) -> None:
     """A batch handler sees each new ID once, duplicates removed, each partition's records in order."""
     topic = unique("batch")
     create_topic(bootstrap_servers, topic, partitions=2)
@@ -48,11 +53,18 @@ def test_batch_handler_gets_new_messages_in_partition_order(bootstrap_servers: s
     calls: list[list[str]] = []
     app = make_app(bootstrap_servers, database_url)
 
-    @app.handler(topic, batch=True, batch_size=50)
-    def handle(messages: list[Message], session: Session) -> None:
-        calls.append([_id(m) for m in messages])
-        for message in messages:
-            insert_effect(session, _id(message), str(message.partition))
+    if handler_kind == "sync":
+        @app.handler(topic, batch=True, batch_size=50)
+        def handle(messages: list[Message], session: Session) -> None:
+            calls.append([_id(m) for m in messages])
+            for message in messages:
+                insert_effect(session, _id(message), str(message.partition))
+    else:
+        @app.handler(topic, batch=True, batch_size=50)
+        async def handle_async(messages: list[Message], session: AsyncSession) -> None:
+            calls.append([_id(m) for m in messages])
+            for message in messages:
+                await insert_effect_async(session, _id(message), str(message.partition))
 
     with running(app):
         wait_all_committed(bootstrap_servers, app.group_id, topic)
@@ -67,7 +79,9 @@ def test_batch_handler_gets_new_messages_in_partition_order(bootstrap_servers: s
     engine.dispose()
 
 
-def test_poison_in_a_batch_is_isolated_and_the_rest_apply_once(bootstrap_servers: str, database_url: str) -> None:
+def test_poison_in_a_batch_is_isolated_and_the_rest_apply_once(
+    bootstrap_servers: str, database_url: str, handler_kind: str
+) -> None:
     """One failing record in a batch is split out and dead-lettered; every other record applies once, in order."""
     topic = unique("bisect")
     create_topic(bootstrap_servers, topic)
@@ -78,6 +92,7 @@ def test_poison_in_a_batch_is_isolated_and_the_rest_apply_once(bootstrap_servers
     app = make_app(bootstrap_servers, database_url)
 
     @app.handler(topic, batch_size=41, retry=Retry(attempts=2))
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         insert_effect(session, _id(message))
         if _id(message) == "poison":
@@ -94,7 +109,7 @@ def test_poison_in_a_batch_is_isolated_and_the_rest_apply_once(bootstrap_servers
     engine.dispose()
 
 
-def test_mismatch_and_repeat_within_one_batch(bootstrap_servers: str, database_url: str) -> None:
+def test_mismatch_and_repeat_within_one_batch(bootstrap_servers: str, database_url: str, handler_kind: str) -> None:
     """Within one batch a repeated ID is a duplicate, and the same ID with another payload is dead-lettered."""
     topic = unique("inbatch")
     create_topic(bootstrap_servers, topic)
@@ -104,6 +119,7 @@ def test_mismatch_and_repeat_within_one_batch(bootstrap_servers: str, database_u
     app = make_app(bootstrap_servers, database_url)
 
     @app.handler(topic, batch_size=10)
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         insert_effect(session, _id(message), (message.value or b"").decode())
 

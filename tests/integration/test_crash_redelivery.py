@@ -29,10 +29,12 @@ CRASH_INDEX = 25
 
 
 def _worker_argv(bootstrap: str, database_url: str, topic: str, group: str, name: str,
-                 seen_file: Path, crash_id: str | None = None) -> list[str]:
+                 seen_file: Path, kind: str, crash_id: str | None = None) -> list[str]:
     argv = [sys.executable, "-m", "tests.integration.worker", "--bootstrap", bootstrap,
             "--database-url", database_url, "--topic", topic, "--group", group, "--name", name,
             "--seen-file", str(seen_file)]
+    if kind == "async":
+        argv.append("--async")
     if crash_id is not None:
         argv += ["--crash-after-commit-of", crash_id]
     return argv
@@ -44,7 +46,7 @@ def _seen(path: Path) -> list[str]:
 
 @pytest.mark.timeout(180)
 def test_crash_between_db_commit_and_offset_commit_redelivers_and_skips(
-    bootstrap_servers: str, database_url: str, tmp_path: Path
+    bootstrap_servers: str, database_url: str, tmp_path: Path, handler_kind: str
 ) -> None:
     """A record committed to the DB whose offset was not committed is redelivered and skipped, not re-applied."""
     topic, group = unique("crash"), unique("crash-group")
@@ -60,7 +62,7 @@ def test_crash_between_db_commit_and_offset_commit_redelivers_and_skips(
     # 1. The first worker applies records until it commits crash_id, then dies by SIGKILL.
     first_seen = tmp_path / "first.seen"
     with process(_worker_argv(bootstrap_servers, database_url, topic, group, "first", first_seen,
-                              crash_id), tmp_path / "first.log") as first:
+                              handler_kind, crash_id), tmp_path / "first.log") as first:
         code = first.wait(60)
         assert code == -signal.SIGKILL, f"worker exited with {code}:\n{first.log_tail()}"
 
@@ -74,7 +76,8 @@ def test_crash_between_db_commit_and_offset_commit_redelivers_and_skips(
 
     # 2. A restarted worker in the same group finishes the topic.
     second_seen = tmp_path / "second.seen"
-    with process(_worker_argv(bootstrap_servers, database_url, topic, group, "second", second_seen),
+    with process(_worker_argv(bootstrap_servers, database_url, topic, group, "second", second_seen,
+                              handler_kind),
                  tmp_path / "second.log") as second:
         try:
             wait_until(lambda: len(dedup_rows(engine)) == N, 90, "every record claimed")

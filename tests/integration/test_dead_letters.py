@@ -11,6 +11,7 @@ from exactlyonce import Message, Retry, ids
 
 from .helpers import (
     Rec,
+    as_kind,
     create_effects,
     create_topic,
     dedup_rows,
@@ -33,7 +34,9 @@ def _id(message: Message) -> str:
     return (message.header("message-id") or b"").decode()
 
 
-def test_handler_exception_rolls_back_effects_and_dedup_row(bootstrap_servers: str, database_url: str) -> None:
+def test_handler_exception_rolls_back_effects_and_dedup_row(
+    bootstrap_servers: str, database_url: str, handler_kind: str
+) -> None:
     """A handler that writes then raises leaves no effect; with Retry(attempts=1) the record is dead-lettered once."""
     topic = unique("boom")
     create_topic(bootstrap_servers, topic)
@@ -44,6 +47,7 @@ def test_handler_exception_rolls_back_effects_and_dedup_row(bootstrap_servers: s
     calls: Counter[str] = Counter()
 
     @app.handler(topic, retry=Retry(attempts=1))
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         calls[_id(message)] += 1
         insert_effect(session, _id(message))
@@ -74,7 +78,9 @@ def test_handler_exception_rolls_back_effects_and_dedup_row(bootstrap_servers: s
     engine.dispose()
 
 
-def test_handler_failing_once_then_succeeding_applies_once(bootstrap_servers: str, database_url: str) -> None:
+def test_handler_failing_once_then_succeeding_applies_once(
+    bootstrap_servers: str, database_url: str, handler_kind: str
+) -> None:
     """With Retry(attempts=3), a handler that fails on its first try is retried and its effect is kept exactly once."""
     topic = unique("flaky")
     create_topic(bootstrap_servers, topic)
@@ -85,6 +91,7 @@ def test_handler_failing_once_then_succeeding_applies_once(bootstrap_servers: st
     calls: Counter[str] = Counter()
 
     @app.handler(topic, retry=Retry(attempts=3))
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         calls[_id(message)] += 1
         insert_effect(session, _id(message), f"attempt {calls[_id(message)]}")
@@ -108,7 +115,7 @@ def test_handler_failing_once_then_succeeding_applies_once(bootstrap_servers: st
 
 
 def test_bad_input_is_dead_lettered_and_later_records_still_apply(
-    bootstrap_servers: str, database_url: str
+    bootstrap_servers: str, database_url: str, handler_kind: str
 ) -> None:
     """Non-JSON values, missing and over-long IDs go to the DLQ with their reason; the records after them apply."""
     json_topic, header_topic = unique("bad-json"), unique("bad-header")
@@ -120,10 +127,12 @@ def test_bad_input_is_dead_lettered_and_later_records_still_apply(
     app = make_app(bootstrap_servers, database_url)
 
     @app.handler(json_topic, message_id=ids.json_field("id"))
+    @as_kind(handler_kind)
     def handle_json(message: Message, session: Session) -> None:
         insert_effect(session, message.json()["id"])
 
     @app.handler(header_topic)
+    @as_kind(handler_kind)
     def handle_header(message: Message, session: Session) -> None:
         insert_effect(session, _id(message))
 

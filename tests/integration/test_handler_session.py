@@ -1,4 +1,4 @@
-"""The session a handler is given cannot end the runner's transaction, and async handlers are refused.
+"""The session a handler is given cannot end the runner's transaction (a Session, or an async handler's AsyncSession).
 
 A handler that commits, rolls back or closes its session would split the
 record's transaction: in a batch, its commit would also commit the dedup rows
@@ -7,7 +7,10 @@ skipped as duplicates without ever being applied. The session refuses, the
 handler fails, and its failure follows the ordinary path: the transaction
 rolls back, the record is retried under its policy, then dead-lettered.
 
-A handler that returns a coroutine did nothing: the runner stops with a
+An ``async def`` handler's ``AsyncSession`` refuses the same calls, with the
+same errors (``await session.commit()`` ...), and the same follows.
+
+A *sync* handler that returns a coroutine did nothing: the runner stops with a
 ConfigurationError instead of recording the record as applied.
 """
 
@@ -23,6 +26,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from exactlyonce import ConfigurationError, Message, Retry
@@ -36,6 +40,7 @@ from .helpers import (
     engine_for,
     headers_of,
     insert_effect,
+    insert_effect_async,
     make_app,
     produce,
     read_topic,
@@ -63,7 +68,7 @@ def _letters(bootstrap: str, topic: str) -> dict[str, dict[str, str]]:
     return by_id
 
 
-def test_commit_then_raise_keeps_no_effect(bootstrap_servers: str, database_url: str) -> None:
+def test_commit_then_raise_keeps_no_effect(bootstrap_servers: str, database_url: str, handler_kind: str) -> None:
     """A handler that commits and then raises: nothing of it stays; it is retried, then dead-lettered once."""
     topic = unique("commits")
     create_topic(bootstrap_servers, topic)
@@ -73,13 +78,22 @@ def test_commit_then_raise_keeps_no_effect(bootstrap_servers: str, database_url:
     calls: list[str] = []
     app = make_app(bootstrap_servers, database_url, outbox=False)
 
-    @app.handler(topic, batch_size=1, retry=Retry(attempts=2))
-    def handle(message: Message, session: Session) -> None:
-        calls.append(_id(message))
-        insert_effect(session, _id(message))
-        if _id(message) == "bad":
-            session.commit()
-            raise RuntimeError("failed after committing")
+    if handler_kind == "sync":
+        @app.handler(topic, batch_size=1, retry=Retry(attempts=2))
+        def handle(message: Message, session: Session) -> None:
+            calls.append(_id(message))
+            insert_effect(session, _id(message))
+            if _id(message) == "bad":
+                session.commit()
+                raise RuntimeError("failed after committing")
+    else:
+        @app.handler(topic, batch_size=1, retry=Retry(attempts=2))
+        async def handle_async(message: Message, session: AsyncSession) -> None:
+            calls.append(_id(message))
+            await insert_effect_async(session, _id(message))
+            if _id(message) == "bad":
+                await session.commit()
+                raise RuntimeError("failed after committing")
 
     with running(app):
         wait_all_committed(bootstrap_servers, app.group_id, topic)
@@ -97,7 +111,7 @@ def test_commit_then_raise_keeps_no_effect(bootstrap_servers: str, database_url:
 
 @pytest.mark.parametrize("mode", ["record", "batch", "sequence"])
 def test_handlers_that_commit_and_raise_lose_no_other_record(
-    bootstrap_servers: str, database_url: str, mode: str
+    bootstrap_servers: str, database_url: str, mode: str, handler_kind: str
 ) -> None:
     """In one transaction of 25 records, 5 handlers commit and raise: every good record is applied exactly once."""
     topic = unique(f"commits-{mode}")
@@ -115,15 +129,28 @@ def test_handlers_that_commit_and_raise_lose_no_other_record(
             session.commit()
             raise RuntimeError("failed after committing")
 
+    def handle_batch(messages: list[Message], session: Session) -> None:
+        for message in messages:
+            one(message, session)
+
+    async def one_async(message: Message, session: AsyncSession) -> None:
+        await insert_effect_async(session, _id(message))
+        if _id(message) in bad:
+            await session.commit()
+            raise RuntimeError("failed after committing")
+
+    async def handle_batch_async(messages: list[Message], session: AsyncSession) -> None:
+        for message in messages:
+            await one_async(message, session)
+
+    record: Callable[..., Any] = one if handler_kind == "sync" else one_async
+    batch: Callable[..., Any] = handle_batch if handler_kind == "sync" else handle_batch_async
     if mode == "batch":
-        @app.handler(topic, batch=True, batch_size=25, retry=Retry(attempts=1))
-        def handle_batch(messages: list[Message], session: Session) -> None:
-            for message in messages:
-                one(message, session)
+        app.handler(topic, batch=True, batch_size=25, retry=Retry(attempts=1))(batch)
     elif mode == "sequence":
-        app.handler(topic, sequence=_sequence, batch_size=25, retry=Retry(attempts=1))(one)
+        app.handler(topic, sequence=_sequence, batch_size=25, retry=Retry(attempts=1))(record)
     else:
-        app.handler(topic, batch_size=25, retry=Retry(attempts=1))(one)
+        app.handler(topic, batch_size=25, retry=Retry(attempts=1))(record)
 
     with running(app):
         wait_all_committed(bootstrap_servers, app.group_id, topic)
@@ -149,7 +176,61 @@ def _misuses() -> dict[str, Callable[[Session], Any]]:
     }
 
 
-def test_rollback_and_close_in_a_handler_are_refused(bootstrap_servers: str, database_url: str) -> None:
+async def _connection_commit(session: AsyncSession) -> None:
+    await (await session.connection()).commit()
+
+
+async def _connection_rollback(session: AsyncSession) -> None:
+    await (await session.connection()).rollback()
+
+
+async def _transaction_commit(session: AsyncSession) -> None:
+    await session.get_transaction().commit()  # type: ignore[union-attr]
+
+
+async def _transaction_rollback(session: AsyncSession) -> None:
+    await session.get_transaction().rollback()  # type: ignore[union-attr]
+
+
+def _async_misuses() -> dict[str, Callable[[AsyncSession], Any]]:
+    """:func:`_misuses` through an async handler's AsyncSession (each returns what to await)."""
+    return {
+        "commit": lambda s: s.commit(),
+        "rollback": lambda s: s.rollback(),
+        "close": lambda s: s.close(),
+        "reset": lambda s: s.reset(),
+        "connection-commit": _connection_commit,
+        "connection-rollback": _connection_rollback,
+        "transaction-commit": _transaction_commit,
+        "transaction-rollback": _transaction_rollback,
+    }
+
+
+def _misusing_handler(app: Any, topic: str, kind: str, swallow: bool, **settings: Any) -> None:
+    """A handler of ``kind`` that writes its effect, then ends its session the way its message ID names."""
+    if kind == "sync":
+        misuses = _misuses()
+
+        @app.handler(topic, **settings)
+        def handle(message: Message, session: Session) -> None:
+            insert_effect(session, _id(message))
+            if _id(message) in misuses:
+                with contextlib.suppress(Exception) if swallow else contextlib.nullcontext():
+                    misuses[_id(message)](session)
+    else:
+        async_misuses = _async_misuses()
+
+        @app.handler(topic, **settings)
+        async def handle_async(message: Message, session: AsyncSession) -> None:
+            await insert_effect_async(session, _id(message))
+            if _id(message) in async_misuses:
+                with contextlib.suppress(Exception) if swallow else contextlib.nullcontext():
+                    await async_misuses[_id(message)](session)
+
+
+def test_rollback_and_close_in_a_handler_are_refused(
+    bootstrap_servers: str, database_url: str, handler_kind: str
+) -> None:
     """session.commit(), rollback() and close() raise in a handler; the record is dead-lettered, nothing kept."""
     topic = unique("refused")
     create_topic(bootstrap_servers, topic)
@@ -157,14 +238,8 @@ def test_rollback_and_close_in_a_handler_are_refused(bootstrap_servers: str, dat
     create_effects(engine)
     kinds = ["commit", "rollback", "close"]
     produce(bootstrap_servers, topic, [rec("first"), *(rec(k) for k in kinds), rec("last")])
-    misuses = _misuses()
     app = make_app(bootstrap_servers, database_url, outbox=False)
-
-    @app.handler(topic, retry=Retry(attempts=1))
-    def handle(message: Message, session: Session) -> None:
-        insert_effect(session, _id(message))
-        if _id(message) in misuses:
-            misuses[_id(message)](session)
+    _misusing_handler(app, topic, handler_kind, swallow=False, retry=Retry(attempts=1))
 
     with running(app):
         wait_all_committed(bootstrap_servers, app.group_id, topic)
@@ -179,7 +254,9 @@ def test_rollback_and_close_in_a_handler_are_refused(bootstrap_servers: str, dat
     engine.dispose()
 
 
-def test_a_handler_that_swallows_the_refusal_splits_nothing(bootstrap_servers: str, database_url: str) -> None:
+def test_a_handler_that_swallows_the_refusal_splits_nothing(
+    bootstrap_servers: str, database_url: str, handler_kind: str
+) -> None:
     """Every way to end the transaction through the session, the error swallowed: all or nothing, per record.
 
     Each record either applied once (the transaction stayed whole) or was
@@ -194,13 +271,7 @@ def test_a_handler_that_swallows_the_refusal_splits_nothing(bootstrap_servers: s
     produce(bootstrap_servers, topic, [rec(i) for pair in zip(good, [*misuses, None], strict=True)
                                        for i in pair if i is not None])
     app = make_app(bootstrap_servers, database_url, outbox=False)
-
-    @app.handler(topic, batch_size=50, retry=Retry(attempts=1))
-    def handle(message: Message, session: Session) -> None:
-        insert_effect(session, _id(message))
-        if _id(message) in misuses:
-            with contextlib.suppress(Exception):
-                misuses[_id(message)](session)
+    _misusing_handler(app, topic, handler_kind, swallow=True, batch_size=50, retry=Retry(attempts=1))
 
     with running(app):
         wait_all_committed(bootstrap_servers, app.group_id, topic)
@@ -252,7 +323,7 @@ def test_a_handler_returning_a_coroutine_stops_the_worker(
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with pytest.raises(ConfigurationError, match="not supported"):
+            with pytest.raises(ConfigurationError, match="registered as a sync function"):
                 app.run(install_signal_handlers=False)
             gc.collect()
     finally:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from exactlyonce import Message, Retry, migrate
@@ -24,6 +25,7 @@ from tests.conftest import drop_all_tables
 
 from .helpers import (
     Rec,
+    as_kind,
     create_topic,
     dedup_rows,
     engine_for,
@@ -36,7 +38,15 @@ from .helpers import (
     unique,
     wait_until,
 )
-from .sequence_effects import applied, insert_seq_effect, metadata, record, scrambled, stream_and_number
+from .sequence_effects import (
+    applied,
+    insert_seq_effect,
+    insert_seq_effect_async,
+    metadata,
+    record,
+    scrambled,
+    stream_and_number,
+)
 
 pytestmark = pytest.mark.service
 
@@ -68,18 +78,21 @@ def _counter_sums(engine: sa.Engine, scope: str) -> dict[str, int]:
     return dict(zip(columns, (int(v) for v in row), strict=True))
 
 
-def _sequenced_app(bootstrap: str, database_url: str, topic: str, **kwargs: Any) -> Any:
+def _sequenced_app(bootstrap: str, database_url: str, topic: str, kind: str, **kwargs: Any) -> Any:
     app = make_app(bootstrap, database_url, outbox=False)
-
-    @app.handler(topic, sequence=stream_and_number, **kwargs)
-    def handle(message: Message, session: Session) -> None:
-        insert_seq_effect(session, message)
-
+    if kind == "sync":
+        @app.handler(topic, sequence=stream_and_number, **kwargs)
+        def handle(message: Message, session: Session) -> None:
+            insert_seq_effect(session, message)
+    else:
+        @app.handler(topic, sequence=stream_and_number, **kwargs)
+        async def handle_async(message: Message, session: AsyncSession) -> None:
+            await insert_seq_effect_async(session, message)
     return app
 
 
 def test_shuffled_duplicated_cross_partition_streams_apply_in_order_once(
-    bootstrap_servers: str, database_url: str
+    bootstrap_servers: str, database_url: str, handler_kind: str
 ) -> None:
     engine = engine_for(database_url)
     metadata.create_all(engine)
@@ -88,7 +101,7 @@ def test_shuffled_duplicated_cross_partition_streams_apply_in_order_once(
     counts = {f"acct-{i}": 15 + i for i in range(5)}
     records = scrambled(counts, partitions=3, rng=random.Random(7))
     produce(bootstrap_servers, topic, records)
-    app = _sequenced_app(bootstrap_servers, database_url, topic, batch_size=7)
+    app = _sequenced_app(bootstrap_servers, database_url, topic, handler_kind, batch_size=7)
     scope = app.handlers[topic].scope
 
     with running(app):
@@ -109,7 +122,7 @@ def test_shuffled_duplicated_cross_partition_streams_apply_in_order_once(
 
 @pytest.mark.parametrize("server", ["postgres_url", "mysql_url"], ids=["postgresql", "mariadb"])
 def test_several_workers_killed_and_replaced_keep_every_stream_in_order(
-    bootstrap_servers: str, server: str, request: pytest.FixtureRequest, tmp_path: Path
+    bootstrap_servers: str, server: str, handler_kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     # MariaDB runs at REPEATABLE READ: the parked rows must be read with
     # locking reads there, or a worker could miss a row parked by another.
@@ -126,7 +139,8 @@ def test_several_workers_killed_and_replaced_keep_every_stream_in_order(
 
     def argv(name: str) -> list[str]:
         return [sys.executable, "-m", "tests.integration.sequence_worker", "--bootstrap", bootstrap_servers,
-                "--database-url", database, "--topic", topic, "--group", group, "--name", name]
+                "--database-url", database, "--topic", topic, "--group", group, "--name", name,
+                *(["--async"] if handler_kind == "async" else [])]
 
     def applied_count() -> int:
         return sum(len(ns) for ns in applied(engine).values())
@@ -166,13 +180,13 @@ def _scope_gauge(app: Any, name: str, scope: str) -> float | None:
 
 
 def test_a_gap_is_reported_and_waited_for_until_it_fills(
-    bootstrap_servers: str, database_url: str, caplog: pytest.LogCaptureFixture
+    bootstrap_servers: str, database_url: str, handler_kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     engine = engine_for(database_url)
     metadata.create_all(engine)
     topic = unique("gapwait")
     create_topic(bootstrap_servers, topic)
-    app = _sequenced_app(bootstrap_servers, database_url, topic, gap_timeout=timedelta(seconds=1))
+    app = _sequenced_app(bootstrap_servers, database_url, topic, handler_kind, gap_timeout=timedelta(seconds=1))
     scope = app.handlers[topic].scope
     caplog.set_level(logging.WARNING, logger="exactlyonce")
     with running(app):
@@ -190,13 +204,13 @@ def test_a_gap_is_reported_and_waited_for_until_it_fills(
 
 
 def test_dead_letter_gap_policy_sends_the_parked_messages_to_the_dlq(
-    bootstrap_servers: str, database_url: str
+    bootstrap_servers: str, database_url: str, handler_kind: str
 ) -> None:
     engine = engine_for(database_url)
     metadata.create_all(engine)
     topic = unique("gapdlq")
     create_topic(bootstrap_servers, topic)
-    app = _sequenced_app(bootstrap_servers, database_url, topic, gap_timeout=timedelta(seconds=1),
+    app = _sequenced_app(bootstrap_servers, database_url, topic, handler_kind, gap_timeout=timedelta(seconds=1),
                          on_gap="dead_letter")
     scope = app.handlers[topic].scope
     with running(app):
@@ -219,7 +233,7 @@ def _as_message(record: Any) -> Message:
 
 
 def test_bad_sequences_and_failing_handlers_are_dead_lettered_and_the_stream_moves_on(
-    bootstrap_servers: str, database_url: str
+    bootstrap_servers: str, database_url: str, handler_kind: str
 ) -> None:
     engine = engine_for(database_url)
     metadata.create_all(engine)
@@ -229,6 +243,7 @@ def test_bad_sequences_and_failing_handlers_are_dead_lettered_and_the_stream_mov
     scope = f"{app.group_id}:{topic}"
 
     @app.handler(topic, sequence=stream_and_number, retry=Retry(attempts=2, backoff=timedelta(0)))
+    @as_kind(handler_kind)
     def handle(message: Message, session: Session) -> None:
         insert_seq_effect(session, message)
         if stream_and_number(message)[1] == 2:

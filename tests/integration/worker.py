@@ -1,7 +1,7 @@
 """A worker process for the integration tests.
 
 ``python -m tests.integration.worker --bootstrap ... --database-url ... --topic ...
---group ... --name ... [--crash-after-commit-of ID] [--seen-file PATH]``
+--group ... --name ... [--crash-after-commit-of ID] [--seen-file PATH] [--async]``
 
 Every record's handler writes one row into ``effects``. The message-ID
 strategy appends ``<id> <partition> <offset>`` to ``--seen-file`` for every
@@ -11,6 +11,9 @@ records were redelivered to it.
 With ``--crash-after-commit-of ID`` the process SIGKILLs itself right after
 the database transaction that applied ``ID`` commits: after the dedup row and
 the effect are durable, before the Kafka offset is committed.
+
+With ``--async`` the handler is an ``async def`` one (an ``AsyncSession``, on
+the worker's event loop): the same effect, the same crash.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ import os
 import signal
 
 from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from exactlyonce import App, Message, ids
-from tests.integration.helpers import CONSUMER_CONFIG, insert_effect
+from tests.integration.helpers import CONSUMER_CONFIG, insert_effect, insert_effect_async
 
 _CRASH_FLAG = "exactlyonce-test-crash-after-commit"
 
@@ -38,6 +42,7 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--crash-after-commit-of", default=None)
     parser.add_argument("--seen-file", default=None)
+    parser.add_argument("--async", dest="is_async", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
@@ -53,12 +58,20 @@ def main() -> None:
             seen.write(f"{value} {message.partition} {message.offset}\n")
         return value
 
-    @app.handler(args.topic, message_id=message_id)
-    def handle(message: Message, session: Session) -> None:
-        value = from_header(message)
-        insert_effect(session, value, (message.value or b"").decode(), worker=args.name)
-        if value == args.crash_after_commit_of:
-            session.info[_CRASH_FLAG] = True
+    if args.is_async:
+        @app.handler(args.topic, message_id=message_id)
+        async def handle_async(message: Message, session: AsyncSession) -> None:
+            value = from_header(message)
+            await insert_effect_async(session, value, (message.value or b"").decode(), worker=args.name)
+            if value == args.crash_after_commit_of:
+                session.info[_CRASH_FLAG] = True  # the info of the session it proxies
+    else:
+        @app.handler(args.topic, message_id=message_id)
+        def handle(message: Message, session: Session) -> None:
+            value = from_header(message)
+            insert_effect(session, value, (message.value or b"").decode(), worker=args.name)
+            if value == args.crash_after_commit_of:
+                session.info[_CRASH_FLAG] = True
 
     @event.listens_for(Session, "after_commit")
     def crash_after_commit(session: Session) -> None:

@@ -171,24 +171,30 @@ class SyncCallable:
     AsyncCallable(),
     AsyncCallable().method,
     functools.partial(AsyncCallable(), "m"),
-    async_generator_handler,
-], ids=["async-def", "partial", "partial-of-partial", "async-call", "async-method", "partial-of-async-call",
-        "async-generator"])
-def test_async_handlers_are_refused(func: Any) -> None:
-    """A handler whose call only creates a coroutine (or async generator) is refused at registration."""
+], ids=["async-def", "partial", "partial-of-partial", "async-call", "async-method", "partial-of-async-call"])
+def test_async_handlers_register_as_async(func: Any) -> None:
+    """A handler whose call returns a coroutine registers as an async handler (awaited with an AsyncSession)."""
     app = App(group_id="g")
-    with pytest.raises(ConfigurationError, match="native async handlers are not supported yet") as info:
-        app.handler("t")(func)
-    assert "def handler(message, session)" in str(info.value)
+    assert app.handler("t")(func) is func
+    assert app.handlers["t"].is_async
+
+
+def test_async_batch_and_sequenced_handlers_register_as_async() -> None:
+    """batch=True and sequence= take async def handlers as well."""
+    app = App(group_id="g")
+    app.handler("t", batch=True)(async_handler)
+    app.handler("u", sequence=lambda m: ("s", 1))(async_handler)
+    assert app.handlers["t"].is_async and app.handlers["t"].batch
+    assert app.handlers["u"].is_async and app.handlers["u"].sequence is not None
+
+
+def test_async_generator_handlers_are_refused() -> None:
+    """Calling an async generator function runs none of its body: refused at registration."""
+    app = App(group_id="g")
+    with pytest.raises(ConfigurationError, match="async generator function") as info:
+        app.handler("t")(async_generator_handler)
+    assert "async def handler(message, session)" in str(info.value)
     assert app.handlers == {}
-
-
-def test_async_batch_and_sequenced_handlers_are_refused() -> None:
-    """The refusal does not depend on the kind of handler."""
-    with pytest.raises(ConfigurationError, match="not supported"):
-        App(group_id="g").handler("t", batch=True)(async_handler)
-    with pytest.raises(ConfigurationError, match="not supported"):
-        App(group_id="g").handler("t", sequence=lambda m: ("s", 1))(async_handler)
 
 
 def test_generator_function_handlers_are_refused() -> None:
@@ -201,9 +207,14 @@ def test_generator_function_handlers_are_refused() -> None:
                                   functools.wraps(async_handler)(lambda message, session: None)],
                          ids=["function", "partial", "sync-call", "sync-wrapper-of-async"])
 def test_sync_handlers_are_accepted(func: Any) -> None:
-    """Plain functions, partials, callable objects and sync wrappers register (a wrapper may run the coroutine)."""
+    """Plain functions, partials, callable objects and sync wrappers register as sync handlers.
+
+    (A sync wrapper of an async def may run the coroutine itself; if it returns
+    it instead, the runner stops with a ConfigurationError: tests/unit/test_session.py.)
+    """
     app = App(group_id="g")
     assert app.handler("t")(func) is func
+    assert not app.handlers["t"].is_async
 
 
 def test_database_timeouts_default_from_the_poll_interval_and_stay_below_it() -> None:
@@ -226,3 +237,51 @@ def test_sqlite_busy_timeout_is_the_lock_timeout(tmp_path: Any) -> None:
     with app.engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 3000
     app.engine.dispose()
+
+
+def test_async_engine_is_made_from_the_database_url_with_the_apps_timeouts(tmp_path: Any) -> None:
+    """App.async_engine: the URL's async driver, the App's lock timeout; the App owns (and will dispose of) it."""
+    import asyncio
+
+    app = App("g", database_url=f"sqlite:///{tmp_path / 'a.db'}", lock_timeout=timedelta(seconds=3))
+    engine = app.async_engine
+    assert engine is app.async_engine and app.owns_async_engine
+    assert engine.url.drivername == "sqlite+aiosqlite"
+
+    async def busy_timeout() -> int:
+        try:
+            async with engine.connect() as conn:
+                return int((await conn.exec_driver_sql("PRAGMA busy_timeout")).scalar_one())
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(busy_timeout()) == 3000
+    assert app.engine.url.drivername == "sqlite"  # the sync engine (sync handlers, outbox relay) from the same URL
+    app.engine.dispose()
+
+
+def test_a_given_async_engine_is_used_and_not_owned(tmp_path: Any) -> None:
+    """App(async_engine=...): used as given, never disposed of; no sync engine is guessed from elsewhere."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    given = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    app = App("g", async_engine=given)
+    assert app.async_engine is given and not app.owns_async_engine
+    with pytest.raises(ConfigurationError, match="given async_engine= and no sync engine"):
+        app.engine  # noqa: B018
+    asyncio.run(given.dispose())
+
+
+def test_async_engine_refuses_a_database_url_too_and_what_is_not_an_async_engine(tmp_path: Any) -> None:
+    """database_url and async_engine together are ambiguous; a sync Engine or a URL is not an async engine."""
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    given = create_async_engine(f"sqlite+aiosqlite:///{tmp_path / 'a.db'}")
+    with pytest.raises(ConfigurationError, match="not both"):
+        App("g", database_url="sqlite://", async_engine=given)
+    for wrong in (sa.create_engine("sqlite://"), "sqlite+aiosqlite://"):
+        with pytest.raises(ConfigurationError, match=r"must be a sqlalchemy\.ext\.asyncio\.AsyncEngine"):
+            App("g", async_engine=wrong)  # type: ignore[arg-type]

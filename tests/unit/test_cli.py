@@ -180,6 +180,23 @@ def test_run_overrides_the_apps_connection_settings(tmp_path: Path) -> None:
     assert app.producer_config == {"security_protocol": "SSL", "ssl_cafile": "/ca.pem", "linger_ms": 5, "acks": 1}
 
 
+def test_run_refuses_a_database_url_an_apps_async_engine_would_ignore(tmp_path: Path) -> None:
+    """--database-url cannot reach an async engine the App was given, or made already: refused, saying which."""
+    import asyncio
+
+    from exactlyonce import ExactlyOnceError, _db
+
+    given = _db.create_async_engine(f"sqlite:///{tmp_path / 'given.db'}")
+    with pytest.raises(ExactlyOnceError, match=r"was given its async engine \(async_engine=\)"):
+        cli._override_app_settings(App("g", async_engine=given), _run_args("--database-url", "sqlite://"))
+    made = App("g", database_url=f"sqlite:///{tmp_path / 'made.db'}")
+    made.async_engine  # noqa: B018 - used at import time, say
+    with pytest.raises(ExactlyOnceError, match=r"created its async engine when it was imported"):
+        cli._override_app_settings(made, _run_args("--database-url", "sqlite://"))
+    asyncio.run(given.dispose())
+    asyncio.run(made.async_engine.dispose())
+
+
 def test_run_without_connection_options_leaves_the_app_alone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EXACTLYONCE_BOOTSTRAP_SERVERS", "env:9092")
     monkeypatch.setenv("EXACTLYONCE_DATABASE_URL", "sqlite:///env.db")

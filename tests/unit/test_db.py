@@ -22,6 +22,29 @@ def test_default_drivers(url: str, driver: str) -> None:
     assert _db.normalize_url(url).drivername == driver
 
 
+@pytest.mark.parametrize(("url", "driver"), [
+    ("postgresql://u@h/db", "postgresql+psycopg"),
+    ("postgresql+psycopg://u@h/db", "postgresql+psycopg"),
+    ("mysql://u@h/db", "mysql+asyncmy"),
+    ("mysql+pymysql://u@h/db", "mysql+asyncmy"),
+    ("mariadb://u@h/db", "mariadb+asyncmy"),
+    ("mariadb+pymysql://u@h/db", "mariadb+asyncmy"),
+    ("sqlite:///x.db", "sqlite+aiosqlite"),
+    ("sqlite+pysqlite:///x.db", "sqlite+aiosqlite"),
+    ("mysql+aiomysql://u@h/db", "mysql+aiomysql"),
+    ("postgresql+asyncpg://u@h/db", "postgresql+asyncpg"),
+])
+def test_default_async_drivers(url: str, driver: str) -> None:
+    """For async handlers: the tested async driver for a URL without one or with a tested sync one; others kept."""
+    assert _db.normalize_async_url(url).drivername == driver
+
+
+def test_an_async_engine_needs_an_async_driver() -> None:
+    """A sync-only driver for an async engine is a configuration error naming the async extras."""
+    with pytest.raises(ConfigurationError, match=r"exactlyonce\[postgres-async\]"):
+        _db.create_async_engine("postgresql+psycopg2://u@h/db")
+
+
 def test_invalid_url_is_a_configuration_error() -> None:
     """A malformed URL is reported as configuration, not a crash."""
     with pytest.raises(ConfigurationError):
@@ -59,6 +82,17 @@ def test_mysql_errors_are_transient_only_for_connection_and_lock_codes() -> None
     assert _db.is_transient(_operational(pymysql.err.OperationalError(1213, "Deadlock found")))
     assert _db.is_transient(_operational(pymysql.err.OperationalError(2013, "Lost connection")))
     assert not _db.is_transient(_operational(pymysql.err.OperationalError(1054, "Unknown column")))
+
+
+def test_asyncmy_errors_are_classified_as_pymysqls() -> None:
+    """The async MySQL driver's errors: the same codes are transient, and 1213 is a conflict (halves the batch)."""
+    from asyncmy import errors
+
+    assert _db.is_transient(_operational(errors.OperationalError(1205, "Lock wait timeout exceeded")))
+    assert _db.is_transient(_operational(errors.OperationalError(1213, "Deadlock found")))
+    assert _db.is_conflict(_operational(errors.OperationalError(1213, "Deadlock found")))
+    assert not _db.is_transient(_operational(errors.OperationalError(1054, "Unknown column")))
+    assert not _db.is_conflict(_operational(errors.OperationalError(1205, "Lock wait timeout exceeded")))
 
 
 def test_an_error_raised_from_or_while_handling_a_transient_one_is_transient_when_chained() -> None:

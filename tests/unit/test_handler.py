@@ -20,6 +20,10 @@ async def async_handler(message: Any, session: Any) -> None:
     pass
 
 
+async def async_generator_handler(message: Any, session: Any) -> Any:
+    yield message
+
+
 def test_check_registration_builds_the_handler_with_its_defaults() -> None:
     """Settings are checked when called; the returned make(func) builds the Handler an App would hold."""
     made = check_registration("t", group_id="g", registered=[], verifies_signatures=False)(noop)
@@ -40,8 +44,9 @@ def test_settings_fail_before_the_function_is_given() -> None:
     with pytest.raises(ConfigurationError, match="batch_size must be at least 1"):
         check_registration("t", group_id="g", registered=[], verifies_signatures=False, batch_size=0)
     make = check_registration("t", group_id="g", registered=[], verifies_signatures=False)
-    with pytest.raises(ConfigurationError, match="async def"):
-        make(async_handler)
+    with pytest.raises(ConfigurationError, match="async generator function"):
+        make(async_generator_handler)
+    assert make(async_handler).is_async
     with pytest.raises(ConfigurationError, match="must be callable"):
         make("not a function")  # type: ignore[arg-type]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 from hypothesis.stateful import run_state_machine_as_test
 
@@ -21,17 +22,20 @@ def prepare(url: str) -> None:
         engine.dispose()
 
 
-def run_model(url: str) -> None:
+def run_model(url: str, kind: str = "sync") -> None:
     prepare(url)
 
     class Model(RuntimeModel):
         database_url = url
+        handler_kind = kind
 
     run_state_machine_as_test(Model, settings=model_settings())
 
 
-def test_runtime_model_on_sqlite(tmp_path: Path) -> None:
-    run_model(f"sqlite:///{tmp_path / 'model.db'}")
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_runtime_model_on_sqlite(tmp_path: Path, kind: str) -> None:
+    """The model with def handlers, and with async def ones (each Runner on its own event loop, aiosqlite)."""
+    run_model(f"sqlite:///{tmp_path / 'model.db'}", kind)
 
 
 def test_effects_table_has_no_unique_constraint() -> None:

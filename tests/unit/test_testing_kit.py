@@ -318,3 +318,34 @@ def test_records_on_other_partitions_are_read_too(tmp_path: Path) -> None:
         assert t.send("orders", b"x", key="a", partition=0) == "duplicate"
         assert t.send("orders", b"x", key="b", partition=1) == "applied"
     assert seen == [(2, 0), (1, 0)]
+
+
+def test_async_handlers_run_on_the_real_runtime_too(tmp_path: Path) -> None:
+    """An async def handler (with a sync one in the same App): applied once, its effects in the test database,
+    dead letters as for sync handlers, and no thread left behind."""
+    mixed = App("kit-async")
+
+    @mixed.handler("transfers", message_id=ids.json_field("transfer_id"), retry=Retry(attempts=1))
+    async def apply_async(message: Message, session: Any) -> None:
+        transfer = message.json()
+        if transfer.get("fail"):
+            raise RuntimeError("cannot")
+        await session.execute(sa.insert(applied).values(transfer_id=transfer["transfer_id"],
+                                                        amount=transfer["amount"]))
+
+    @mixed.handler("audit", message_id=ids.json_field("transfer_id"))
+    def audit(message: Message, session: Session) -> None:
+        session.execute(sa.insert(applied).values(transfer_id="audit-" + message.json()["transfer_id"], amount=0))
+
+    before = set(threading.enumerate())
+    with TestApp(mixed, database_url=f"sqlite:///{tmp_path}/t.db") as t:
+        metadata.create_all(t.engine)
+        assert t.send("transfers", {"transfer_id": "a1", "amount": 5}) == Outcome.APPLIED
+        assert t.send("transfers", {"transfer_id": "a1", "amount": 5}) == Outcome.DUPLICATE
+        assert t.send("audit", {"transfer_id": "a1"}) == Outcome.APPLIED
+        assert t.send("transfers", {"transfer_id": "a2", "amount": 1, "fail": True}) == Outcome.DEAD_LETTERED
+        assert t.dead_letters[-1].reason == "handler-error"
+        with t.session() as session:
+            rows = sorted(session.execute(sa.select(applied.c.transfer_id)).scalars())
+        assert rows == ["a1", "audit-a1"]
+    assert set(threading.enumerate()) <= before
