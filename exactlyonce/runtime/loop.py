@@ -191,13 +191,18 @@ class Runner:
             self._check_schema()
         except Stopped:
             return
-        self._consumer = self._consumer_factory(
-            bootstrap_servers=self._app.bootstrap_servers,
-            group_id=self._app.group_id,
-            topics=self._handlers.keys(),
-            config=self._app.consumer_config,
-            on_revoked=self._on_revoked,
-        )
+        try:
+            # A broker that does not answer yet (a cluster restarting while this
+            # worker starts) is waited for, for the transient retry budget.
+            self._consumer = self._transient.retry(lambda: self._consumer_factory(
+                bootstrap_servers=self._app.bootstrap_servers,
+                group_id=self._app.group_id,
+                topics=self._handlers.keys(),
+                config=self._app.consumer_config,
+                on_revoked=self._on_revoked,
+            ))
+        except Stopped:
+            return
         log.info("consuming %s as group %r", ", ".join(sorted(self._handlers)), self._app.group_id)
         awaited = sorted(topic for topic, handler in self._handlers.items() if handler.is_async)
         if awaited:
