@@ -65,6 +65,9 @@ log = logging.getLogger("exactlyonce")
 
 Batch = dict[TopicPartition, list[Message]]
 
+#: How long, at least, a starting worker waits for a broker that does not answer yet.
+STARTUP_PATIENCE = timedelta(minutes=2)
+
 
 class Settings(Protocol):
     """What a :class:`Runner` reads of its :class:`~exactlyonce.App` (the runtime does not import the App)."""
@@ -193,8 +196,10 @@ class Runner:
             return
         try:
             # A broker that does not answer yet (a cluster restarting while this
-            # worker starts) is waited for, for the transient retry budget.
-            self._consumer = self._transient.retry(lambda: self._consumer_factory(
+            # worker starts) is waited for, for the transient retry budget but
+            # at least STARTUP_PATIENCE: one bootstrap attempt alone can take
+            # kafka-python's bootstrap_timeout_ms (30 s).
+            self._consumer = self._transient.retry(at_least=STARTUP_PATIENCE, fn=lambda: self._consumer_factory(
                 bootstrap_servers=self._app.bootstrap_servers,
                 group_id=self._app.group_id,
                 topics=self._handlers.keys(),

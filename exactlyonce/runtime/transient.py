@@ -86,9 +86,10 @@ class Transient:
             raise Stopped
 
     def retry(
-        self, fn: Callable[[], T], *, scope: str = "", retry_on: Callable[[BaseException], bool] = is_transient
+        self, fn: Callable[[], T], *, scope: str = "", retry_on: Callable[[BaseException], bool] = is_transient,
+        at_least: timedelta = timedelta(0),
     ) -> T:
-        """Run ``fn``, retrying the failures ``retry_on`` accepts for the budget; then raise the last one."""
+        """Run ``fn``, retrying the failures ``retry_on`` accepts for the budget (or ``at_least``); then raise."""
 
         def before_sleep(state: Any) -> None:
             self._metrics.retry(scope, "transient")
@@ -96,7 +97,7 @@ class Transient:
 
         return Retrying(
             retry=retry_if_exception(retry_on),
-            stop=stop_after_delay(self._budget_s),
+            stop=stop_after_delay(max(self._budget_s, at_least.total_seconds())),
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             sleep=self.sleep,
             before_sleep=before_sleep,

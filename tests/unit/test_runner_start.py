@@ -1,5 +1,6 @@
-"""A worker that starts while the broker does not answer yet waits for it (a cluster restarting), within its
-transient retry budget; a configuration error still ends it at once."""
+"""A worker that starts while the broker does not answer yet waits for it (a cluster restarting), for its
+transient retry budget but at least STARTUP_PATIENCE (one bootstrap attempt alone can take 30 s); a
+configuration error still ends it at once."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from exactlyonce.testing import Cluster, FastStop, TwinConsumer
 
 def _app(tmp_path: Path) -> App:
     app = App("start", bootstrap_servers="twin:9092", database_url=f"sqlite:///{tmp_path}/t.db", outbox=False,
-              transient_retry_budget=timedelta(seconds=30))
+              transient_retry_budget=timedelta(0))  # the start waits at least STARTUP_PATIENCE anyway
     migrate.upgrade(app.engine)
 
     @app.handler("t")
