@@ -26,7 +26,7 @@ PostgreSQL / MariaDB (``postgres_url`` / ``mysql_url``, one per session):
 clean database (every table dropped) upgraded to the framework's head
 revision; ``empty_database_url`` is the same without the upgrade.
 
-Browser (``chromium``, one per session): Debian's ``/usr/bin/chromium``,
+Browser (``chromium``, one per test module): Debian's ``/usr/bin/chromium``,
 installed by ``tests/services/chromium.sh`` when missing (Debian/Ubuntu as
 root), driven by Playwright for Python through ``executable_path`` (Playwright
 never downloads a browser here). A Chromium that cannot start skips the test,
@@ -222,9 +222,15 @@ def _set_up_chromium() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    """A headless Chromium (Debian's) driven by Playwright: a ``playwright.sync_api.Browser``."""
+    """A headless Chromium (Debian's) driven by Playwright: a ``playwright.sync_api.Browser``.
+
+    Module-scoped: Playwright's sync API keeps an asyncio event loop running
+    in the main thread while it is started, so a later test's
+    ``asyncio.run()`` would fail ("cannot be called from a running event
+    loop") if it lived for the whole session.
+    """
     problem = _set_up_chromium()
     if problem is not None:
         unavailable(f"no Chromium: {problem}")
