@@ -123,6 +123,15 @@ class Consumer:
                 log.info("assigned partitions: %s", _fmt(assigned))
 
         self._consumer.subscribe(topics=sorted(topics), listener=_Listener())
+        # Have the subscribed topics' partitions in the metadata cache before
+        # the first poll joins the group: an assignment computed from a cache
+        # that lacks them gives this member nothing, and kafka-python may not
+        # notice for minutes (seen once in CI under load; dpkp/kafka-python#2377).
+        try:
+            self._consumer.topics()
+        except kafka.errors.KafkaError as exc:
+            self._consumer.close()
+            raise TransientError(f"could not read topic metadata: {exc}") from exc
 
     def poll(self, timeout_s: float) -> dict[TopicPartition, list[Message]]:
         """Fetch records as :class:`Message` objects; rebalance callbacks run inside this call."""
