@@ -196,7 +196,7 @@ class App:
         max_value_bytes: int | None = None,
         on_fingerprint_mismatch: OnMismatch | str = OnMismatch.DEAD_LETTER,
         batch: bool = False,
-        batch_size: int = 100,
+        batch_size: int | None = None,
         sequence: SequenceFunc | None = None,
         gap_timeout: timedelta = timedelta(minutes=5),
         on_gap: OnGap | str = OnGap.WAIT,
@@ -217,7 +217,8 @@ class App:
         - ``on_fingerprint_mismatch``: a known ID with a different payload is
           dead-lettered (default) or skipped.
         - ``batch_size``: up to this many records of a poll are claimed in one
-          statement and handled in one transaction (1: a transaction each). If
+          statement and handled in one transaction (1: a transaction each);
+          default 100, and 500 for a batch handler (``batch=True``). If
           the handler fails, the batch is split in halves until the failing
           record is alone, so the handler may run again for records of a
           failed batch (their writes were rolled back).

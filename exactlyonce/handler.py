@@ -105,6 +105,13 @@ class Handler:
     is_async: bool = False
 
 
+#: Records per transaction of an ordinary (``def handler(message, session)``) handler.
+DEFAULT_MESSAGE_BATCH_SIZE = 100
+#: Records per transaction of a batch handler: kafka-python's ``max_poll_records``,
+#: so that by default a whole poll is one claim statement and one commit.
+DEFAULT_BATCH_SIZE = 500
+
+
 def check_registration(
     topic: str,
     *,
@@ -118,7 +125,7 @@ def check_registration(
     max_value_bytes: int | None = None,
     on_fingerprint_mismatch: OnMismatch | str = OnMismatch.DEAD_LETTER,
     batch: bool = False,
-    batch_size: int = 100,
+    batch_size: int | None = None,
     sequence: SequenceFunc | None = None,
     gap_timeout: timedelta = timedelta(minutes=5),
     on_gap: OnGap | str = OnGap.WAIT,
@@ -140,8 +147,10 @@ def check_registration(
         raise ConfigurationError(f"a handler for topic {topic!r} is already registered")
     if retry is not None and not isinstance(retry, Retry):
         raise ConfigurationError("retry must be an exactlyonce.Retry")
-    if batch_size < 1:
-        raise ConfigurationError("batch_size must be at least 1")
+    if batch_size is None:
+        batch_size = DEFAULT_BATCH_SIZE if batch else DEFAULT_MESSAGE_BATCH_SIZE
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigurationError("batch_size must be an integer of at least 1")
     if max_value_bytes is not None and max_value_bytes < 1:
         raise ConfigurationError("max_value_bytes must be positive")
     try:

@@ -182,23 +182,32 @@ class Consumer:
             return False
         return True
 
-    def commit_async(self, offsets: Mapping[TopicPartition, int]) -> None:
+    def commit_async(self, offsets: Mapping[TopicPartition, int],
+                     on_done: Callable[[bool], None] | None = None) -> None:
         """Send an offset commit without waiting (safe inside rebalance callbacks).
 
-        A failure is only logged: the records are redelivered to the
-        partition's next owner and skipped as duplicates.
+        ``on_done(ok)`` is called with the broker's answer, on the client's
+        I/O thread. A failure is only logged: uncommitted records are
+        redelivered (to this member, or the partition's next owner) and
+        skipped as duplicates.
         """
         if not offsets:
             return
 
         def done(committed: Any, result: Any) -> None:
-            if isinstance(result, BaseException):
-                log.warning("offset commit on revocation failed (%s); records will be "
-                            "redelivered and skipped as duplicates", result)
+            failed = isinstance(result, BaseException)
+            if failed:
+                log.warning("offset commit failed (%s: %s); records will be redelivered "
+                            "and skipped as duplicates", type(result).__name__, result)
+            if on_done is not None:
+                on_done(not failed)
 
-        self._consumer.commit_async(
-            {_theirs(tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}, callback=done
-        )
+        try:
+            self._consumer.commit_async(
+                {_theirs(tp): OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}, callback=done
+            )
+        except kafka.errors.KafkaError as exc:
+            done(offsets, exc)
 
     @staticmethod
     def _call_safely(fn: Callable[..., None], *args: Any) -> None:

@@ -10,6 +10,7 @@ always is), and reported to the runner's ``stats``, the
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 from collections import Counter
@@ -140,12 +141,15 @@ class Bookkeeper:
     def report(self, book: Book) -> None:
         """Count a committed book in ``stats`` and the metrics, and log its decisions."""
         handler = book.handler
+        # Counted once per outcome, not per record (a batch is mostly one outcome).
+        for outcome, count in collections.Counter(str(entry.outcome) for entry in book.entries).items():
+            self.stats[outcome] += count
+            self._metrics.outcome(handler.scope, outcome, count)
+        debug = log.isEnabledFor(logging.DEBUG)
         for entry in book.entries:
-            self.stats[str(entry.outcome)] += 1
-            self._metrics.outcome(handler.scope, str(entry.outcome))
             if entry.outcome is Outcome.DEAD_LETTERED and entry.error is not None:
                 self._dead_lettered(handler, entry.message, entry.error)
-            elif log.isEnabledFor(logging.DEBUG):
+            elif debug:
                 log.debug("%s: %s %r", entry.message.where(), entry.outcome, entry.message_id,
                           extra=fields(handler, entry.message, entry.message_id, entry.outcome, **entry.fields))
             if self._observer is not None:

@@ -51,6 +51,7 @@ from exactlyonce.runtime.booking import Bookkeeper, Observer
 from exactlyonce.runtime.calls import Calls
 from exactlyonce.runtime.deadletter import DeadLetters
 from exactlyonce.runtime.dedup import Dedup
+from exactlyonce.runtime.offsets import Offsets
 from exactlyonce.runtime.ordered import Ordered
 from exactlyonce.runtime.transient import Stopped, Transient
 from exactlyonce.storage import migrate
@@ -124,7 +125,7 @@ class Runner:
         self._stop = stop
         self._poll_timeout_s = poll_timeout_s
         #: Next offset to commit per partition: everything below is in the database.
-        self._done: dict[TopicPartition, int] = {}
+        self._offsets = Offsets()
         self._consumer: Consumer | None = None
         self.stats = app.stats
         self._metrics = app.metrics
@@ -223,8 +224,8 @@ class Runner:
                 if batch:
                     batch = self._fill(batch)
                     self._process(batch)
-                    self._commit()
                     self._report_lag(batch)
+                self._offsets.send(self._consumer_or_fail())
                 self._ordered.between_polls()
         except _session.Unrunnable as unrunnable:
             # A handler that can never succeed (it returned a coroutine): stop
@@ -233,7 +234,7 @@ class Runner:
             log.error("%s", unrunnable.error)
             raise unrunnable.error from None
         finally:
-            self._commit()
+            self._offsets.commit(self._consumer)
             self._consumer.close()
             self._dead_letters.close()
             log.info("stopped: %s", dict(self.stats))
@@ -290,7 +291,8 @@ class Runner:
                     # The chunk committed: everything in it is done.
                     for message in chunk:
                         tp = TopicPartition(message.topic, message.partition)
-                        pending[tp] = self._done[tp] = message.offset + 1
+                        pending[tp] = message.offset + 1
+                        self._offsets.mark(tp, pending[tp])
         except TransientError as exc:
             log.error("%s; rewinding to retry after the next poll", exc)
             for tp, offset in pending.items():
@@ -301,20 +303,14 @@ class Runner:
 
     # -- offsets ------------------------------------------------------------
 
-    def _commit(self) -> None:
-        offsets = dict(self._done)
-        if offsets and self._consumer_or_fail().commit(offsets):
-            for tp, offset in offsets.items():
-                if self._done.get(tp) == offset:
-                    del self._done[tp]
-
     def _on_revoked(self, revoked: set[TopicPartition], lost: bool) -> None:
         # Called inside poll() before the partitions move to another member.
-        # Offsets are committed after every batch, so something is left only
-        # if that commit failed; send it now unless this member was evicted
-        # (then the commit cannot succeed). Either way nothing is lost: an
-        # uncommitted record is redelivered to the next owner and skipped.
-        offsets = {tp: self._done.pop(tp) for tp in revoked if tp in self._done}
+        # Offsets are sent after every batch, so something is left only if
+        # that commit is unanswered or failed; send it again now unless this
+        # member was evicted (then the commit cannot succeed). Either way
+        # nothing is lost: an uncommitted record is redelivered to the next
+        # owner and skipped.
+        offsets = self._offsets.revoke(revoked)
         if offsets and not lost:
             self._consumer_or_fail().commit_async(offsets)
         for tp in revoked:

@@ -9,7 +9,14 @@ import pytest
 
 import exactlyonce
 from exactlyonce import ConfigurationError, Retry, app, handler, ids
-from exactlyonce.handler import Handler, OnGap, OnMismatch, check_registration
+from exactlyonce.handler import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MESSAGE_BATCH_SIZE,
+    Handler,
+    OnGap,
+    OnMismatch,
+    check_registration,
+)
 
 
 def noop(message: Any, session: Any) -> None:
@@ -41,9 +48,15 @@ def test_check_registration_builds_the_handler_with_its_defaults() -> None:
 
 def test_settings_fail_before_the_function_is_given() -> None:
     """A bad setting fails at check_registration (the decorator's call), a bad function at make(func)."""
-    with pytest.raises(ConfigurationError, match="batch_size must be at least 1"):
+    with pytest.raises(ConfigurationError, match="batch_size must be an integer of at least 1"):
         check_registration("t", group_id="g", registered=[], verifies_signatures=False, batch_size=0)
+    for bad in (True, 2.5, "10"):
+        with pytest.raises(ConfigurationError, match="batch_size must be an integer"):
+            check_registration("t", group_id="g", registered=[], verifies_signatures=False, batch_size=bad)
     make = check_registration("t", group_id="g", registered=[], verifies_signatures=False)
+    assert make(noop).batch_size == DEFAULT_MESSAGE_BATCH_SIZE
+    batch = check_registration("b", group_id="g", registered=[], verifies_signatures=False, batch=True)(noop)
+    assert batch.batch_size == DEFAULT_BATCH_SIZE
     with pytest.raises(ConfigurationError, match="async generator function"):
         make(async_generator_handler)
     assert make(async_handler).is_async
