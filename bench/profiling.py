@@ -4,10 +4,12 @@
 its first record is touched), :func:`detach` stops it (SIGINT: py-spy then
 writes its file) when the throughput phase is over. :func:`breakdown` reads
 the collapsed stacks (``frame;frame;... count``, root first, each frame
-``function (file:line)``) and puts each sample in the first stage of
-:data:`STAGES` that any of its frames matches, else *other*. py-spy leaves out
-idle samples (threads waiting in ``select`` or on a socket), so the table is
-the time the process spent on the CPU or blocked in a non-idle call.
+``function (file:line)``) of the worker's main thread (the stacks that pass
+through ``bench/worker.py``; kafka-python's heartbeat thread does not) and
+puts each sample in the first stage of :data:`STAGES` that any of its frames
+matches, else *other*. Idle samples are kept (``--idle``): waiting for a fetch
+or for the database's commit is part of a record's time, so the stages add up
+to the wall time per record.
 """
 
 from __future__ import annotations
@@ -27,18 +29,21 @@ RATE = 200
 #: (stage, pattern over one frame "function (path:line)"), the first match wins: the
 #: specific stages before the general ones (the handler's SQL is the handler's, a
 #: claim's INSERT is the claim's, the DB commit is whatever commits outside them).
+_Q = r"^([\w.<>]*\.)?"  # py-spy names a method Class.method (a nested function outer.<locals>.name)
+_P = r"\((.*/)?"  # a frame's file: "(exactlyonce/ids.py:12)", relative to its sys.path entry
+
 STAGES: list[tuple[str, re.Pattern[str]]] = [
-    ("handler", re.compile(r"^(handle_batch|handle|handle_nothing) \(.*bench/worker\.py")),
-    ("claim (storage.store.claim_many)", re.compile(r"^claim_many \(.*exactlyonce/storage/store\.py")),
-    ("signature check", re.compile(r"exactlyonce/signing\.py")),
-    ("fingerprint", re.compile(r"^(fingerprint|stored_fingerprints) \(.*exactlyonce/")),
-    ("ID resolution", re.compile(r"exactlyonce/ids\.py")),
-    ("message wrapping (to_message)", re.compile(r"^to_message \(.*exactlyonce/_kafka/")),
-    ("counters / booking", re.compile(r"^(write|add|report|fields) \(.*exactlyonce/runtime/booking\.py")),
-    ("offset commit", re.compile(r"^(_commit \(.*exactlyonce/runtime/loop\.py"
-                                 r"|commit\w* \(.*(/kafka/|exactlyonce/_kafka/))")),
-    ("DB commit", re.compile(r"^\w*commit\w* \(.*(sqlalchemy|psycopg)")),
-    ("Kafka fetch + decode (kafka.*)", re.compile(r"\(.*/kafka/")),
+    ("handler", re.compile(_Q + r"(handle_batch|handle|handle_nothing) " + _P + r"bench/worker\.py")),
+    ("claim (storage.store.claim_many)", re.compile(_Q + r"claim_many " + _P + r"exactlyonce/storage/store\.py")),
+    ("signature check", re.compile(_P + r"exactlyonce/signing\.py")),
+    ("fingerprint", re.compile(_Q + r"(fingerprint|stored_fingerprints) " + _P + r"exactlyonce/")),
+    ("ID resolution", re.compile(_P + r"exactlyonce/ids\.py")),
+    ("message wrapping (to_message)", re.compile(_Q + r"to_message " + _P + r"exactlyonce/_kafka/")),
+    ("counters / booking", re.compile(_Q + r"(write|add|report|fields) " + _P + r"exactlyonce/runtime/booking\.py")),
+    ("offset commit", re.compile(_Q + r"(_commit " + _P + r"exactlyonce/runtime/loop\.py"
+                                 r"|commit\w* " + _P + r"(kafka/|exactlyonce/_kafka/))")),
+    ("DB commit", re.compile(_Q + r"\w*commit\w* " + _P + r"(sqlalchemy|psycopg)/")),
+    ("Kafka fetch + decode (kafka.*)", re.compile(_P + r"kafka/")),
 ]
 OTHER = "other"
 
@@ -72,7 +77,7 @@ def attach(pid: int, out: Path, log_path: Path) -> Spy:
     if exe is None:
         raise RuntimeError(available())
     log = log_path.open("ab")
-    proc = subprocess.Popen([exe, "record", "--format", "raw", "-r", str(RATE), "--pid", str(pid),
+    proc = subprocess.Popen([exe, "record", "--format", "raw", "--idle", "-r", str(RATE), "--pid", str(pid),
                              "-o", str(out)], stdout=log, stderr=log, stdin=subprocess.DEVNULL)
     return Spy(proc, out, log, time.monotonic())
 
@@ -105,7 +110,7 @@ def breakdown(path: Path, messages: int) -> dict[str, Any]:
     counts[OTHER] = 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
+        if stack and count.isdigit() and "bench/worker.py" in stack:  # the main thread's
             counts[classify(stack)] += int(count)
     total = sum(counts.values())
     if not total or not messages:
