@@ -3,18 +3,22 @@
 ``python -m bench.run`` (``make bench``) measures, in one run on one topic:
 
 - (a) a raw kafka-python consumer JSON-decoding every record, no database;
+  (a-nocrc) the same with ``crc32c`` blocked; (a-c) a raw confluent-kafka consumer;
 - (b) a hand-written loop: one transaction per record (dedup INSERT ... ON
   CONFLICT DO NOTHING + the transfer), offsets committed per poll;
-- (c) exactlyonce, ordinary handler (the example's ``apply_transfer``),
-  ``batch_size=100``; (c1) the same with ``batch_size=1``;
-- (d) exactlyonce, batch handler, ``batch_size=500``, set-based statements;
-  (d0) the same handler writing nothing (exactlyonce's own cost);
+- (c) exactlyonce, ordinary handler (the example's ``apply_transfer``), defaults;
+- (d) exactlyonce, batch handler, defaults, set-based statements; (d500) with
+  ``batch_size=500``; (d0) the handler writing nothing; (d-c) on
+  ``kafka_client="confluent"``; (d-nocrc) with ``crc32c`` blocked;
 
-on PostgreSQL and SQLite (msgs/s, peak RSS, p50/p99 end-to-end latency), then
-(f) throughput against batch size, (e) scaling over 1..4 worker processes,
-(h) RSS over a long run and (g) claim latency against dedup-table size. It
-prints a Markdown report and writes ``bench/results.md`` and
-``bench/throughput_vs_batch_size.png``. ``--quick`` is a smoke run (< 2 min).
+on PostgreSQL and SQLite (msgs/s, peak RSS, p50/p99 end-to-end latency; each
+variant self-checks its result), then (p) a py-spy profile of (d) by stage,
+(f) throughput against batch size, (e) scaling over 1..4 worker processes
+(with a hot-row case), (h) RSS over a long run and (g) claim latency against
+dedup-table size (uuid4 and UUIDv7 IDs). The broker is Apache Kafka when it
+can start (else the embedded one; ``--broker``). It prints a Markdown report
+(a Targets table first) and writes ``bench/results.md`` and
+``bench/throughput_vs_batch_size.png``. ``--quick`` is a smoke run (~2 min).
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@
 Modes (``spec["mode"]``):
 
 - ``raw``: kafka-python reading and JSON-decoding every record, no database (a);
+- ``raw-confluent``: the same with confluent-kafka's consumer (a-c);
 - ``naive``: a hand-written loop, one transaction per record (dedup INSERT ...
   ON CONFLICT DO NOTHING + the transfer), offsets committed per poll (b);
 - ``eo``: an exactlyonce App, ordinary (``handler="message"``: c, c1) or batch
   (``handler="batch"``: d) handler, or a batch handler that writes nothing
-  (``handler="dedup-only"``: d0, exactlyonce's own cost);
+  (``handler="dedup-only"``: d0, exactlyonce's own cost); ``batch_size`` None
+  leaves the handler's defaults; ``kafka_client`` is passed to the App;
 - ``scale``: like ``eo`` until SIGTERM (several of these share one group);
 - ``soak``: like ``eo`` (batch handler), sampling RSS every ``sample_every`` records.
 
@@ -18,6 +20,11 @@ pre-filled ``topic`` with a fresh group until ``messages`` records are done or
 reports ``ready`` once it has its partitions, and records, for each of the
 ``latency_messages`` records the parent then sends at a steady rate, the time
 from the ``sent_at`` stamp to its database commit (to its decoding for raw).
+
+After the throughput phase the worker checks its result (:func:`self_check`).
+With ``$BENCH_NO_CRC32C`` set, ``import crc32c`` fails in the process, so
+kafka-python checks CRCs in pure Python. A variant that cannot run here
+reports ``unavailable`` with the reason.
 
 Progress is reported as ``BENCH {json}`` lines on stdout; logs go to stderr.
 """
