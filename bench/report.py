@@ -269,7 +269,8 @@ def _scaling(results: dict[str, Any]) -> list[str]:
            f"{meta['hot_messages']:,} transfers that each pay one of 5 hot accounts (every transaction locks "
            "one of them). msgs/s from the first record any worker touched to the last one committed; *steady*: "
            "between 10% and 90% of the records; *min 1 s*: the lowest rate over any window of at least 1 s "
-           "(dedup-table count polled by the parent every 0.25 s). "
+           "(dedup-table count polled by the parent every 0.25 s); workers start one after another, so a "
+           "multi-worker run includes a group rebalance, and its pause counts in *min 1 s* too. "
            f"The machine has {meta['cpus']} cores, shared by the workers, PostgreSQL and the broker. "
            "*retries*: transient database errors retried (deadlocks); *rebalances*: assignments after the first.",
            "", "| case | workers | msgs/s | steady msgs/s | min 1 s msgs/s | speed-up | records per worker | "
