@@ -72,7 +72,7 @@ chaos: $(STAMP)
 cluster-chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.bank --cluster --duration $(DURATION) --seed $(SEED)
 
-## The benchmarks (about 25 minutes; QUICK=1 for a smoke run; BROKER=kafka|tansu); writes bench/results.md
+## The benchmarks (about 20 minutes; QUICK=1 for a smoke run; BROKER=kafka|tansu); writes bench/results.md
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick) $(if $(BROKER),--broker $(BROKER))
