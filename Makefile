@@ -72,10 +72,10 @@ chaos: $(STAMP)
 cluster-chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos.bank --cluster --duration $(DURATION) --seed $(SEED)
 
-## The benchmarks (about 20 minutes; QUICK=1 for a smoke run); writes bench/results.md
+## The benchmarks (about 20 minutes; QUICK=1 for a smoke run; BROKER=kafka|tansu); writes bench/results.md
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[dev,bench]'
-	$(BIN)/python -m bench.run $(if $(QUICK),--quick)
+	$(BIN)/python -m bench.run $(if $(QUICK),--quick) $(if $(BROKER),--broker $(BROKER))
 
 ## The documentation site (docs/, mkdocs.yml) into site/; --strict: a broken
 ## link or an unresolved API reference fails the build.

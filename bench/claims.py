@@ -6,6 +6,11 @@ empty ``exactlyonce_processed``, then again after it was filled with
 over the same key space as the fresh ones (uuid4 hex), and are inserted in key
 order so that filling is fast; fresh IDs land all over the primary-key index,
 as real random IDs do.
+
+The same is measured for time-ordered IDs (``kind="uuid7"``): the filler is
+UUIDv7 text in the format of :func:`exactlyonce.producer.new_message_id`,
+stamped one millisecond apart in the past, and the fresh IDs are new ones from
+that function, so they land at the right edge of the index, as a Producer's do.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from sqlalchemy.orm import Session
 from bench.proc import percentile
 from exactlyonce import _db
 from exactlyonce.message import Message
+from exactlyonce.producer import new_message_id
 from exactlyonce.store import claim, claim_many
 
 SCOPE = "bench:claims"
@@ -32,6 +38,30 @@ _CHUNK = 1_000_000
 
 _MESSAGE = Message(topic="claims", partition=0, offset=0, key=None,
                    value=b'{"transfer_id":"x","from":"a","to":"b","amount":1}')
+
+
+#: The kinds of ID measured: name -> a fresh ID.
+KINDS: dict[str, Callable[[], str]] = {"uuid4": lambda: uuid.uuid4().hex, "uuid7": new_message_id}
+
+
+def _fill_statement_uuid7(dialect: str) -> sa.TextClause:
+    """UUIDv7 text, 8-4-4-4-12: 48 bits of milliseconds (``:base`` + g, in the past), version 7, variant 2."""
+    if dialect == "postgresql":
+        hex_ = "lpad(to_hex(CAST(:base AS bigint) + g), 12, '0')"
+        tail = "lpad(to_hex(g), 12, '0')"
+        text = (f"substr({hex_}, 1, 8) || '-' || substr({hex_}, 9, 4) || '-7000-8000-' || {tail}")
+        return sa.text(
+            "INSERT INTO exactlyonce_processed (scope, message_id, topic, kafka_partition, kafka_offset, "
+            f"fingerprint, outcome, processed_at) SELECT :scope, {text}, 'claims', 0, g, repeat('f', 64), "
+            "'applied', timestamp '2020-01-01' + g * interval '1 millisecond' "
+            "FROM generate_series(CAST(:lo AS bigint), CAST(:hi AS bigint)) AS g")
+    hex_ = "printf('%012x', :base + g)"
+    text = f"substr({hex_}, 1, 8) || '-' || substr({hex_}, 9, 4) || '-7000-8000-' || printf('%012x', g)"
+    return sa.text(
+        "WITH RECURSIVE s(g) AS (SELECT :lo UNION ALL SELECT g + 1 FROM s WHERE g < :hi) "
+        "INSERT INTO exactlyonce_processed (scope, message_id, topic, kafka_partition, kafka_offset, "
+        f"fingerprint, outcome, processed_at) SELECT :scope, {text}, 'claims', 0, g, printf('%064d', 0), "
+        "'applied', datetime(1577836800 + g / 1000, 'unixepoch') FROM s")
 
 
 def _fill_statement(dialect: str) -> sa.TextClause:
@@ -50,15 +80,17 @@ def _fill_statement(dialect: str) -> sa.TextClause:
         "printf('%064d', 0), 'applied', datetime(1577836800 + g / 1000, 'unixepoch') FROM s")
 
 
-def fill(engine: Engine, rows: int, progress: Callable[[str], None]) -> float:
-    """Add ``rows`` filler rows in chunks of a million; return the seconds it took."""
+def fill(engine: Engine, rows: int, progress: Callable[[str], None], kind: str = "uuid4") -> float:
+    """Add ``rows`` filler rows of ``kind`` IDs in chunks of a million; return the seconds it took."""
     started = time.monotonic()
     step = _KEY_SPACE // max(rows, 1)
-    statement = _fill_statement(engine.dialect.name)
+    # uuid7: the last filler ID is stamped a minute before now, the others a millisecond apart before it.
+    base = time.time_ns() // 1_000_000 - 60_000 - rows
+    statement = (_fill_statement_uuid7 if kind == "uuid7" else _fill_statement)(engine.dialect.name)
     for lo in range(1, rows + 1, _CHUNK):
         hi = min(lo + _CHUNK - 1, rows)
         with engine.begin() as conn:
-            conn.execute(statement, {"scope": SCOPE, "step": step, "lo": lo, "hi": hi})
+            conn.execute(statement, {"scope": SCOPE, "step": step, "lo": lo, "hi": hi, "base": base})
         progress(f"  filled {hi:,} / {rows:,} rows ({time.monotonic() - started:.0f} s)")
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sa.text("VACUUM ANALYZE exactlyonce_processed" if engine.dialect.name == "postgresql"
@@ -66,13 +98,14 @@ def fill(engine: Engine, rows: int, progress: Callable[[str], None]) -> float:
     return time.monotonic() - started
 
 
-def measure(engine: Engine, reps: int, singles: int) -> dict[str, Any]:
+def measure(engine: Engine, reps: int, singles: int, kind: str = "uuid4") -> dict[str, Any]:
     """Time claim_many(500 fresh IDs) ``reps`` times and claim() ``singles`` times (after a warm-up)."""
+    fresh = KINDS[kind]
     many: list[float] = []
     many_commit: list[float] = []
     single: list[float] = []
     for rep in range(reps + 3):
-        items = [(uuid.uuid4().hex, _MESSAGE) for _ in range(BATCH)]
+        items = [(fresh(), _MESSAGE) for _ in range(BATCH)]
         started = time.perf_counter()
         with Session(engine) as session, session.begin():
             claimed = time.perf_counter()
@@ -86,7 +119,7 @@ def measure(engine: Engine, reps: int, singles: int) -> dict[str, Any]:
     for rep in range(singles + 20):
         with Session(engine) as session, session.begin():
             started = time.perf_counter()
-            claim(session, SCOPE, uuid.uuid4().hex, _MESSAGE)
+            claim(session, SCOPE, fresh(), _MESSAGE)
             elapsed = time.perf_counter() - started
         if rep >= 20:
             single.append(elapsed * 1000)
@@ -103,19 +136,22 @@ def truncate(engine: Engine) -> None:
 
 def bench_claims(url: str, rows: int, *, reps: int, singles: int,
                  progress: Callable[[str], None]) -> dict[str, Any]:
-    """Measure on an empty table, fill it with ``rows`` rows, measure again, empty it."""
+    """For each ID kind: measure on an empty table, fill it with ``rows`` rows, measure again, empty it."""
     engine = _db.create_engine(url)
+    result: dict[str, Any] = {"rows": rows}
     try:
-        truncate(engine)
-        empty = measure(engine, reps, singles)
-        progress(f"  empty table: claim_many(500) p50 {empty['claim_many_p50_ms']:.1f} ms, "
-                 f"claim() p50 {empty['claim_p50_ms']:.2f} ms")
-        truncate(engine)
-        fill_s = fill(engine, rows, progress)
-        full = measure(engine, reps, singles)
-        progress(f"  {rows:,} rows: claim_many(500) p50 {full['claim_many_p50_ms']:.1f} ms, "
-                 f"claim() p50 {full['claim_p50_ms']:.2f} ms")
-        truncate(engine)
-        return {"rows": rows, "fill_s": fill_s, "empty": empty, "full": full}
+        for kind in KINDS:
+            truncate(engine)
+            empty = measure(engine, reps, singles, kind)
+            progress(f"  {kind}, empty table: claim_many(500) p50 {empty['claim_many_p50_ms']:.1f} ms, "
+                     f"claim() p50 {empty['claim_p50_ms']:.2f} ms")
+            truncate(engine)
+            fill_s = fill(engine, rows, progress, kind)
+            full = measure(engine, reps, singles, kind)
+            progress(f"  {kind}, {rows:,} rows: claim_many(500) p50 {full['claim_many_p50_ms']:.1f} ms, "
+                     f"claim() p50 {full['claim_p50_ms']:.2f} ms")
+            truncate(engine)
+            result[kind] = {"fill_s": fill_s, "empty": empty, "full": full}
+        return result
     finally:
         engine.dispose()

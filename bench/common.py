@@ -176,6 +176,42 @@ def count_processed(engine: Engine) -> int:
     return retry_transient(count)
 
 
+def check_database(url: str, committed: int, *, accounts: int, naive: bool = False,
+                   writes: bool = True) -> dict[str, Any]:
+    """Self-check of a finished run: each of the ``committed`` records applied exactly once.
+
+    Dedup rows (exactlyonce's, or the hand-written loop's table when ``naive``)
+    == ``committed``; transfer rows == distinct transfer IDs == ``committed``
+    (0 when the handler ``writes`` nothing); the sum of balances == the seeded
+    sum. Returns ``{"ok": bool, "detail": str}``.
+    """
+    dedup_table = "bench_naive_dedup" if naive else "exactlyonce_processed"
+    engine = _db.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            dedup = int(conn.execute(sa.text(f"SELECT count(*) FROM {dedup_table}")).scalar_one())
+            rows, distinct = conn.execute(sa.text(
+                "SELECT count(*), count(DISTINCT transfer_id) FROM transfers")).one()
+            total = int(conn.execute(sa.text("SELECT coalesce(sum(balance), 0) FROM accounts")).scalar_one())
+    finally:
+        engine.dispose()
+    expected_rows = committed if writes else 0
+    problems = []
+    if dedup != committed:
+        problems.append(f"{dedup:,} dedup rows for {committed:,} records committed")
+    if rows != expected_rows or distinct != rows:
+        problems.append(f"{rows:,} transfer rows ({distinct:,} distinct IDs), expected {expected_rows:,}")
+    if total != accounts * BALANCE:
+        problems.append(f"total balance {total:,} != {accounts * BALANCE:,}")
+    detail = "; ".join(problems) or (f"{committed:,} records: {dedup:,} dedup rows, {rows:,} transfer rows, "
+                                     "balance conserved")
+    return {"ok": not problems, "detail": detail}
+
+
+#: Hot accounts of the contention case: every transfer of a ``hot`` topic pays one of these.
+HOT_ACCOUNTS = 5
+
+
 # -- the workload ------------------------------------------------------------
 
 _ADD_TO_BALANCE = sa.text("UPDATE accounts SET balance = balance + :delta WHERE id = :id")
@@ -225,9 +261,17 @@ def create_topic(bootstrap: str, name: str, partitions: int) -> None:
         consumer.close()
 
 
-def transfer_payload(prefix: str, index: int, n_accounts: int, rng: random.Random) -> dict[str, Any]:
-    """One transfer between two distinct random accounts, stamped with the send time."""
-    source, target = rng.sample(range(n_accounts), 2) if n_accounts < 64 else _two(rng, n_accounts)
+def transfer_payload(prefix: str, index: int, n_accounts: int, rng: random.Random,
+                     hot: bool = False) -> dict[str, Any]:
+    """One transfer between two distinct random accounts, stamped with the send time.
+
+    ``hot``: the target is one of the first :data:`HOT_ACCOUNTS` accounts
+    (the source one of the others), so that concurrent workers contend on them.
+    """
+    if hot:
+        source, target = rng.randrange(HOT_ACCOUNTS, n_accounts), rng.randrange(HOT_ACCOUNTS)
+    else:
+        source, target = rng.sample(range(n_accounts), 2) if n_accounts < 64 else _two(rng, n_accounts)
     return {"transfer_id": f"{prefix}-{index:09d}", "from": account_id(source), "to": account_id(target),
             "amount": rng.randint(1, 2500), "sent_at": time.time()}
 
@@ -239,7 +283,7 @@ def _two(rng: random.Random, n: int) -> tuple[int, int]:
 
 
 def _produce_range(bootstrap: str, topic: str, prefix: str, start: int, stop: int,
-                   n_accounts: int, partitions: int) -> int:
+                   n_accounts: int, partitions: int, hot: bool = False) -> int:
     """Send transfers ``start`` .. ``stop - 1`` (round robin over partitions); return the acknowledged count."""
     rng = random.Random(f"{prefix}-{start}")
     failures: list[BaseException] = []
@@ -247,7 +291,7 @@ def _produce_range(bootstrap: str, topic: str, prefix: str, start: int, stop: in
                                    batch_size=256 * 1024, max_request_size=4 * 1024 * 1024)
     try:
         for index in range(start, stop):
-            value = json.dumps(transfer_payload(prefix, index, n_accounts, rng), separators=(",", ":"))
+            value = json.dumps(transfer_payload(prefix, index, n_accounts, rng, hot), separators=(",", ":"))
             producer.send(topic, value=value.encode(), partition=index % partitions).add_errback(
                 failures.append)
         producer.flush()
@@ -259,7 +303,7 @@ def _produce_range(bootstrap: str, topic: str, prefix: str, start: int, stop: in
 
 
 def produce_transfers(bootstrap: str, topic: str, count: int, *, prefix: str, n_accounts: int,
-                      partitions: int, processes: int = 2) -> float:
+                      partitions: int, processes: int = 2, hot: bool = False) -> float:
     """Create ``topic`` and fill it with ``count`` transfers; return the seconds it took.
 
     Large topics are produced by ``processes`` processes in parallel.
@@ -267,12 +311,12 @@ def produce_transfers(bootstrap: str, topic: str, count: int, *, prefix: str, n_
     create_topic(bootstrap, topic, partitions)
     started = time.monotonic()
     if count < 20_000 or processes < 2:
-        _produce_range(bootstrap, topic, prefix, 0, count, n_accounts, partitions)
+        _produce_range(bootstrap, topic, prefix, 0, count, n_accounts, partitions, hot)
     else:
         bounds = [count * k // processes for k in range(processes + 1)]
         ctx = multiprocessing.get_context("spawn")
         with ctx.Pool(processes) as pool:
-            sent = pool.starmap(_produce_range, [(bootstrap, topic, prefix, lo, hi, n_accounts, partitions)
+            sent = pool.starmap(_produce_range, [(bootstrap, topic, prefix, lo, hi, n_accounts, partitions, hot)
                                                  for lo, hi in itertools.pairwise(bounds)])
         if sum(sent) != count:
             raise RuntimeError(f"produced {sum(sent)} of {count}")

@@ -55,3 +55,30 @@ def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, math.ceil(q / 100 * len(ordered)))
     return ordered[rank - 1]
+
+
+#: Set (to anything) in a worker's environment: ``import crc32c`` fails in that process.
+NO_CRC32C_ENV = "BENCH_NO_CRC32C"
+
+
+class _BlockCrc32c:
+    """A meta-path finder refusing ``crc32c``: kafka-python then checks CRCs in pure Python."""
+
+    def find_spec(self, name: str, path: object = None, target: object = None) -> None:
+        if name == "crc32c" or name.startswith("crc32c."):
+            raise ImportError(f"{name} blocked by the benchmark (${NO_CRC32C_ENV})")
+
+
+def block_crc32c_if_asked() -> None:
+    """Install the crc32c blocker when ``$BENCH_NO_CRC32C`` is set; call before importing kafka."""
+    import os
+
+    if os.environ.get(NO_CRC32C_ENV) and "kafka" not in sys.modules:
+        sys.meta_path.insert(0, _BlockCrc32c())
+
+
+def crc_implementation() -> str:
+    """Which CRC-32C kafka-python uses in this process: ``"C (crc32c)"`` or ``"pure Python"``."""
+    from kafka.record import util
+
+    return "pure Python" if getattr(util, "crc32c_c", None) is None else "C (crc32c)"

@@ -3,18 +3,22 @@
 ``python -m bench.run`` (``make bench``) measures, in one run on one topic:
 
 - (a) a raw kafka-python consumer JSON-decoding every record, no database;
+  (a-nocrc) the same with ``crc32c`` blocked; (a-c) a raw confluent-kafka consumer;
 - (b) a hand-written loop: one transaction per record (dedup INSERT ... ON
   CONFLICT DO NOTHING + the transfer), offsets committed per poll;
-- (c) exactlyonce, ordinary handler (the example's ``apply_transfer``),
-  ``batch_size=100``; (c1) the same with ``batch_size=1``;
-- (d) exactlyonce, batch handler, ``batch_size=500``, set-based statements;
-  (d0) the same handler writing nothing (exactlyonce's own cost);
+- (c) exactlyonce, ordinary handler (the example's ``apply_transfer``), defaults;
+- (d) exactlyonce, batch handler, defaults, set-based statements; (d500) with
+  ``batch_size=500``; (d0) the handler writing nothing; (d-c) on
+  ``kafka_client="confluent"``; (d-nocrc) with ``crc32c`` blocked;
 
-on PostgreSQL and SQLite (msgs/s, peak RSS, p50/p99 end-to-end latency), then
-(f) throughput against batch size, (e) scaling over 1..4 worker processes,
-(h) RSS over a long run and (g) claim latency against dedup-table size. It
-prints a Markdown report and writes ``bench/results.md`` and
-``bench/throughput_vs_batch_size.png``. ``--quick`` is a smoke run (< 2 min).
+on PostgreSQL and SQLite (msgs/s, peak RSS, p50/p99 end-to-end latency; each
+variant self-checks its result), then (p) a py-spy profile of (d) by stage,
+(f) throughput against batch size, (e) scaling over 1..4 worker processes
+(with a hot-row case), (h) RSS over a long run and (g) claim latency against
+dedup-table size (uuid4 and UUIDv7 IDs). The broker is Apache Kafka when it
+can start (else the embedded one; ``--broker``). It prints a Markdown report
+(a Targets table first) and writes ``bench/results.md`` and
+``bench/throughput_vs_batch_size.png``. ``--quick`` is a smoke run (~2 min).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import platform
 import queue
 import random
+import re
 import secrets
 import shlex
 import shutil
@@ -43,10 +48,10 @@ from typing import IO, Any
 
 import sqlalchemy as sa
 
-from bench import claims, common, report
+from bench import claims, common, profiling, report
 from bench.common import ROOT
-from bench.proc import EVENT_PREFIX
-from exactlyonce import EmbeddedBroker, _db
+from bench.proc import EVENT_PREFIX, NO_CRC32C_ENV
+from exactlyonce import _db
 
 BENCH_DIR = ROOT / "bench"
 
@@ -59,18 +64,23 @@ class BenchError(Exception):
     """A variant failed (its worker died, reported an error or timed out)."""
 
 
+class NotAvailable(Exception):
+    """A variant cannot run here (its worker said why: an optional client missing, an option refused)."""
+
+
 # -- worker processes ---------------------------------------------------------
 
 
 class Child:
     """A ``python -m bench.worker`` process and the events it reports."""
 
-    def __init__(self, spec: dict[str, Any], log_path: Path) -> None:
+    def __init__(self, spec: dict[str, Any], log_path: Path, env: dict[str, str] | None = None) -> None:
         self.log_path = log_path
         self._log: IO[str] = log_path.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bench.worker", json.dumps(spec)], cwd=ROOT,
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._log, text=True,
+            env={**os.environ, **(env or {})},
         )
         self._events: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -97,6 +107,8 @@ class Child:
                 return ev
             if ev["event"] == "error":
                 raise BenchError(f"{ev['message']} (see {self.log_path})")
+            if ev["event"] == "unavailable":
+                raise NotAvailable(ev["reason"])
             if ev["event"] == "exit":
                 raise BenchError(f"worker exited with {self.proc.wait()} before {name!r}; see {self.log_path}")
 
@@ -136,12 +148,17 @@ class Bench:
         self.pg_url = common.postgres_url(args.postgres_url) if not args.skip_postgres else None
         self.sqlite: common.SqliteFiles | None = None
         self.results: dict[str, Any] = {"variants": [], "errors": [], "notes": []}
+        self.broker = "?"
 
     def spec(self, **fields: Any) -> dict[str, Any]:
         """A worker spec with what every worker shares."""
+        heartbeat = max(100, min(1000, self.args.session_timeout_ms // 3))
         return {"bootstrap": self.bootstrap, "consumer_config": {
-            "session_timeout_ms": self.args.session_timeout_ms,
-            "heartbeat_interval_ms": max(100, min(1000, self.args.session_timeout_ms // 3))}, **fields}
+            "session_timeout_ms": self.args.session_timeout_ms, "heartbeat_interval_ms": heartbeat},
+            # The same settings in librdkafka's keys, for the confluent-kafka variants.
+            "confluent_config": {"session.timeout.ms": self.args.session_timeout_ms,
+                                 "heartbeat.interval.ms": heartbeat, "fetch.wait.max.ms": 10},
+            "accounts": self.args.accounts, **fields}
 
     def name(self, what: str) -> str:
         self.serial += 1
@@ -184,10 +201,10 @@ class Bench:
 
     # -- topics --
 
-    def produce(self, what: str, count: int, partitions: int) -> str:
+    def produce(self, what: str, count: int, partitions: int, hot: bool = False) -> str:
         topic = self.name(what)
         seconds = common.produce_transfers(self.bootstrap, topic, count, prefix=what, n_accounts=self.args.accounts,
-                                           partitions=partitions)
+                                           partitions=partitions, hot=hot)
         say(f"produced {count:,} records to {topic} ({partitions} partitions) in {seconds:.1f} s "
             f"({count / seconds:,.0f}/s)")
         return topic
@@ -196,39 +213,64 @@ class Bench:
 
     def two_phase(self, key: str, label: str, mode: str, db: str | None, topic: str, *,
                   handler: str | None = None, batch_size: int | None = None, latency: bool = True,
-                  record: bool = True) -> dict[str, Any] | None:
+                  record: bool = True, no_crc32c: bool = False, kafka_client: str | None = None,
+                  profile: Path | None = None) -> dict[str, Any] | None:
+        """Run one variant (a second attempt after a failure); its row, or None when it failed twice.
+
+        A variant the worker says cannot run here is recorded as *not available*
+        (with the reason); one whose self-check fails is recorded as FAILED.
+        """
+        options = {"handler": handler, "batch_size": batch_size, "latency": latency, "no_crc32c": no_crc32c,
+                   "kafka_client": kafka_client, "profile": profile}
+        base = {"key": key, "label": label, "db": db, "batch_size": batch_size}
         for attempt in (1, 2):
             try:
-                row = self._attempt(key, label, mode, db, topic, handler=handler, batch_size=batch_size,
-                                    latency=latency)
+                row = self._attempt(key, label, mode, db, topic, options)
+            except NotAvailable as exc:
+                say(f"  {label:<55} {report.DB_NAMES[db]:<10} not available: {exc}")
+                row = {**base, "status": f"not available: {exc}"}
+                if record:
+                    self.results["variants"].append(row)
+                return None
             except (BenchError, sa.exc.SQLAlchemyError) as exc:
                 message = f"{label} on {report.DB_NAMES[db]} (attempt {attempt}): {type(exc).__name__}: {exc}"
                 say(f"FAILED {message}")
                 if attempt == 2:
                     self.results["errors"].append(message)
+                    if record:
+                        self.results["variants"].append({**base, "status": f"FAILED: {type(exc).__name__}"})
                 continue
+            if row["status"] != "ok":
+                say(f"  {label:<55} {report.DB_NAMES[db]:<10} {row['status']}")
+                self.results["errors"].append(f"{label} on {report.DB_NAMES[db]}: {row['status']}")
+                if record:
+                    self.results["variants"].append(row)
+                return None
             latency_text = f"  p50 {row['p50_ms']:6.1f} ms  p99 {row['p99_ms']:6.1f} ms" if "p50_ms" in row else ""
             say(f"  {label:<55} {report.DB_NAMES[db]:<10} {row['count']:>8,} records "
-                f"{row['rate']:>9,.0f} msgs/s  peak RSS {row['peak_rss_kb'] / 1024:4.0f} MiB{latency_text}")
+                f"{row['rate']:>9,.0f} msgs/s  peak RSS {row['peak_rss_kb'] / 1024:4.0f} MiB{latency_text} "
+                f"[CRC {row['crc']}; check ok]")
             if record:
                 self.results["variants"].append(row)
             return row
         return None
 
-    def _attempt(self, key: str, label: str, mode: str, db: str | None, topic: str, *, handler: str | None,
-                 batch_size: int | None, latency: bool) -> dict[str, Any]:
+    def _attempt(self, key: str, label: str, mode: str, db: str | None, topic: str,
+                 options: dict[str, Any]) -> dict[str, Any]:
         args = self.args
         with self.fresh_database(db, key) as url:
             spec = self.spec(mode=mode, topic=topic, group=self.name(f"g-{key}"), messages=args.messages,
-                             max_seconds=args.max_seconds, database_url=url, handler=handler,
-                             batch_size=batch_size)
-            if latency and args.latency_messages:
+                             max_seconds=args.max_seconds, database_url=url, handler=options["handler"],
+                             batch_size=options["batch_size"], accounts=args.accounts,
+                             kafka_client=options["kafka_client"], emit_first=options["profile"] is not None)
+            if options["latency"] and args.latency_messages:
                 spec["latency_topic"] = self.name(f"lat-{key}")
                 spec["latency_messages"] = args.latency_messages
                 common.create_topic(self.bootstrap, spec["latency_topic"], 1)
-            child = Child(spec, self.logs / f"{spec['group']}.log")
+            env = {NO_CRC32C_ENV: "1"} if options["no_crc32c"] else None
+            child = Child(spec, self.logs / f"{spec['group']}.log", env)
             try:
-                row = self._two_phase(child, spec, key, label, db)
+                row = self._two_phase(child, spec, key, label, db, options["profile"])
             except BaseException:
                 child.kill()
                 raise
@@ -236,13 +278,24 @@ class Bench:
             return row
 
     def _two_phase(self, child: Child, spec: dict[str, Any], key: str, label: str,
-                   db: str | None) -> dict[str, Any]:
+                   db: str | None, profile: Path | None) -> dict[str, Any]:
         args = self.args
+        spy = None
+        if profile is not None:
+            child.wait("first", (args.max_seconds or 600) + 120)
+            spy = profiling.attach(child.proc.pid, profile, self.logs / "py-spy.log")
         # The time cap starts at the first record: allow for start-up, the group join and the tail.
-        throughput = child.wait("throughput", (args.max_seconds or 600) + 120)
+        try:
+            throughput = child.wait("throughput", (args.max_seconds or 600) + 120)
+        finally:
+            if spy is not None:
+                profiling.detach(spy)
+        check = throughput["check"]
         row: dict[str, Any] = {"key": key, "label": label, "db": db, "count": throughput["count"],
                                "rate": throughput["rate"], "elapsed": throughput["elapsed"],
-                               "batch_size": spec["batch_size"]}
+                               "batch_size": spec["batch_size"], "crc": throughput["crc"],
+                               "check": check["detail"],
+                               "status": "ok" if check["ok"] else f"FAILED self-check: {check['detail']}"}
         if throughput["count"] < args.messages and not args.max_seconds:
             raise BenchError(f"only {throughput['count']} of {args.messages} records done")
         if "latency_topic" in spec:
@@ -266,60 +319,95 @@ class Bench:
             self.results["errors"].append(f"section {name}: {type(exc).__name__}: {exc}")
 
     def variants(self, topic: str) -> None:
-        say("throughput, memory and latency: (a) raw, (b) hand-written, (c1)/(c) ordinary, (d)/(d0) batch handler")
+        say("throughput, memory and latency: (a) raw, (b) hand-written, (c) ordinary, (d) batch handler, "
+            "and the CRC and confluent-kafka variants")
         self.two_phase("a", "(a) raw kafka-python consumer, no database", "raw", None, topic)
+        self.two_phase("a-nocrc", "(a-nocrc) as (a), crc32c blocked: pure-Python CRC", "raw", None, topic,
+                       latency=False, no_crc32c=True)
+        self.two_phase("a-c", "(a-c) raw confluent-kafka consumer, no database", "raw-confluent", None, topic,
+                       latency=False)
         for db in self.databases():
             self.two_phase("b", "(b) hand-written loop, 1 txn/record", "naive", db, topic)
-            self.two_phase("c1", "(c1) exactlyonce ordinary handler, batch_size=1", "eo", db, topic,
-                           handler="message", batch_size=1)
-            self.two_phase("c", "(c) exactlyonce ordinary handler, batch_size=100", "eo", db, topic,
-                           handler="message", batch_size=100)
-            self.two_phase("d", "(d) exactlyonce batch handler, batch_size=500", "eo", db, topic,
-                           handler="batch", batch_size=500)
+            self.two_phase("c", "(c) exactlyonce ordinary handler, defaults", "eo", db, topic, handler="message")
+            self.two_phase("d", "(d) exactlyonce batch handler, defaults", "eo", db, topic, handler="batch")
+            self.two_phase("d500", "(d500) as (d), batch_size=500", "eo", db, topic, handler="batch",
+                           batch_size=500, latency=False)
             self.two_phase("d0", "(d0) as (d), the handler writing nothing (dedup only)", "eo", db, topic,
-                           handler="dedup-only", batch_size=500)
+                           handler="dedup-only", latency=False)
+            self.two_phase("d-c", '(d-c) as (d), kafka_client="confluent"', "eo", db, topic, handler="batch",
+                           latency=False, kafka_client="confluent")
+        if self.pg_url:
+            self.two_phase("d-nocrc", "(d-nocrc) as (d), crc32c blocked: pure-Python CRC", "eo", "postgresql",
+                           topic, handler="batch", latency=False, no_crc32c=True)
+
+    def profile(self, topic: str) -> None:
+        """(p) The default batch handler on PostgreSQL under py-spy: µs per message per stage."""
+        say("(p) profile of the default batch handler, PostgreSQL (py-spy)")
+        missing = profiling.available()
+        if missing:
+            self.results["profile"] = {"unavailable": missing}
+            say(f"  not available: {missing}")
+            return
+        out = self.workdir / "profile.txt"
+        row = self.two_phase("p", "(p) as (d), under py-spy", "eo", "postgresql", topic, handler="batch",
+                             latency=False, record=False, profile=out)
+        if row is None:
+            self.results["profile"] = {"unavailable": "the profiled run failed (see Errors)"}
+            return
+        result = profiling.breakdown(out, row["count"])
+        result.update(rate=row["rate"], count=row["count"])
+        self.results["profile"] = result
+        for stage in result["stages"]:
+            say(f"  {stage['stage']:<36} {stage['us_per_message']:8.1f} µs/msg {stage['percent']:5.1f}%")
 
     def batch_sizes(self, topic: str) -> None:
         say("(f) throughput against batch size, ordinary handler, PostgreSQL")
         rows = []
         for size in self.args.batch_sizes:
-            reuse = {1: "c1", 100: "c"}.get(size)
-            row = report.find(self.results, reuse, "postgresql") if reuse else None
-            if row is None:
-                row = self.two_phase(f"f{size}", f"(f) ordinary handler, batch_size={size}", "eo", "postgresql",
-                                     topic, handler="message", batch_size=size, latency=False, record=False)
+            row = self.two_phase(f"f{size}", f"(f) ordinary handler, batch_size={size}", "eo", "postgresql",
+                                 topic, handler="message", batch_size=size, latency=False, record=False)
             if row is not None:
                 rows.append({"batch_size": size, "count": row["count"], "rate": row["rate"]})
         self.results["batch_sizes"] = rows
 
-    def scaling(self, topic: str) -> None:
-        say(f"(e) scaling over 1..{self.args.max_workers} worker processes, PostgreSQL, 8 partitions")
+    def scaling(self) -> None:
+        """(e) Worker processes in one group: batch and ordinary handlers, and the hot-row case."""
+        args = self.args
+        say(f"(e) scaling over 1..{args.max_workers} worker processes, PostgreSQL, 8 partitions")
+        spread = self.produce("scale", args.scaling_messages, 8)
+        small = self.produce("scale-msg", args.hot_messages, 8)
+        hot = self.produce("hot", args.hot_messages, 8, hot=True)
         rows = []
-        for handler, batch_size in (("batch", 500), ("message", 100)):
-            for workers in range(1, self.args.max_workers + 1):
+        for case, handler, topic, total in (("batch", "batch", spread, args.scaling_messages),
+                                            ("message", "message", small, args.hot_messages),
+                                            ("hot", "message", hot, args.hot_messages)):
+            for workers in range(1, args.max_workers + 1):
                 for attempt in (1, 2):
                     try:
-                        row = self._scale(topic, handler, batch_size, workers)
+                        row = self._scale(case, topic, handler, workers, total)
                     except (BenchError, sa.exc.SQLAlchemyError) as exc:
-                        message = f"scaling {handler} x{workers} (attempt {attempt}): {exc}"
+                        message = f"scaling {case} x{workers} (attempt {attempt}): {exc}"
                         say(f"FAILED {message}")
                         if attempt == 2:
                             self.results["errors"].append(message)
+                            rows.append({"case": case, "handler": handler, "workers": workers,
+                                         "status": f"FAILED: {type(exc).__name__}"})
                         continue
                     rows.append(row)
-                    say(f"  {handler:<8} handler x{workers}: {row['rate']:>9,.0f} msgs/s "
-                        f"(steady {row['steady_rate']:,.0f}), per worker {row['per_worker']}, "
-                        f"retries {row['retries']}, rebalances {row['rebalances']}")
+                    say(f"  {case:<8} x{workers}: {row['rate']:>9,.0f} msgs/s (steady {row['steady_rate']:,.0f}, "
+                        f"min 1 s window {row['min_window_rate']:,.0f}), per worker {row['per_worker']}, "
+                        f"retries {row['retries']}, rebalances {row['rebalances']}; {row['status']}")
+                    if row["status"] != "ok":
+                        self.results["errors"].append(f"scaling {case} x{workers}: {row['status']}")
                     break
         self.results["scaling"] = rows
 
-    def _scale(self, topic: str, handler: str, batch_size: int, workers: int) -> dict[str, Any]:
+    def _scale(self, case: str, topic: str, handler: str, workers: int, total: int) -> dict[str, Any]:
         assert self.pg_url
-        total = self.args.scaling_messages
         common.reset_postgres(self.pg_url, self.args.accounts)
-        group = self.name(f"scale-{handler}-{workers}")
+        group = self.name(f"scale-{case}-{workers}")
         spec = self.spec(mode="scale", topic=topic, group=group, database_url=self.pg_url, handler=handler,
-                         batch_size=batch_size)
+                         batch_size=None)
         children = [Child(spec, self.logs / f"{group}-{n}.log") for n in range(workers)]
         engine = _db.create_engine(self.pg_url)
         samples: list[tuple[float, int]] = []
@@ -347,14 +435,17 @@ class Bench:
             raise
         finally:
             engine.dispose()
+        check = common.check_database(self.pg_url, total, accounts=self.args.accounts)
         active = [d for d in done if d["count"]]
         first = min(d["first_wall"] for d in active)
         last = max(d["last_wall"] for d in active)
-        return {"handler": handler, "workers": workers, "count": total, "rate": total / (last - first),
-                "steady_rate": _steady_rate(samples, total), "per_worker": [d["count"] for d in done],
-                "retries": sum(d["retries"] for d in done),
+        return {"case": case, "handler": handler, "workers": workers, "count": total,
+                "rate": total / (last - first), "steady_rate": _steady_rate(samples, total),
+                "min_window_rate": _min_window_rate(samples, total),
+                "per_worker": [d["count"] for d in done], "retries": sum(d["retries"] for d in done),
                 "rebalances": max(d["assignments"] for d in done) - 1,
-                "peak_rss_kb": max(d["peak_rss_kb"] for d in done)}
+                "peak_rss_kb": max(d["peak_rss_kb"] for d in done), "check": check["detail"],
+                "status": "ok" if check["ok"] else f"FAILED self-check: {check['detail']}"}
 
     def soak(self) -> None:
         args = self.args
@@ -363,7 +454,7 @@ class Bench:
         assert self.pg_url
         common.reset_postgres(self.pg_url, args.accounts)
         spec = self.spec(mode="soak", topic=topic, group=self.name("g-soak"), messages=args.soak_messages,
-                         database_url=self.pg_url, handler="batch", batch_size=500, sample_every=args.soak_every)
+                         database_url=self.pg_url, handler="batch", batch_size=None, sample_every=args.soak_every)
         child = Child(spec, self.logs / f"{spec['group']}.log")
         try:
             done = child.wait("done", args.soak_messages / 500 + 600)
@@ -402,6 +493,19 @@ class Bench:
         self.results["claims"] = results
 
 
+def _min_window_rate(samples: Sequence[tuple[float, int]], total: int) -> float:
+    """The lowest rate over any window of at least 1 s between the first record done and the last."""
+    live = [(t, n) for t, n in samples if n > 0]
+    end = next((i for i, (_, n) in enumerate(live) if n >= total), len(live) - 1)
+    rates = []
+    for i, (t0, n0) in enumerate(live[:end]):
+        j = next((j for j in range(i + 1, end + 1) if live[j][0] - t0 >= 1.0), None)
+        if j is None:
+            break
+        rates.append((live[j][1] - n0) / (live[j][0] - t0))
+    return min(rates) if rates else float("nan")
+
+
 def _steady_rate(samples: Sequence[tuple[float, int]], total: int) -> float:
     """Records/s between the samples where 10% and 90% of ``total`` were done."""
     lo = next(((t, n) for t, n in samples if n >= total * 0.1), None)
@@ -411,17 +515,52 @@ def _steady_rate(samples: Sequence[tuple[float, int]], total: int) -> float:
     return (hi[1] - lo[1]) / (hi[0] - lo[0])
 
 
+# -- the broker -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def start_broker(kind: str, notes: list[str]) -> Iterator[tuple[str, str]]:
+    """A private broker of ``kind`` (kafka, tansu, or auto: kafka, else tansu); yields (bootstrap, description).
+
+    Started the way the tests start theirs (``tests.services.brokers.private_broker``
+    with ``$EXACTLYONCE_TEST_BROKER`` set to the kind): Apache Kafka from the
+    cached jars in KRaft mode, or the embedded tansu broker.
+    """
+    from tests.services import brokers
+
+    for candidate in (["kafka", "tansu"] if kind == "auto" else [kind]):
+        os.environ[brokers.KIND_ENV] = candidate
+        brokers.selected_kind.cache_clear()
+        if candidate == "kafka":
+            from tests.services.kafka import kafka_version
+
+            description = f"Apache Kafka {kafka_version()} (one KRaft node, tests/services/kafka.py)"
+        else:
+            description = "embedded tansu (memory only)"
+        try:
+            with brokers.private_broker() as bootstrap:
+                yield bootstrap, description
+            return
+        except brokers.BrokerUnavailable as exc:
+            if kind != "auto" or candidate == "tansu":
+                raise SystemExit(f"bench: no {candidate} broker: {exc}") from exc
+            say(f"Apache Kafka is not available ({exc}); using the embedded tansu broker")
+            notes.append(f"Apache Kafka was not available ({exc}): the run used the embedded tansu broker.")
+
+
 # -- command line ---------------------------------------------------------------
 
 
 QUICK = {"messages": 2000, "max_seconds": 10.0, "latency_messages": 50, "latency_rate": 100.0,
-         "scaling_messages": 2000, "max_workers": 2, "dedup_rows": 20_000, "sqlite_dedup_rows": None,
+         "scaling_messages": 2000, "hot_messages": 600, "max_workers": 2, "dedup_rows": 20_000,
+         "sqlite_dedup_rows": None,
          "soak_messages": 10_000, "soak_every": 2_500, "claim_reps": 5, "claim_singles": 50,
-         "accounts": 100_000, "batch_sizes": "1,10,100,500", "session_timeout_ms": 2000}
-FULL = {"messages": 100_000, "max_seconds": 30.0, "latency_messages": 1000, "latency_rate": 100.0,
-        "scaling_messages": 30_000, "max_workers": 4, "dedup_rows": 10_000_000, "sqlite_dedup_rows": None,
+         "accounts": 100_000, "batch_sizes": "1,100", "session_timeout_ms": 2000}
+FULL = {"messages": 100_000, "max_seconds": 20.0, "latency_messages": 1000, "latency_rate": 100.0,
+        "scaling_messages": 30_000, "hot_messages": 6_000, "max_workers": 4, "dedup_rows": 10_000_000,
+        "sqlite_dedup_rows": None,
         "soak_messages": 1_000_000, "soak_every": 100_000, "claim_reps": 30, "claim_singles": 300,
-        "accounts": 100_000, "batch_sizes": "1,10,50,100,250,500", "session_timeout_ms": 6000}
+        "accounts": 100_000, "batch_sizes": "1,10,100,500", "session_timeout_ms": 6000}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -439,6 +578,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="consumer session_timeout_ms (full 6000; quick 2000: the embedded broker's group "
                              "join takes about half of it)")
     parser.add_argument("--scaling-messages", type=int, help="records in the 8-partition scaling topic")
+    parser.add_argument("--hot-messages", type=int,
+                        help="records in the ordinary-handler and hot-row scaling topics (full 6k, quick 600)")
     parser.add_argument("--max-workers", type=int, help="scale from 1 to this many worker processes")
     parser.add_argument("--scaling-timeout", type=float, default=900.0, help="seconds allowed per scaling run")
     parser.add_argument("--dedup-rows", type=int, default=os.environ.get("BENCH_DEDUP_ROWS"),
@@ -456,7 +597,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-sqlite", action="store_true")
     parser.add_argument("--skip-postgres", action="store_true", help="also skips (e), (f), (h) and PG claims")
     parser.add_argument("--postgres-url", help=f"default ${common.POSTGRES_URL_ENV} or {common.DEFAULT_POSTGRES_URL}")
-    parser.add_argument("--bootstrap-servers", help="use this Kafka cluster instead of an embedded broker")
+    parser.add_argument("--broker", choices=("auto", "kafka", "tansu"), default="auto",
+                        help="the broker to start: Apache Kafka from the tests' cached jars, the embedded tansu, "
+                             "or auto (kafka when it can start, else tansu; default)")
+    parser.add_argument("--bootstrap-servers", help="use this Kafka cluster instead of starting a broker")
+    parser.add_argument("--skip-profile", action="store_true", help="skip (p), the py-spy profile")
     parser.add_argument("--out-dir", type=Path, default=BENCH_DIR, help="where results.md and the plot go")
     parser.add_argument("--json", type=Path, help="also write the raw results as JSON here")
     parser.add_argument("--keep-workdir", action="store_true", help="keep the temp dir (worker logs, SQLite files)")
@@ -494,13 +639,15 @@ def _meta(args: argparse.Namespace, bench: Bench, argv: Sequence[str] | None) ->
         "cpus": os.cpu_count(), "python": platform.python_version(),
         "kafka_python": version("kafka-python"), "sqlalchemy": version("SQLAlchemy"),
         "psycopg": version("psycopg"), "postgres": postgres, "sqlite": sqlite3.sqlite_version,
-        "broker": "external " + args.bootstrap_servers if args.bootstrap_servers else "embedded tansu (memory only)",
-        "command": "python -m bench.run " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "broker": bench.broker,
+        "command": re.sub(r"://([^:/@]+):[^@/]+@", r"://\1:***@",
+                          "python -m bench.run " + shlex.join(sys.argv[1:] if argv is None else argv)),
         "payload_bytes": len(json.dumps(payload, separators=(",", ":"))),
         "accounts": args.accounts, "messages": args.messages, "partitions": 4,
         "max_seconds": args.max_seconds, "latency_messages": args.latency_messages,
         "latency_rate": args.latency_rate, "scaling_messages": args.scaling_messages,
         "soak_every": args.soak_every, "session_timeout_ms": args.session_timeout_ms,
+        "hot_messages": args.hot_messages, "soak_messages": args.soak_messages, "dedup_rows": args.dedup_rows,
     }
 
 
@@ -508,32 +655,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="exactlyonce-bench-"))
-    broker = None if args.bootstrap_servers else EmbeddedBroker().start()
-    bootstrap = args.bootstrap_servers or broker.bootstrap_servers  # type: ignore[union-attr]
-    say(f"broker {bootstrap}; work dir {workdir}")
-    bench = Bench(args, bootstrap, workdir)
-    try:
-        bench.prepare()
-        bench.results["meta"] = _meta(args, bench, argv)
-        if not args.skip_variants or (bench.pg_url and not args.skip_batch_sizes):
-            topic = bench.produce("main", args.messages, 4)
-            if not args.skip_variants:
-                bench.section("variants", bench.variants, topic)
-            if bench.pg_url and not args.skip_batch_sizes:
-                bench.section("batch sizes", bench.batch_sizes, topic)
-        if bench.pg_url and not args.skip_scaling:
-            bench.section("scaling", lambda: bench.scaling(bench.produce("scale", args.scaling_messages, 8)))
-        if bench.pg_url and not args.skip_soak:
-            bench.section("soak", bench.soak)
-        if not args.skip_claims:
-            bench.section("claims", bench.claims)
-    finally:
-        if broker is not None:
-            broker.stop()
-        if args.keep_workdir or bench.results["errors"]:
-            say(f"worker logs kept in {workdir / 'logs'}")
+    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if args.bootstrap_servers:
+            bootstrap, broker = args.bootstrap_servers, f"external {args.bootstrap_servers}"
         else:
-            shutil.rmtree(workdir, ignore_errors=True)
+            bootstrap, broker = stack.enter_context(start_broker(args.broker, notes))
+        say(f"broker {broker} at {bootstrap}; work dir {workdir}")
+        bench = Bench(args, bootstrap, workdir)
+        bench.broker = broker
+        bench.results["notes"] += notes
+        try:
+            _sections(bench)
+        finally:
+            if args.keep_workdir or bench.results["errors"]:
+                say(f"worker logs kept in {workdir / 'logs'}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
     bench.results["notes"].append(f"The whole run took {time.monotonic() - started:.0f} s.")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -550,6 +688,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(text)
     return 1 if bench.results["errors"] else 0
+
+
+def _sections(bench: Bench) -> None:
+    args = bench.args
+    bench.prepare()
+    bench.results["meta"] = _meta(args, bench, None)
+    if not args.skip_variants or (bench.pg_url and not (args.skip_batch_sizes and args.skip_profile)):
+        topic = bench.produce("main", args.messages, 4)
+        if not args.skip_variants:
+            bench.section("variants", bench.variants, topic)
+        if bench.pg_url and not args.skip_profile:
+            bench.section("profile", bench.profile, topic)
+        if bench.pg_url and not args.skip_batch_sizes:
+            bench.section("batch sizes", bench.batch_sizes, topic)
+    if bench.pg_url and not args.skip_scaling:
+        bench.section("scaling", bench.scaling)
+    if bench.pg_url and not args.skip_soak:
+        bench.section("soak", bench.soak)
+    if not args.skip_claims:
+        bench.section("claims", bench.claims)
 
 
 if __name__ == "__main__":

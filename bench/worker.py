@@ -3,11 +3,13 @@
 Modes (``spec["mode"]``):
 
 - ``raw``: kafka-python reading and JSON-decoding every record, no database (a);
+- ``raw-confluent``: the same with confluent-kafka's consumer (a-c);
 - ``naive``: a hand-written loop, one transaction per record (dedup INSERT ...
   ON CONFLICT DO NOTHING + the transfer), offsets committed per poll (b);
 - ``eo``: an exactlyonce App, ordinary (``handler="message"``: c, c1) or batch
   (``handler="batch"``: d) handler, or a batch handler that writes nothing
-  (``handler="dedup-only"``: d0, exactlyonce's own cost);
+  (``handler="dedup-only"``: d0, exactlyonce's own cost); ``batch_size`` None
+  leaves the handler's defaults; ``kafka_client`` is passed to the App;
 - ``scale``: like ``eo`` until SIGTERM (several of these share one group);
 - ``soak``: like ``eo`` (batch handler), sampling RSS every ``sample_every`` records.
 
@@ -18,6 +20,11 @@ pre-filled ``topic`` with a fresh group until ``messages`` records are done or
 reports ``ready`` once it has its partitions, and records, for each of the
 ``latency_messages`` records the parent then sends at a steady rate, the time
 from the ``sent_at`` stamp to its database commit (to its decoding for raw).
+
+After the throughput phase the worker checks its result (:func:`self_check`).
+With ``$BENCH_NO_CRC32C`` set, ``import crc32c`` fails in the process, so
+kafka-python checks CRCs in pure Python. A variant that cannot run here
+reports ``unavailable`` with the reason.
 
 Progress is reported as ``BENCH {json}`` lines on stdout; logs go to stderr.
 """
@@ -33,11 +40,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import kafka
+from bench.proc import block_crc32c_if_asked
+
+block_crc32c_if_asked()  # before kafka-python is imported: it picks its CRC-32C at import
+
+import kafka  # noqa: E402
 
 # Only the standard library and kafka-python at the top: the raw variant's RSS
 # must not include SQLAlchemy, psycopg or exactlyonce (imported where needed).
-from bench.proc import CONSUMER_CONFIG, emit, peak_rss_kb, percentile, rss_kb
+from bench.proc import CONSUMER_CONFIG, crc_implementation, emit, peak_rss_kb, percentile, rss_kb  # noqa: E402
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -58,7 +69,11 @@ class Tracker:
     max_seconds: float | None = None
     record_latency: bool = False
     on_progress: Callable[[Tracker], None] | None = None
+    #: Called once, when the first record is touched (the profiler attaches then).
+    on_first: Callable[[], None] | None = None
     pending: list[float] = field(default_factory=list)
+    #: The IDs a raw consumer decoded (its self-check: every record once).
+    ids: list[str] = field(default_factory=list)
     count: int = 0
     latencies: list[float] = field(default_factory=list)
     #: perf_counter and wall-clock times of the first record touched and the last one done.
@@ -71,6 +86,8 @@ class Tracker:
         if self.first is None:
             self.first = time.perf_counter()
             self.first_wall = time.time()
+            if self.on_first is not None:
+                self.on_first()
 
     def done_now(self) -> None:
         if not self.pending:
@@ -101,6 +118,10 @@ class Tracker:
         ms = [x * 1000 for x in self.latencies]
         return {"count": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),
                 "max_ms": max(ms) if ms else None}
+
+
+class Unavailable(Exception):
+    """The variant cannot run here (an optional client missing, an option the App refuses)."""
 
 
 class _ExactlyonceLog(logging.Handler):
@@ -143,22 +164,23 @@ def run_exactlyonce(spec: dict[str, Any], topic: str, group: str, tracker: Track
 
     # outbox=False: the workload is the transfer's balance updates and row; the
     # example also publishes statement entries, which the ledger would consume.
-    app = exactlyonce.App(group, bootstrap_servers=spec["bootstrap"], database_url=spec["database_url"],
-                          consumer_config=consumer_config(spec), outbox=False)
+    app = _app(spec, group)
     message_id = exactlyonce.ids.json_field("transfer_id")
+    # batch_size None: the handler's defaults (no batch_size given).
+    sizing = {} if spec.get("batch_size") is None else {"batch_size": spec["batch_size"]}
     if spec["handler"] == "dedup-only":
-        @app.handler(topic, message_id=message_id, batch=True, batch_size=spec["batch_size"])
+        @app.handler(topic, message_id=message_id, batch=True, **sizing)
         def handle_nothing(messages: list[exactlyonce.Message], session: Session) -> None:
             # No business writes: what is left is exactlyonce's own work (claim, commit, offsets).
             tracker.pending.extend(m.json()["sent_at"] for m in messages)
     elif spec["handler"] == "batch":
-        @app.handler(topic, message_id=message_id, batch=True, batch_size=spec["batch_size"])
+        @app.handler(topic, message_id=message_id, batch=True, **sizing)
         def handle_batch(messages: list[exactlyonce.Message], session: Session) -> None:
             batch = [m.json() for m in messages]
             apply_transfers_batch(session, batch)
             tracker.pending.extend(t["sent_at"] for t in batch)
     else:
-        @app.handler(topic, message_id=message_id, batch_size=spec["batch_size"])
+        @app.handler(topic, message_id=message_id, **sizing)
         def handle(message: exactlyonce.Message, session: Session) -> None:
             record_transfer(session, parse_transfer(message))  # the example service's workload
             tracker.pending.append(message.json()["sent_at"])
@@ -187,6 +209,32 @@ def run_exactlyonce(spec: dict[str, Any], topic: str, group: str, tracker: Track
         app.engine.dispose()
 
 
+def _app(spec: dict[str, Any], group: str) -> exactlyonce.App:
+    """The App of an exactlyonce variant; ``spec["kafka_client"]`` chooses the Kafka client.
+
+    With ``kafka_client`` set, an App that refuses it (TypeError: no such
+    argument yet; ConfigurationError: not installed or not supported) makes the
+    variant *not available*, not a failure.
+    """
+    import exactlyonce
+
+    # outbox=False: the workload is the transfer's balance updates and row; the
+    # example also publishes statement entries, which the ledger would consume.
+    kwargs: dict[str, Any] = {"bootstrap_servers": spec["bootstrap"], "database_url": spec["database_url"],
+                              "consumer_config": consumer_config(spec), "outbox": False}
+    if not spec.get("kafka_client"):
+        return exactlyonce.App(group, **kwargs)
+    try:
+        import confluent_kafka  # noqa: F401
+    except ImportError as exc:
+        raise Unavailable(f"confluent_kafka is not installed ({exc})") from exc
+    kwargs.update(consumer_config=spec["confluent_config"], kafka_client=spec["kafka_client"])
+    try:
+        return exactlyonce.App(group, **kwargs)
+    except (TypeError, exactlyonce.ConfigurationError) as exc:
+        raise Unavailable(f"App(kafka_client={spec['kafka_client']!r}) refused: {exc}") from exc
+
+
 # -- plain kafka-python ----------------------------------------------------------
 
 
@@ -213,12 +261,48 @@ def run_raw(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
             for records in batch.values():
                 tracker.start()
                 for record in records:
-                    tracker.pending.append(json.loads(record.value)["sent_at"])
+                    decoded = json.loads(record.value)
+                    tracker.ids.append(decoded["transfer_id"])
+                    tracker.pending.append(decoded["sent_at"])
                     tracker.done_now()
             if batch:
                 consumer.commit()
     finally:
         consumer.close(autocommit=False)
+
+
+def run_raw_confluent(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
+                      on_ready: Callable[[], None] | None = None) -> None:
+    """(a-c) Like (a), with confluent-kafka's consumer (librdkafka): read, JSON-decode, commit per poll."""
+    try:
+        import confluent_kafka
+    except ImportError as exc:
+        raise Unavailable(f"confluent_kafka is not installed ({exc})") from exc
+    config = {"bootstrap.servers": spec["bootstrap"], "group.id": group, "enable.auto.commit": False,
+              "auto.offset.reset": "earliest", **spec["confluent_config"]}
+    assigned: list[bool] = []
+    consumer = confluent_kafka.Consumer(config)
+    consumer.subscribe([topic], on_assign=lambda c, parts: assigned.append(bool(parts)))
+    try:
+        while not tracker.finished():
+            records = consumer.consume(num_messages=500, timeout=0.2)
+            if on_ready is not None and any(assigned):
+                on_ready()
+                on_ready = None
+            good = [r for r in records if r.error() is None]
+            if len(good) < len(records):
+                raise RuntimeError(f"consumer error: {next(r.error() for r in records if r.error())}")
+            if good:
+                tracker.start()
+            for record in good:
+                decoded = json.loads(record.value())
+                tracker.ids.append(decoded["transfer_id"])
+                tracker.pending.append(decoded["sent_at"])
+                tracker.done_now()
+            if good:
+                consumer.commit(asynchronous=False)
+    finally:
+        consumer.close()
 
 
 def run_naive(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
@@ -263,7 +347,7 @@ def run_naive(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
         engine.dispose()
 
 
-RUNNERS = {"raw": run_raw, "naive": run_naive, "eo": run_exactlyonce}
+RUNNERS = {"raw": run_raw, "raw-confluent": run_raw_confluent, "naive": run_naive, "eo": run_exactlyonce}
 
 
 # -- modes -------------------------------------------------------------------------
@@ -271,16 +355,35 @@ RUNNERS = {"raw": run_raw, "naive": run_naive, "eo": run_exactlyonce}
 
 def two_phases(spec: dict[str, Any]) -> None:
     runner = RUNNERS[spec["mode"]]
-    tracker = Tracker(target=spec["messages"], max_seconds=spec.get("max_seconds"))
+    tracker = Tracker(target=spec["messages"], max_seconds=spec.get("max_seconds"),
+                      on_first=lambda: emit("first") if spec.get("emit_first") else None)
     runner(spec, spec["topic"], spec["group"], tracker)
     emit("throughput", **tracker.summary(), retries=_EO_LOG.retries, peak_rss_kb=peak_rss_kb(),
-         rss_kb=rss_kb())
+         rss_kb=rss_kb(), check=self_check(spec, tracker),
+         crc="librdkafka's" if spec["mode"] == "raw-confluent" else crc_implementation())
     if spec.get("latency_topic"):
         latency = Tracker(target=spec["latency_messages"], record_latency=True)
         runner(spec, spec["latency_topic"], spec["group"] + "-latency", latency,
                on_ready=lambda: emit("ready"))
         emit("latency", **latency.latency_summary())
     emit("done", peak_rss_kb=peak_rss_kb(), retries=_EO_LOG.retries)
+
+
+def self_check(spec: dict[str, Any], tracker: Tracker) -> dict[str, Any]:
+    """After the throughput phase: was every record applied exactly once?
+
+    Raw consumers: every decoded ID distinct. Database variants: dedup rows ==
+    records committed == transfer rows (none for the handler writing nothing),
+    distinct transfer IDs == transfer rows, and the sum of balances unchanged.
+    """
+    if spec["mode"] in ("raw", "raw-confluent"):
+        distinct = len(set(tracker.ids))
+        ok = distinct == tracker.count == len(tracker.ids)
+        return {"ok": ok, "detail": f"{tracker.count:,} decoded, {distinct:,} distinct IDs"}
+    from bench.common import check_database
+
+    return check_database(spec["database_url"], tracker.count, accounts=spec["accounts"],
+                          naive=spec["mode"] == "naive", writes=spec.get("handler") != "dedup-only")
 
 
 def scale(spec: dict[str, Any]) -> None:
@@ -312,6 +415,9 @@ def main() -> int:
     eo_log.addHandler(_EO_LOG)
     try:
         {"scale": scale, "soak": soak}.get(spec["mode"], two_phases)(spec)
+    except Unavailable as exc:
+        emit("unavailable", reason=str(exc))
+        return 0
     except BaseException as exc:
         emit("error", message=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
         return 1
