@@ -296,10 +296,15 @@ class ConfluentConsumer:
         try:
             self._consumer.seek(confluent_kafka.TopicPartition(partition.topic, partition.partition, offset))
         except KafkaException as exc:
-            # Not assigned any more (a rebalance in between): its next owner
-            # starts from the committed offset, below ``offset``.
-            log.warning("seek %s[%d] to %d failed (%s); its next owner reads it from the committed offset",
-                        partition.topic, partition.partition, offset, _text(exc))
+            if partition not in self.assignment():
+                # Not assigned any more (a rebalance in between): its next
+                # owner starts from the committed offset, at or below ``offset``.
+                log.warning("seek %s[%d] to %d failed (%s); its next owner reads it from the committed offset",
+                            partition.topic, partition.partition, offset, _text(exc))
+                return
+            # Still ours: polling on would skip the records from ``offset``.
+            raise TransientError(f"seek {partition.topic}[{partition.partition}] to {offset} failed: "
+                                 f"{_text(exc)}") from exc
 
     def commit(self, offsets: Mapping[TopicPartition, int]) -> bool:
         """Commit ``offsets`` (the next offset to read per partition) synchronously.

@@ -139,3 +139,82 @@ def test_run_refuses_kafka_python_settings_for_the_confluent_consumer(confluent:
     with pytest.raises(ExactlyOnceError, match=r"--kafka-config takes kafka-python settings.*consumer_config"):
         cli._override_app_settings(App("g"), _run_args("--kafka-client", "confluent",
                                                       "--kafka-config", "security_protocol=SSL"))
+
+
+class _Record:
+    """A confluent-kafka message as consume() returns it (a record, or an error report)."""
+
+    def __init__(self, offset: int, error: Any = None) -> None:
+        self._offset, self._error = offset, error
+
+    def error(self) -> Any:
+        return self._error
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def key(self) -> bytes:
+        return b"k"
+
+    def value(self) -> bytes:
+        return b"{}"
+
+    def headers(self) -> list[tuple[str, bytes | None]]:
+        return [("message-id", b"m"), ("empty", None)]
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, 1_700_000_000_000)
+
+
+def _consumer_returning(confluent: Any, *batches: list[_Record]) -> Any:
+    consumer = object.__new__(confluent.ConfluentConsumer)
+    consumer._deferred = None
+    pending = list(batches)
+
+    class Inner:
+        def consume(self, num_messages: int, timeout: float) -> list[_Record]:
+            assert num_messages == confluent.RECORDS_PER_POLL
+            return pending.pop(0)
+
+    consumer._consumer = Inner()
+    return consumer
+
+
+def test_poll_builds_messages_and_ignores_partition_eof(confluent: Any) -> None:
+    from confluent_kafka import KafkaError
+
+    end = KafkaError(KafkaError._PARTITION_EOF)
+    consumer = _consumer_returning(confluent, [_Record(5), _Record(6), _Record(7, end)])
+    batch = consumer.poll(0.1)
+    [(tp, messages)] = batch.items()
+    assert (tp.topic, tp.partition) == ("t", 0)
+    assert [m.offset for m in messages] == [5, 6]
+    assert messages[0].headers == (("message-id", b"m"), ("empty", b""))
+    assert messages[0].timestamp_ms == 1_700_000_000_000 and messages[0].key == b"k"
+
+
+@pytest.mark.parametrize(("code", "raised"), [
+    ("_TRANSPORT", "TransientError"),
+    ("_ALL_BROKERS_DOWN", "TransientError"),
+    ("TOPIC_AUTHORIZATION_FAILED", "ConfigurationError"),
+    ("SASL_AUTHENTICATION_FAILED", "ConfigurationError"),
+])
+def test_an_error_with_records_is_raised_by_the_next_poll(code: str, raised: str, confluent: Any) -> None:
+    """The records fetched with an error are returned first: the consumer's position is already past them."""
+    from confluent_kafka import KafkaError
+
+    error = KafkaError(getattr(KafkaError, code))
+    consumer = _consumer_returning(confluent, [_Record(1), _Record(2, error)], [_Record(3, error)])
+    assert [m.offset for m in next(iter(consumer.poll(0.1).values()))] == [1]
+    with pytest.raises(ExactlyOnceError) as deferred:
+        consumer.poll(0.1)
+    assert type(deferred.value).__name__ == raised
+    with pytest.raises(ExactlyOnceError) as alone:
+        consumer.poll(0.1)
+    assert type(alone.value).__name__ == raised
