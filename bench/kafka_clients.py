@@ -26,7 +26,7 @@ import confluent_kafka
 import kafka
 
 from bench.common import produce_transfers
-from exactlyonce import App, Message, migrate
+from exactlyonce import App, Message, ids, migrate
 from exactlyonce.storage import engine as _db
 
 PARTITIONS = 4
@@ -90,7 +90,7 @@ def exactlyonce_batch(bootstrap: str, database_url: str, topic: str, count: int,
               consumer_config=config, kafka_client=client, outbox=False)
     clock = Clock()
 
-    @app.handler(topic, batch=True, batch_size=500)
+    @app.handler(topic, message_id=ids.json_field("transfer_id"), batch=True, batch_size=500)
     def handle(messages: list[Message], session: Any) -> None:
         for message in messages:
             json.loads(message.value or b"")
@@ -99,8 +99,11 @@ def exactlyonce_batch(bootstrap: str, database_url: str, topic: str, count: int,
     worker = threading.Thread(target=app.run, kwargs={"install_signal_handlers": False})
     worker.start()
     try:
-        while app.stats["applied"] < count and worker.is_alive():
+        deadline = time.monotonic() + 600
+        while app.stats["applied"] < count and worker.is_alive() and time.monotonic() < deadline:
             time.sleep(0.05)
+        if app.stats["applied"] < count:
+            raise SystemExit(f"{client}: {app.stats['applied']} of {count} applied: {dict(app.stats)}")
     finally:
         app.stop()
         worker.join(60)
