@@ -182,6 +182,8 @@ class ConfluentConsumer:
         settings = {
             **CONFLUENT_CONSUMER_DEFAULTS,
             **config,
+            # librdkafka's own log lines go to Python logging, not straight to stderr.
+            "logger": config.get("logger", logging.getLogger("librdkafka")),
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
             "error_cb": self._on_error,

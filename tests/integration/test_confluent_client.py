@@ -8,6 +8,7 @@ fail under ``CI=true``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import threading
 from pathlib import Path
@@ -102,7 +103,8 @@ def test_offsets_are_committed_only_after_the_database_commit(bootstrap_servers:
     def committed() -> int | None:
         return committed_and_end_offsets(bootstrap_servers, app.group_id, topic)[0][0]
 
-    with running(app):
+    with running(app), contextlib.ExitStack() as unblock:
+        unblock.callback(release.set)  # a failed assertion must not leave the handler waiting
         produce(bootstrap_servers, topic, [rec(f"o-{i}") for i in range(3)])
         wait_until(lambda: committed() == 3, 60, "offsets 0-2 committed")
         produce(bootstrap_servers, topic, [rec(f"o-{i}") for i in range(3, 5)])
