@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.engine import Engine
 
-from exactlyonce import ids, settings, signing
+from exactlyonce import _kafka, ids, settings, signing
 from exactlyonce._duration import format_duration
 from exactlyonce.errors import ConfigurationError
 from exactlyonce.handler import Handler, HandlerFunc, OnGap, OnMismatch, SequenceFunc, check_registration
@@ -20,7 +20,7 @@ from exactlyonce.metrics import Metrics
 from exactlyonce.outbox import RelayThread
 from exactlyonce.retry import Retry
 from exactlyonce.runtime import Runner
-from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
+from exactlyonce.settings import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV, KAFKA_CLIENT_ENV
 from exactlyonce.storage import engine as _db
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BOOTSTRAP_SERVERS_ENV",
     "DATABASE_URL_ENV",
+    "KAFKA_CLIENT_ENV",
     "App",
     "Handler",
     "HandlerFunc",
@@ -83,6 +84,13 @@ class App:
     they keep a paused worker's locks from stalling the partitions' next
     owners.
 
+    ``kafka_client``: the client the worker's consumer runs on:
+    ``"kafka-python"`` (default) or ``"confluent"`` (confluent-kafka, on
+    librdkafka: the ``exactlyonce[confluent]`` extra; its ``consumer_config``
+    takes librdkafka property names, such as ``"session.timeout.ms"``);
+    default from ``EXACTLYONCE_KAFKA_CLIENT``. Dead letters and the outbox
+    relay are published with kafka-python either way (docs/kafka-clients.md).
+
     ``metrics``: the app's Prometheus metrics (``exactlyonce run
     --metrics-port`` serves them).
 
@@ -125,6 +133,7 @@ class App:
         idle_in_transaction_timeout: timedelta | None = None,
         engine: Engine | None = None,
         async_engine: AsyncEngine | None = None,
+        kafka_client: str | None = None,
     ) -> None:
         if not isinstance(group_id, str) or not group_id:
             raise ConfigurationError("group_id must be a non-empty string")
@@ -133,6 +142,9 @@ class App:
                                      "says which database it connects to")
         _check_async_engine(async_engine, database_url)
         self.group_id = group_id
+        #: The client the worker's consumer runs on (``kafka-python`` or ``confluent``).
+        self.kafka_client = _kafka.check_kafka_client(
+            settings.argument_or_environment(kafka_client, KAFKA_CLIENT_ENV) or _kafka.DEFAULT_KAFKA_CLIENT)
         self._bootstrap_servers = bootstrap_servers
         self._database_url = database_url
         self.consumer_config: dict[str, Any] = dict(consumer_config or {})
@@ -145,8 +157,9 @@ class App:
         #: Verification keys; ``None``: records are not authenticated.
         self.signing_keys: dict[str, bytes] | None = _verification_keys(signing_keys)
         self.signing_key: signing.SigningKey | None = signing.resolve_signing_key(signing_key)
-        max_poll = timedelta(milliseconds=self.consumer_config.get(
-            "max_poll_interval_ms", _db.DEFAULT_MAX_POLL_INTERVAL / timedelta(milliseconds=1)))
+        max_poll = timedelta(milliseconds=int(self.consumer_config.get(
+            "max.poll.interval.ms" if self.kafka_client == "confluent" else "max_poll_interval_ms",
+            _db.DEFAULT_MAX_POLL_INTERVAL / timedelta(milliseconds=1))))
         timeouts = {"lock_timeout": lock_timeout, "idle_in_transaction_timeout": idle_in_transaction_timeout}
         for name, value in timeouts.items():
             if value is not None and (not isinstance(value, timedelta) or value <= timedelta(0)):

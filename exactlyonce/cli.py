@@ -55,7 +55,7 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from exactlyonce import _duration, admin, logs, outbox, settings
+from exactlyonce import _duration, _kafka, admin, logs, outbox, settings
 from exactlyonce.app import App
 from exactlyonce.errors import ConfigurationError, ExactlyOnceError, TransientError
 from exactlyonce.metrics import Metrics
@@ -63,6 +63,7 @@ from exactlyonce.settings import (
     BOOTSTRAP_SERVERS_ENV,
     CONSOLE_TOKEN_ENV,
     DATABASE_URL_ENV,
+    KAFKA_CLIENT_ENV,
     LOG_FORMAT_ENV,
     LOG_LEVEL_ENV,
 )
@@ -238,7 +239,11 @@ def _run_parser(add: _Add, commands: Any) -> None:
                      f"else ${BOOTSTRAP_SERVERS_ENV})")
     run.add_argument("--kafka-config", action="append", default=[], type=parse_kafka_setting,
                      metavar="KEY=VALUE", help="a kafka-python client setting (TLS, SASL) over the App's "
-                     "consumer_config and producer_config (each client takes the keys it knows); repeatable")
+                     "consumer_config and producer_config (each client takes the keys it knows); repeatable; "
+                     "not with the confluent client")
+    run.add_argument("--kafka-client", default=None, choices=_kafka.KAFKA_CLIENTS,
+                     help=f"the client the worker's consumer runs on; overrides the App's kafka_client "
+                     f"(default: the App's, else ${KAFKA_CLIENT_ENV}, else kafka-python)")
 
 
 def _db_parser(add: _Add, commands: Any) -> None:
@@ -488,7 +493,13 @@ def _override_app_settings(app: App, args: argparse.Namespace) -> None:
         app._database_url = _database_url(args)
     if args.bootstrap_servers is not None:
         app._bootstrap_servers = args.bootstrap_servers
+    if args.kafka_client is not None:
+        app.kafka_client = _kafka.check_kafka_client(args.kafka_client)
     config = dict(args.kafka_config)
+    if config and app.kafka_client == "confluent":
+        raise ExactlyOnceError("--kafka-config takes kafka-python settings, and this App's consumer runs on the "
+                               "confluent client: set its librdkafka properties in App(consumer_config=...) and "
+                               "the kafka-python producer's in App(producer_config=...)")
     owned = {"bootstrap_servers": "--bootstrap-servers", "group_id": "App(group_id=...)",
              "max_poll_interval_ms": "the App's consumer_config (its lock timeouts are derived from it)"}
     for key, where in owned.items():

@@ -18,6 +18,7 @@ __all__ = [
     "BOOTSTRAP_SERVERS_ENV",
     "CONSOLE_TOKEN_ENV",
     "DATABASE_URL_ENV",
+    "KAFKA_CLIENT_ENV",
     "LOG_FORMAT_ENV",
     "LOG_LEVEL_ENV",
     "SIGNING_KEYS_ENV",
@@ -40,6 +41,8 @@ DATABASE_URL_ENV = "EXACTLYONCE_DATABASE_URL"
 SIGNING_KEY_ENV = "EXACTLYONCE_SIGNING_KEY"
 #: ``id1:secret1,id2:secret2``: the keys a consumer accepts.
 SIGNING_KEYS_ENV = "EXACTLYONCE_SIGNING_KEYS"
+#: The Kafka client the worker's consumer runs on (``kafka-python``, the default, or ``confluent``).
+KAFKA_CLIENT_ENV = "EXACTLYONCE_KAFKA_CLIENT"
 #: The command line's default ``--log-level``.
 LOG_LEVEL_ENV = "EXACTLYONCE_LOG_LEVEL"
 #: The command line's default ``--log-format`` (``text`` or ``json``).

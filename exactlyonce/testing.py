@@ -622,6 +622,8 @@ class _WorkerSettings:
     lock_timeout: timedelta = timedelta(seconds=30)
     #: The async engine is made here, from ``url``: each run's event loop disposes of its pool.
     owns_async_engine: bool = True
+    #: Unread: the TestApp gives the runner its twin consumer.
+    kafka_client: str = "kafka-python"
     _async_engine: AsyncEngine | None = None
 
     @property

@@ -3,6 +3,10 @@
 - :mod:`~exactlyonce._kafka.clients`: the runtime's consumer (``poll`` returns
   :class:`~exactlyonce.Message` objects) and producer, and this seam's own
   :class:`TopicPartition`.
+- :mod:`~exactlyonce._kafka.selection`: which client the worker's consumer runs
+  on (``App(kafka_client=...)``); :mod:`~exactlyonce._kafka.confluent`, the
+  consumer on confluent-kafka (librdkafka, an optional extra), is imported
+  only when selected.
 - :mod:`~exactlyonce._kafka.failures`: kafka-python's send errors sorted by
   how a caller reacts (too large, refused for good, transient).
 - :mod:`~exactlyonce._kafka.diagnosis`: why a client could not bootstrap
@@ -41,9 +45,12 @@ from exactlyonce._kafka.reader import (
     producer_settings,
     unknown_kafka_settings,
 )
+from exactlyonce._kafka.selection import DEFAULT_KAFKA_CLIENT, KAFKA_CLIENTS, check_kafka_client, consumer_factory
 
 __all__ = [
     "CONSUMER_DEFAULTS",
+    "DEFAULT_KAFKA_CLIENT",
+    "KAFKA_CLIENTS",
     "PRODUCER_DEFAULTS",
     "Consumer",
     "KafkaReader",
@@ -51,7 +58,9 @@ __all__ = [
     "RecordTooLarge",
     "TopicPartition",
     "bootstrap_failure",
+    "check_kafka_client",
     "client_config",
+    "consumer_factory",
     "consumer_settings",
     "is_collateral",
     "is_refusal",

@@ -44,6 +44,7 @@ from sqlalchemy.util import concurrency
 
 from exactlyonce import _session
 from exactlyonce._kafka import Consumer, RecordProducer, TopicPartition
+from exactlyonce._kafka import consumer_factory as consumer_factory_of
 from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
@@ -74,6 +75,8 @@ class Settings(Protocol):
     """What a :class:`Runner` reads of its :class:`~exactlyonce.App` (the runtime does not import the App)."""
 
     group_id: str
+    #: The client the consumer runs on (``kafka-python`` or ``confluent``), unless a test gives its factory.
+    kafka_client: str
     consumer_config: dict[str, Any]
     producer_config: dict[str, Any]
     transient_retry_budget: timedelta
@@ -112,15 +115,17 @@ class Runner:
         stop: threading.Event,
         *,
         poll_timeout_s: float = 0.5,
-        consumer_factory: Callable[..., Consumer] = Consumer,
+        consumer_factory: Callable[..., Consumer] | None = None,
         producer_factory: Callable[..., RecordProducer] = RecordProducer,
         observer: Observer | None = None,
     ) -> None:
         """``consumer_factory`` / ``producer_factory`` are for tests (the in-memory twins of
-        :mod:`exactlyonce.testing`): called with :class:`Consumer`'s / :class:`RecordProducer`'s keywords.
+        :mod:`exactlyonce.testing`): called with :class:`Consumer`'s / :class:`RecordProducer`'s keywords;
+        without ``consumer_factory``, the consumer of the app's ``kafka_client``.
         ``observer`` is told every committed decision (see :class:`~exactlyonce.runtime.booking.Bookkeeper`)."""
         self._app = app
-        self._consumer_factory = consumer_factory
+        self._consumer_factory: Callable[..., Consumer] = (
+            consumer_factory if consumer_factory is not None else consumer_factory_of(app.kafka_client))
         self._handlers = app.handlers
         self._stop = stop
         self._poll_timeout_s = poll_timeout_s

@@ -31,6 +31,13 @@ T = TypeVar("T")
 
 #: Short group timeouts: a join takes about half the session timeout.
 CONSUMER_CONFIG: dict[str, Any] = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000}
+#: The same, spelled for the confluent client (librdkafka's property names).
+CONFLUENT_CONSUMER_CONFIG: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000}
+
+
+def consumer_config_for(kafka_client: str) -> dict[str, Any]:
+    """The tests' short group timeouts for the consumer of ``kafka_client`` (``App(kafka_client=...)``)."""
+    return dict(CONFLUENT_CONSUMER_CONFIG if kafka_client == "confluent" else CONSUMER_CONFIG)
 
 #: The repository root: the working directory of worker subprocesses.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -175,10 +182,11 @@ def headers_of(record: Any) -> dict[str, str]:
 # -- Apps -------------------------------------------------------------------
 
 
-def make_app(bootstrap: str, database_url: str, group: str | None = None, **kwargs: Any) -> App:
-    """An App on the test broker and database with short group timeouts."""
+def make_app(bootstrap: str, database_url: str, group: str | None = None, *,
+             kafka_client: str = "kafka-python", **kwargs: Any) -> App:
+    """An App on the test broker and database with short group timeouts, consuming with ``kafka_client``."""
     return App(group or unique("group"), bootstrap_servers=bootstrap, database_url=database_url,
-               consumer_config=CONSUMER_CONFIG, **kwargs)
+               consumer_config=consumer_config_for(kafka_client), kafka_client=kafka_client, **kwargs)
 
 
 @contextlib.contextmanager

@@ -29,10 +29,11 @@ CRASH_INDEX = 25
 
 
 def _worker_argv(bootstrap: str, database_url: str, topic: str, group: str, name: str,
-                 seen_file: Path, kind: str, crash_id: str | None = None) -> list[str]:
+                 seen_file: Path, kind: str, crash_id: str | None = None,
+                 kafka_client: str = "kafka-python") -> list[str]:
     argv = [sys.executable, "-m", "tests.integration.worker", "--bootstrap", bootstrap,
             "--database-url", database_url, "--topic", topic, "--group", group, "--name", name,
-            "--seen-file", str(seen_file)]
+            "--seen-file", str(seen_file), "--kafka-client", kafka_client]
     if kind == "async":
         argv.append("--async")
     if crash_id is not None:
@@ -49,6 +50,12 @@ def test_crash_between_db_commit_and_offset_commit_redelivers_and_skips(
     bootstrap_servers: str, database_url: str, tmp_path: Path, handler_kind: str
 ) -> None:
     """A record committed to the DB whose offset was not committed is redelivered and skipped, not re-applied."""
+    check_crash_redelivery(bootstrap_servers, database_url, tmp_path, handler_kind)
+
+
+def check_crash_redelivery(bootstrap_servers: str, database_url: str, tmp_path: Path, handler_kind: str,
+                           kafka_client: str = "kafka-python") -> None:
+    """The test above with the workers' consumer on ``kafka_client`` (test_confluent_client runs it too)."""
     topic, group = unique("crash"), unique("crash-group")
     create_topic(bootstrap_servers, topic, PARTITIONS)
     engine = engine_for(database_url)
@@ -62,7 +69,7 @@ def test_crash_between_db_commit_and_offset_commit_redelivers_and_skips(
     # 1. The first worker applies records until it commits crash_id, then dies by SIGKILL.
     first_seen = tmp_path / "first.seen"
     with process(_worker_argv(bootstrap_servers, database_url, topic, group, "first", first_seen,
-                              handler_kind, crash_id), tmp_path / "first.log") as first:
+                              handler_kind, crash_id, kafka_client), tmp_path / "first.log") as first:
         code = first.wait(60)
         assert code == -signal.SIGKILL, f"worker exited with {code}:\n{first.log_tail()}"
 
@@ -77,7 +84,7 @@ def test_crash_between_db_commit_and_offset_commit_redelivers_and_skips(
     # 2. A restarted worker in the same group finishes the topic.
     second_seen = tmp_path / "second.seen"
     with process(_worker_argv(bootstrap_servers, database_url, topic, group, "second", second_seen,
-                              handler_kind),
+                              handler_kind, kafka_client=kafka_client),
                  tmp_path / "second.log") as second:
         try:
             wait_until(lambda: len(dedup_rows(engine)) == N, 90, "every record claimed")

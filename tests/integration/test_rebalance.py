@@ -37,8 +37,9 @@ TAIL = 20
 MAX_RECORDS = 600
 
 
-def _worker(bootstrap: str, database_url: str, topic: str, group: str, name: str) -> App:
-    app = make_app(bootstrap, database_url, group=group)
+def _worker(bootstrap: str, database_url: str, topic: str, group: str, name: str,
+            kafka_client: str = "kafka-python") -> App:
+    app = make_app(bootstrap, database_url, group=group, kafka_client=kafka_client)
 
     @app.handler(topic)
     def handle(message: Message, session: Session) -> None:
@@ -60,6 +61,11 @@ def _count_of(engine: sa.Engine, worker: str) -> int:
 @pytest.mark.timeout(180)
 def test_rebalance_mid_stream_applies_every_record_once(bootstrap_servers: str, database_url: str) -> None:
     """A second worker joining and the first leaving while records stream in: all applied, none twice."""
+    check_rebalance_mid_stream(bootstrap_servers, database_url)
+
+
+def check_rebalance_mid_stream(bootstrap_servers: str, database_url: str, kafka_client: str = "kafka-python") -> None:
+    """The test above with both workers' consumer on ``kafka_client`` (test_confluent_client runs it too)."""
     topic, group = unique("rebalance"), unique("rebalance-group")
     create_topic(bootstrap_servers, topic, PARTITIONS)
     engine = engine_for(database_url)
@@ -82,8 +88,8 @@ def test_rebalance_mid_stream_applies_every_record_once(bootstrap_servers: str, 
         except BaseException as exc:
             producer_errors.append(exc)
 
-    first = _worker(bootstrap_servers, database_url, topic, group, "first")
-    second = _worker(bootstrap_servers, database_url, topic, group, "second")
+    first = _worker(bootstrap_servers, database_url, topic, group, "first", kafka_client)
+    second = _worker(bootstrap_servers, database_url, topic, group, "second", kafka_client)
     producer = threading.Thread(target=stream, daemon=True)
     with contextlib.ExitStack() as stack:
         stack.enter_context(running(first))

@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
 from exactlyonce import App, Message, ids
-from tests.integration.helpers import CONSUMER_CONFIG, insert_effect, insert_effect_async
+from tests.integration.helpers import consumer_config_for, insert_effect, insert_effect_async
 
 _CRASH_FLAG = "exactlyonce-test-crash-after-commit"
 
@@ -43,12 +43,13 @@ def main() -> None:
     parser.add_argument("--crash-after-commit-of", default=None)
     parser.add_argument("--seen-file", default=None)
     parser.add_argument("--async", dest="is_async", action="store_true")
+    parser.add_argument("--kafka-client", default="kafka-python")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.name} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
 
     app = App(args.group, bootstrap_servers=args.bootstrap, database_url=args.database_url,
-              consumer_config=CONSUMER_CONFIG)
+              consumer_config=consumer_config_for(args.kafka_client), kafka_client=args.kafka_client)
     from_header = ids.header()
     seen = open(args.seen_file, "a", buffering=1) if args.seen_file else None  # noqa: SIM115
 

@@ -31,6 +31,10 @@ LAZY_ALLOWED: Mapping[tuple[str, str], str] = {
     ("exactlyonce.cli", "exactlyonce.console"): (
         "the console needs an optional extra (starlette, jinja2, uvicorn): imported when `exactlyonce console` runs"
     ),
+    ("exactlyonce._kafka.selection", "exactlyonce._kafka.confluent"): (
+        "the confluent consumer needs an optional extra (confluent-kafka): imported when App(kafka_client="
+        "'confluent') runs"
+    ),
 }
 
 #: The ground floor: each may import only the modules listed (all below it).
@@ -53,6 +57,9 @@ def on_top_floor(module: str) -> bool:
 
 #: The only part of the package (a module, or a package and its modules) that imports kafka-python.
 KAFKA_SEAM = "exactlyonce._kafka"
+
+#: The one module that imports confluent-kafka (an optional extra), imported only when that client is selected.
+CONFLUENT_MODULE = "exactlyonce._kafka.confluent"
 
 #: Modules outside the seam that import kafka-python all the same, each with why.
 KAFKA_ALLOWED: Mapping[str, str] = {
@@ -270,6 +277,16 @@ def test_only_the_kafka_seam_imports_kafka_python() -> None:
     assert any(in_seam(e.importer, KAFKA_SEAM) for e in edges), "the walk found no kafka import in the seam"
     outside = sorted(str(e) for e in edges if not in_seam(e.importer, KAFKA_SEAM) and e.importer not in KAFKA_ALLOWED)
     assert not outside, f"kafka-python imported outside {KAFKA_SEAM}:\n" + "\n".join(outside)
+
+
+def test_only_the_kafka_seam_imports_confluent_kafka() -> None:
+    """confluent-kafka (the optional consumer, ``App(kafka_client="confluent")``) only in its module of the seam.
+
+    No exception, not even the test twins: the rest of the package, the seam's ``__init__`` included, must
+    import without the extra installed.
+    """
+    edges = external_imports(MODULES, "confluent_kafka")
+    assert {e.importer for e in edges} == {CONFLUENT_MODULE}, "\n".join(sorted(map(str, edges)))
 
 
 # -- the checker itself, on small made-up packages --------------------------------------------------------------
