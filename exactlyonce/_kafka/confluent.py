@@ -179,6 +179,8 @@ class ConfluentConsumer:
         self._last_error: Any = None
         #: An error met with records in the same poll: raised by the next poll, after those records.
         self._deferred: Exception | None = None
+        #: Asynchronous commits sent and not answered: what each committed, and whom to tell.
+        self._unanswered: list[tuple[frozenset[tuple[str, int, int]], Callable[[bool], None] | None]] = []
         settings = {
             **CONFLUENT_CONSUMER_DEFAULTS,
             **config,
@@ -187,7 +189,7 @@ class ConfluentConsumer:
             "bootstrap.servers": bootstrap_servers,
             "group.id": group_id,
             "error_cb": self._on_error,
-            "on_commit": _on_commit,
+            "on_commit": self._on_commit,
         }
         try:
             self._consumer = confluent_kafka.Consumer(settings)
@@ -331,25 +333,44 @@ class ConfluentConsumer:
             return False
         return True
 
-    def commit_async(self, offsets: Mapping[TopicPartition, int]) -> None:
-        """Send an offset commit without waiting; a failure is only logged (the records are redelivered)."""
+    def commit_async(self, offsets: Mapping[TopicPartition, int],
+                     on_done: Callable[[bool], None] | None = None) -> None:
+        """Send an offset commit without waiting; ``on_done(ok)`` is told the answer.
+
+        librdkafka answers through ``on_commit``, served inside a later poll.
+        A failure is only logged: the records are redelivered and skipped as
+        duplicates.
+        """
         if not offsets:
             return
         try:
             self._consumer.commit(offsets=_theirs(offsets), asynchronous=True)
         except KafkaException as exc:
-            log.warning("offset commit on revocation failed (%s); records will be redelivered "
+            log.warning("offset commit failed (%s); records will be redelivered "
                         "and skipped as duplicates", _text(exc))
+            if on_done is not None:
+                on_done(False)
+            return
+        self._unanswered.append((frozenset((tp.topic, tp.partition, o) for tp, o in offsets.items()), on_done))
+
+    def _on_commit(self, error: Any, partitions: list[Any]) -> None:
+        failed = error is not None or any(tp.error is not None for tp in partitions or ())
+        if failed:
+            log.warning("offset commit failed (%s); records will be redelivered and skipped as duplicates",
+                        _text(error if error is not None else next(tp.error for tp in partitions if tp.error)))
+        # The answer of which commit: the one that sent these offsets (a
+        # synchronous commit's answer matches none and is ignored here).
+        answered = frozenset((tp.topic, tp.partition, tp.offset) for tp in partitions or ())
+        for index, (sent, on_done) in enumerate(self._unanswered):
+            if sent == answered or (error is not None and not answered):
+                del self._unanswered[index]
+                if on_done is not None:
+                    on_done(not failed)
+                return
 
     def close(self) -> None:
         """Leave the group and close connections (no auto-commit)."""
         self._consumer.close()
-
-
-def _on_commit(error: Any, partitions: list[Any]) -> None:
-    if error is not None:
-        log.warning("offset commit failed (%s); records will be redelivered and skipped as duplicates",
-                    _text(error))
 
 
 def _text(exc: Any) -> str:
