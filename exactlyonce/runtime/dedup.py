@@ -49,6 +49,34 @@ class Dedup:
         self._transient = transient
         self._dead_letters = dead_letters
         self._calls = calls
+        #: Records per transaction per scope, where a lock conflict made it less than ``batch_size``.
+        self._sizes: dict[str, int] = {}
+
+    def chunk_size(self, handler: Handler) -> int:
+        """How many records to put in the next transaction of ``handler``.
+
+        ``batch_size``, until a transaction loses a lock conflict (a deadlock
+        or serialization failure): then half the size that lost, so that the
+        next transactions hold fewer row locks for less time; each one that
+        commits at that size grows it again by an eighth, back to
+        ``batch_size`` (workers sharing hot rows would otherwise start every
+        batch at full size, lose again, and spend their time in deadlock
+        checks).
+        """
+        return self._sizes.get(handler.scope, handler.batch_size)
+
+    def _shrink(self, handler: Handler, lost: int) -> None:
+        self._sizes[handler.scope] = max(1, min(self.chunk_size(handler), lost // 2))
+
+    def _grow(self, handler: Handler, committed: int) -> None:
+        size = self._sizes.get(handler.scope)
+        if size is None or committed < size:
+            return
+        size += max(1, size // 8)
+        if size >= handler.batch_size:
+            del self._sizes[handler.scope]
+        else:
+            self._sizes[handler.scope] = size
 
     def process(self, handler: Handler, messages: list[Message]) -> None:
         """Decide ``messages`` (each partition's in order) and commit every decision.
@@ -69,10 +97,11 @@ class Dedup:
             self._run(handler, good)
 
     def _run(self, handler: Handler, items: list[_Item]) -> None:
-        """Apply ``items`` in one transaction; on a lock conflict or a handler failure, in halves."""
+        """Apply ``items`` in one transaction; on a handler failure in halves, on a lock conflict in smaller pieces."""
         if len(items) == 1:
             message, message_id = items[0]
             self._transient.safe(handler.scope, message, lambda: self._handle(handler, message, message_id))
+            self._grow(handler, 1)
             return
         try:
             results = self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items),
@@ -81,18 +110,28 @@ class Dedup:
             if not _db.is_conflict(exc):
                 raise
             self._transient.back_off_conflict(handler.scope, len(items), exc)
-            self._halves(handler, items)
+            self._shrink(handler, len(items))
+            self._in_pieces(handler, items)
             return
         except Exception as exc:
             log.info("a batch of %d failed (%s: %s); splitting it", len(items), type(exc).__name__, exc)
             self._halves(handler, items)
             return
+        self._grow(handler, len(items))
         for (message, message_id), result in zip(items, results, strict=True):
             if isinstance(result, FingerprintMismatch):
                 self._mismatch_safely(handler, message, message_id, result)
 
     def _mismatch_safely(self, handler: Handler, message: Message, message_id: str, exc: FingerprintMismatch) -> None:
         self._transient.safe(handler.scope, message, lambda: self._mismatch(handler, message, message_id, exc))
+
+    def _in_pieces(self, handler: Handler, items: list[_Item]) -> None:
+        """Apply ``items`` in consecutive transactions of the (shrunk, regrowing) chunk size."""
+        start = 0
+        while start < len(items):
+            piece = items[start : start + self.chunk_size(handler)]
+            start += len(piece)
+            self._run(handler, piece)
 
     def _halves(self, handler: Handler, items: list[_Item]) -> None:
         middle = len(items) // 2

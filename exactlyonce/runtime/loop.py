@@ -288,10 +288,13 @@ class Runner:
             for topic, messages in by_topic.items():
                 handler = self._handlers[topic]
                 path = self._dedup if handler.sequence is None else self._ordered
-                for start in range(0, len(messages), handler.batch_size):
+                start = 0
+                while start < len(messages):
                     if self._stop.is_set():
                         raise Stopped
-                    chunk = messages[start : start + handler.batch_size]
+                    size = self._dedup.chunk_size(handler) if path is self._dedup else handler.batch_size
+                    chunk = messages[start : start + size]
+                    start += len(chunk)
                     path.process(handler, chunk)
                     # The chunk committed: everything in it is done.
                     for message in chunk:
