@@ -133,11 +133,14 @@ class _ExactlyonceLog(logging.Handler):
         self.retries = 0
         #: Partition assignments received (more than one: a rebalance happened).
         self.assignments = 0
+        #: Wall-clock time of the last assignment (the group's last rebalance, for this worker).
+        self.last_assigned_wall: float | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
         if text.startswith("assigned partitions:"):
             self.assignments += 1
+            self.last_assigned_wall = time.time()
         if text.startswith("assigned partitions:") and not text.endswith("none"):
             if self.on_assigned is not None:
                 callback, self.on_assigned = self.on_assigned, None
@@ -390,7 +393,7 @@ def scale(spec: dict[str, Any]) -> None:
     tracker = Tracker()
     run_exactlyonce(spec, spec["topic"], spec["group"], tracker, signals=True)
     emit("done", **tracker.summary(), retries=_EO_LOG.retries, assignments=_EO_LOG.assignments,
-         peak_rss_kb=peak_rss_kb())
+         last_assigned_wall=_EO_LOG.last_assigned_wall, peak_rss_kb=peak_rss_kb())
 
 
 def soak(spec: dict[str, Any]) -> None:
