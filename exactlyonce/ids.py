@@ -64,6 +64,23 @@ def text_problem(text: str, limit: int) -> str | None:
         return f"contains the control character U+{ord(control.group()):04X} at position {control.start()}"
     return None
 
+def outgoing_problem(message_id: object) -> str | None:
+    """Why a sender may not give a record ``message_id``, or ``None`` if it may.
+
+    The same rules :func:`resolve` applies when the record is consumed: an ID
+    a consumer would dead-letter is refused when it is sent instead.
+    """
+    if not isinstance(message_id, str):
+        return f"must be str, got {type(message_id).__name__}"
+    problem = text_problem(message_id, MAX_MESSAGE_ID_LENGTH)
+    if problem is not None:
+        return problem
+    if message_id.startswith(RESERVED_PREFIX):
+        return (f"starts with {RESERVED_PREFIX!r}, which is reserved for the records exactlyonce "
+                "stores under their coordinates")
+    return None
+
+
 _HEADER_ATTRIBUTE = "_exactlyonce_header"
 
 

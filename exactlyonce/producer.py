@@ -21,9 +21,9 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any
 
-from exactlyonce import _kafka, settings
+from exactlyonce import _kafka, ids, settings
 from exactlyonce.errors import ConfigurationError, TransientError
-from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
+from exactlyonce.ids import DEFAULT_HEADER
 from exactlyonce.retry import Retry
 from exactlyonce.signing import (
     KEY_ID_HEADER,
@@ -144,9 +144,11 @@ class Producer:
         ``value``: bytes, text, or a JSON-serialisable object (see
         :func:`encode_value`). The ID goes in the ``message-id`` header.
         """
-        message_id = message_id or new_message_id()
-        if not 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
-            raise ConfigurationError(f"message_id must have 1 to {MAX_MESSAGE_ID_LENGTH} characters")
+        message_id = new_message_id() if message_id is None else message_id
+        problem = ids.outgoing_problem(message_id)
+        if problem is not None:
+            # A consumer would dead-letter it (ids.resolve): refuse it here instead.
+            raise ConfigurationError(f"message_id {problem}")
         raw_key = key.encode("utf-8") if isinstance(key, str) else key
         raw_value = encode_value(value)
         stamped = stamp_headers(message_id, raw_key, raw_value, headers or (), self._signing_key)

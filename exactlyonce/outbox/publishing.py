@@ -14,9 +14,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from exactlyonce import settings
+from exactlyonce import ids, settings
 from exactlyonce.errors import ConfigurationError
-from exactlyonce.ids import DEFAULT_HEADER, MAX_MESSAGE_ID_LENGTH
+from exactlyonce.ids import DEFAULT_HEADER
 from exactlyonce.message import headers_from_json, headers_to_json
 from exactlyonce.producer import encode_value, new_message_id
 from exactlyonce.storage.schema import outbox
@@ -50,9 +50,11 @@ def publish(
     already. Serialise such writers (lock a row per key) where it matters.
     """
     settings.check_topic(topic)
-    message_id = message_id or new_message_id()
-    if not 0 < len(message_id) <= MAX_MESSAGE_ID_LENGTH:
-        raise ConfigurationError(f"message_id must have 1 to {MAX_MESSAGE_ID_LENGTH} characters")
+    message_id = new_message_id() if message_id is None else message_id
+    problem = ids.outgoing_problem(message_id)
+    if problem is not None:
+        # A consumer would dead-letter it (ids.resolve): refuse it here instead.
+        raise ConfigurationError(f"message_id {problem}")
     extra = []
     for name, data in headers or ():
         if not isinstance(name, str) or not isinstance(data, bytes):
