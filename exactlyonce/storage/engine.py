@@ -361,8 +361,10 @@ _MYSQL_DRIVER_MODULES = ("pymysql", "asyncmy", "MySQLdb", "mariadb", "mysql")
 # PyMySQL (and asyncmy) raise OperationalError for most server errors, an unknown column
 # (1054) included; only these codes are worth retrying: too many connections,
 # server shutdown, lock wait timeout, deadlock, connection killed, idle
-# timeout, and the client's lost-connection errors.
-_MYSQL_TRANSIENT = {1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
+# timeout, and the client's lost-connection errors; and 1020 ("Record has
+# changed since last read"), MariaDB's write conflict under REPEATABLE READ
+# with innodb_snapshot_isolation (the default from MariaDB 11.6).
+_MYSQL_TRANSIENT = {1020, 1040, 1053, 1205, 1213, 1927, 2002, 2003, 2006, 2013, 2055, 4031}
 
 
 def _chain(exc: BaseException | None) -> Iterator[BaseException]:
@@ -406,7 +408,7 @@ def is_transient(exc: BaseException, *, chained: bool = False) -> bool:
 # that another one holds, and the same transaction retried at once is likely
 # to lose it again. PostgreSQL SQLSTATEs and MySQL/MariaDB error codes.
 _PG_CONFLICTS = {"40001", "40P01"}
-_MYSQL_CONFLICTS = {1213}
+_MYSQL_CONFLICTS = {1020, 1213}
 
 
 def is_conflict(exc: BaseException) -> bool:

@@ -82,6 +82,9 @@ def test_mysql_errors_are_transient_only_for_connection_and_lock_codes() -> None
     assert _db.is_transient(_operational(pymysql.err.OperationalError(1213, "Deadlock found")))
     assert _db.is_transient(_operational(pymysql.err.OperationalError(2013, "Lost connection")))
     assert not _db.is_transient(_operational(pymysql.err.OperationalError(1054, "Unknown column")))
+    # MariaDB 11.6+ (innodb_snapshot_isolation): a write conflict, retried like a deadlock.
+    changed = _operational(pymysql.err.OperationalError(1020, "Record has changed since last read in table 't'"))
+    assert _db.is_transient(changed) and _db.is_conflict(changed)
 
 
 def test_asyncmy_errors_are_classified_as_pymysqls() -> None:
