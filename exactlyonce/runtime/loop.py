@@ -205,13 +205,7 @@ class Runner:
             # worker starts) is waited for, for the transient retry budget but
             # at least STARTUP_PATIENCE: one bootstrap attempt alone can take
             # kafka-python's bootstrap_timeout_ms (30 s).
-            self._consumer = self._transient.retry(at_least=STARTUP_PATIENCE, fn=lambda: self._consumer_factory(
-                bootstrap_servers=self._app.bootstrap_servers,
-                group_id=self._app.group_id,
-                topics=self._handlers.keys(),
-                config=self._app.consumer_config,
-                on_revoked=self._on_revoked,
-            ))
+            self._consumer = self._open()
         except Stopped:
             return
         log.info("consuming %s as group %r", ", ".join(sorted(self._handlers)), self._app.group_id)
@@ -238,9 +232,12 @@ class Runner:
             # committed below; the record in hand is redelivered after the fix.
             log.error("%s", unrunnable.error)
             raise unrunnable.error from None
+        except Stopped:
+            pass  # stopped while reopening the consumer (see _rewind)
         finally:
-            self._offsets.commit(self._consumer)
-            self._consumer.close()
+            if self._consumer is not None:
+                self._offsets.commit(self._consumer)
+                self._consumer.close()
             self._dead_letters.close()
             log.info("stopped: %s", dict(self.stats))
 
@@ -303,11 +300,39 @@ class Runner:
                         self._offsets.mark(tp, pending[tp])
         except TransientError as exc:
             log.error("%s; rewinding to retry after the next poll", exc)
-            for tp, offset in pending.items():
-                self._consumer_or_fail().seek(tp, offset)
+            self._rewind(pending)  # (may raise Stopped: _run catches it)
         except Stopped:
             # Unprocessed records stay uncommitted: the next owner gets them.
             return
+
+    def _open(self) -> Consumer:
+        return self._transient.retry(at_least=STARTUP_PATIENCE, fn=lambda: self._consumer_factory(
+            bootstrap_servers=self._app.bootstrap_servers,
+            group_id=self._app.group_id,
+            topics=self._handlers.keys(),
+            config=self._app.consumer_config,
+            on_revoked=self._on_revoked,
+        ))
+
+    def _rewind(self, pending: dict[TopicPartition, int]) -> None:
+        """Make the next poll return each partition from its first record not in the database."""
+        consumer = self._consumer_or_fail()
+        try:
+            for tp, offset in pending.items():
+                consumer.seek(tp, offset)
+        except Exception as exc:
+            # Polling on would skip the records the seek should have brought
+            # back: start a new consumer instead, which reads from the
+            # committed offsets (only records in the database are below them).
+            log.warning("could not rewind (%s: %s); reopening the consumer at the committed offsets",
+                        type(exc).__name__, exc)
+            self._offsets.commit(consumer)
+            # Marks left (that commit failed) would be sent by the new member
+            # for partitions it may not own: drop them (a redelivery, skipped).
+            self._offsets = Offsets()
+            consumer.close()
+            self._consumer = None
+            self._consumer = self._open()
 
     # -- offsets ------------------------------------------------------------
 
@@ -327,7 +352,10 @@ class Runner:
     def _report_lag(self, batch: Batch) -> None:
         """Publish each polled partition's lag: records behind the end as of the last fetch."""
         consumer = self._consumer_or_fail()
+        assigned = consumer.assignment()  # (a consumer reopened by _rewind owns none yet)
         for tp, records in batch.items():
+            if tp not in assigned:
+                continue
             end = consumer.highwater(tp)
             if end is not None and records:
                 self._metrics.consumer_lag(tp.topic, tp.partition, max(end - records[-1].offset - 1, 0))
