@@ -32,9 +32,8 @@ def test_accepted_ids(message_id: str) -> None:
 def test_publish_refuses_what_a_consumer_would_dead_letter(tmp_path: Path, message_id: Any) -> None:
     engine = _db.create_engine(f"sqlite:///{tmp_path}/t.db")
     migrate.upgrade(engine)
-    with Session(engine) as session, session.begin():
-        with pytest.raises(ConfigurationError, match="message_id"):
-            publish(session, "out", b"v", message_id=message_id)
+    with Session(engine) as session, session.begin(), pytest.raises(ConfigurationError, match="message_id"):
+        publish(session, "out", b"v", message_id=message_id)
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM exactlyonce_outbox")).scalar() == 0
     engine.dispose()

@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from exactlyonce import App, ConfigurationError, Message, TransientError
+from exactlyonce._kafka import TopicPartition
 from exactlyonce.runtime import Runner
 from exactlyonce.storage import migrate
-from exactlyonce._kafka import TopicPartition
 from exactlyonce.testing import Cluster, FastStop, TwinConsumer
 
 
