@@ -274,13 +274,29 @@ class RecordProducer:
         be published there (not authorized, invalid or internal topic), and
         :class:`~exactlyonce.TransientError` for anything a retry may fix.
         """
+        started_ms = time.monotonic() * 1000
         try:
             self.send(topic, key=key, value=value, headers=headers).get(timeout=timeout_s)
         except kafka.errors.KafkaError as exc:
-            raise publish_failure(topic, exc) from exc
+            raise publish_failure(topic, exc, missing=self._missing(topic, exc, started_ms)) from exc
         except ValueError as exc:
             # kafka-python refuses some topics before sending: "." and "..", internal topics.
             raise ConfigurationError(f"cannot publish to topic {topic!r}: {exc}") from exc
+
+    def _missing(self, topic: str, exc: BaseException, since_ms: float) -> bool:
+        """Whether a metadata timeout for ``topic`` came from a cluster that answers, without the topic.
+
+        kafka-python's ClusterMetadata (no public accessor): a metadata
+        response received since ``since_ms`` that did not list the topic.
+        A broker that does not answer leaves no such response.
+        """
+        if not isinstance(exc, kafka.errors.KafkaTimeoutError):
+            return False
+        cluster = getattr(self._producer, "_metadata", None)
+        refreshed = getattr(cluster, "_last_successful_refresh_ms", None)
+        if cluster is None or refreshed is None or refreshed < since_ms:
+            return False
+        return topic not in cluster.topics(exclude_internal_topics=False)
 
     def flush(self, timeout_s: float | None = None) -> bool:
         """Wait until every queued record has an outcome (acknowledged or failed); return whether all have.

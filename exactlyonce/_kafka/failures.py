@@ -13,12 +13,13 @@ class RecordTooLarge(ConfigurationError):
     """The broker (or the producer's ``max_request_size``) refuses a record for its size."""
 
 
-def publish_failure(topic: str, exc: BaseException) -> ExactlyOnceError:
+def publish_failure(topic: str, exc: BaseException, *, missing: bool = False) -> ExactlyOnceError:
     """The exactlyonce error for a failed publish to ``topic``: too large, refused for good, or transient.
 
     Only the refusals no retry can fix stop a caller; any other failure
     (retriable or not: a fenced or out-of-sequence producer, say) stays
-    transient, as before.
+    transient, as before; ``missing``: the cluster answered without the
+    topic (the message then says to create it).
     """
     if isinstance(exc, _TOO_LARGE):
         return RecordTooLarge(f"topic {topic!r} refuses the record as too large ({type(exc).__name__}: {exc})")
@@ -26,6 +27,12 @@ def publish_failure(topic: str, exc: BaseException) -> ExactlyOnceError:
         return ConfigurationError(
             f"topic {topic!r} refuses the record for good ({type(exc).__name__}: {exc}): check the topic's "
             "name, configuration and ACLs (the producer's principal needs WRITE and DESCRIBE on it)"
+        )
+    if missing:
+        # Transient still: the worker goes on by itself once the topic is created.
+        return TransientError(
+            f"publish to {topic!r} failed: the topic does not exist and the broker did not create it "
+            f"(auto.create.topics.enable=false?); create it ({type(exc).__name__}: {exc})"
         )
     return TransientError(f"publish to {topic!r} failed: {exc}")
 

@@ -1,12 +1,14 @@
-"""Dead letters the broker refuses: too large for the dead-letter topic, or a topic that refuses every record.
+"""Dead letters the broker refuses: too large for the dead-letter topic, a topic that refuses every record,
+or one that does not exist.
 
 These run on an Apache Kafka broker of the module's own, with an authorizer
-(anything without an ACL is allowed; one topic denies everything) and topics
-with a small ``max.message.bytes``.
+(anything without an ACL is allowed; one topic denies everything), topics
+with a small ``max.message.bytes``, and no automatic topic creation.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -39,6 +41,7 @@ from .helpers import (
     running,
     unique,
     wait_all_committed,
+    wait_until,
 )
 
 #: The size limit of the small topics (bytes of a record batch).
@@ -58,6 +61,7 @@ def acl_broker() -> Iterator[str]:
     cluster = KafkaCluster(1, extra_properties={
         "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
         "allow.everyone.if.no.acl.found": "true",
+        "auto.create.topics.enable": "false",
     })
     try:
         cluster.start()
@@ -156,3 +160,33 @@ def test_a_dead_letter_topic_that_refuses_every_record_stops_the_worker(
     engine.dispose()
     committed, _ = committed_and_end_offsets(acl_broker, app.group_id, topic)
     assert committed == {0: None}, "the offset did not move past the record"
+
+
+def test_a_missing_dead_letter_topic_is_named_and_the_worker_goes_on_once_it_exists(
+    acl_broker: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker creates no topics: a dead letter to a topic nobody created fails as transient, with a
+    message that says to create it; once it exists the dead letter arrives, once, and the partition moves on."""
+    url = _sqlite(tmp_path)
+    topic = unique("nodlq")
+    _create_small_topics(acl_broker, topic)
+    produce(acl_broker, topic, [rec("bad-1", "payload"), rec("ok-1")])
+    app = make_app(acl_broker, url, outbox=False, producer_config={"max_block_ms": 2000})
+    caplog.set_level(logging.WARNING, logger="exactlyonce")
+    handled: list[str] = []
+
+    @app.handler(topic, retry=Retry(attempts=1), batch_size=1)
+    def handle(message: Message, session: Session) -> None:
+        if message.header("message-id") == b"bad-1":
+            raise ValueError("no")
+        handled.append("ok-1")
+
+    hint = f"publish to '{topic}.dlq' failed: the topic does not exist and the broker did not create it"
+    with running(app):
+        wait_until(lambda: any(hint in r.getMessage() for r in caplog.records), 60, "the missing-topic message")
+        assert handled == [], "the partition waits at the record it cannot dead-letter"
+        _create_small_topics(acl_broker, f"{topic}.dlq")
+        wait_all_committed(acl_broker, app.group_id, topic, timeout=120)
+    assert handled == ["ok-1"]
+    (dead,) = read_topic(acl_broker, f"{topic}.dlq")
+    assert headers_of(dead)["message-id"] == "bad-1"
