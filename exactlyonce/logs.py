@@ -24,6 +24,7 @@ import os
 import re
 import sys
 import threading
+import time
 import traceback
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -31,7 +32,8 @@ from typing import Any, TextIO
 from sqlalchemy.engine import make_url
 
 __all__ = [
-    "EXTRA_FIELDS", "MASK", "JsonFormatter", "RedactingFilter", "configure", "redact", "register_secret", "reset",
+    "EXTRA_FIELDS", "MASK", "JsonFormatter", "RedactingFilter", "RepeatFilter", "configure", "redact",
+    "register_secret", "reset",
 ]
 
 #: What a secret is replaced with.
@@ -194,6 +196,48 @@ def _jsonable(value: Any) -> Any:
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 FORMATS = ("text", "json")
 
+
+class RepeatFilter(logging.Filter):
+    """Let through at most ``limit`` records of one message template of one kafka client logger per ``window_s``.
+
+    While a coordinator or broker is down, kafka-python (and librdkafka) log
+    the same line for every retry, thousands a minute per worker, burying
+    exactlyonce's own lines. The first ``limit`` of a window pass; the next
+    one to pass after the window says how many like it were held back.
+    Records of other loggers always pass.
+    """
+
+    PREFIXES = ("kafka", "librdkafka")
+
+    def __init__(self, limit: int = 5, window_s: float = 60.0, clock: Any = None) -> None:
+        super().__init__()
+        self._limit = limit
+        self._window_s = window_s
+        self._clock = clock or time.monotonic
+        self._lock = threading.Lock()
+        #: (logger, template) -> [window start, passed in the window, held back].
+        self._seen: dict[tuple[str, str], list[float]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.PREFIXES):
+            return True
+        key = (record.name, str(record.msg))
+        now = self._clock()
+        with self._lock:
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            state = self._seen.setdefault(key, [now, 0, 0])
+            if now - state[0] >= self._window_s:
+                held, since = int(state[2]), now - state[0]
+                state[:] = [now, 0, 0]
+                if held:
+                    record.msg = f"{record.msg} ({held} more like it held back in the last {since:.0f} s)"
+            if state[1] >= self._limit:
+                state[2] += 1
+                return False
+            state[1] += 1
+            return True
+
 # The handler configure() installed, replaced on a second call.
 _installed: logging.Handler | None = None
 
@@ -216,6 +260,7 @@ def configure(level: str, fmt: str = "text", *, stream: TextIO | None = None) ->
     register_environment_secrets()
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RepeatFilter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     if _installed is not None:

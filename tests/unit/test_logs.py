@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from exactlyonce import logs
+from exactlyonce.logs import RepeatFilter
 
 DB_SECRET = "Db-Pa55word-31x"
 SASL_SECRET = "Sasl-Pa55word-77q"
@@ -111,3 +112,24 @@ def test_configure_rejects_unknown_format_and_level() -> None:
 ])
 def test_redact(text: str, expected: str) -> None:
     assert logs.redact(text) == expected
+
+
+def test_repeated_kafka_client_lines_are_held_back_and_counted() -> None:
+    """A storm of one kafka-python line passes `limit` times a window; the next window's first counts the rest."""
+    now = [0.0]
+    repeat = RepeatFilter(limit=2, window_s=60, clock=lambda: now[0])
+
+    def record(name: str, msg: str = "Marking the coordinator dead (node %s) for group %s: %s.") -> logging.LogRecord:
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, msg, (1, "g", "down"), None)
+
+    storm = [record("kafka.coordinator.base") for _ in range(50)]
+    assert [repeat.filter(r) for r in storm] == [True, True] + [False] * 48
+    # Other templates, other kafka loggers and other libraries are not held back by this one.
+    assert repeat.filter(record("kafka.coordinator.base", "Heartbeat failed"))
+    assert repeat.filter(record("kafka.conn"))
+    assert all(repeat.filter(record("exactlyonce")) for _ in range(10))
+    now[0] = 61.0
+    later = record("kafka.coordinator.base")
+    assert repeat.filter(later)
+    assert "(48 more like it held back in the last 61 s)" in later.getMessage()
+    assert later.getMessage().startswith("Marking the coordinator dead (node 1) for group g: down.")
