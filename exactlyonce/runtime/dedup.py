@@ -40,6 +40,9 @@ log = logging.getLogger("exactlyonce")
 
 _Item = tuple[Message, str]
 
+#: Transactions committed in a row at a conflict-reduced size before it grows again.
+GROW_AFTER = 8
+
 
 class Dedup:
     """The path of handlers without ``sequence=``."""
@@ -51,27 +54,36 @@ class Dedup:
         self._calls = calls
         #: Records per transaction per scope, where a lock conflict made it less than ``batch_size``.
         self._sizes: dict[str, int] = {}
+        #: Transactions committed in a row at that size, per scope.
+        self._streaks: dict[str, int] = {}
 
     def chunk_size(self, handler: Handler) -> int:
         """How many records to put in the next transaction of ``handler``.
 
         ``batch_size``, until a transaction loses a lock conflict (a deadlock
         or serialization failure): then half the size that lost, so that the
-        next transactions hold fewer row locks for less time; each one that
-        commits at that size grows it again by an eighth, back to
-        ``batch_size`` (workers sharing hot rows would otherwise start every
-        batch at full size, lose again, and spend their time in deadlock
-        checks).
+        next transactions hold fewer row locks for less time. Every
+        :data:`GROW_AFTER` transactions committed in a row at that size grow
+        it by an eighth (at least one record), back to ``batch_size``; a
+        conflict meanwhile halves it again at once, without the retries at
+        the same size a first conflict gets (workers sharing hot rows would
+        otherwise start every batch at full size, lose again, and spend their
+        time waiting out deadlock checks).
         """
         return self._sizes.get(handler.scope, handler.batch_size)
 
     def _shrink(self, handler: Handler, lost: int) -> None:
         self._sizes[handler.scope] = max(1, min(self.chunk_size(handler), lost // 2))
+        self._streaks[handler.scope] = 0
 
     def _grow(self, handler: Handler, committed: int) -> None:
         size = self._sizes.get(handler.scope)
         if size is None or committed < size:
             return
+        streak = self._streaks[handler.scope] = self._streaks.get(handler.scope, 0) + 1
+        if streak < GROW_AFTER:
+            return
+        self._streaks[handler.scope] = 0
         size += max(1, size // 8)
         if size >= handler.batch_size:
             del self._sizes[handler.scope]
@@ -104,8 +116,10 @@ class Dedup:
             self._grow(handler, 1)
             return
         try:
+            # Already cut down by a conflict: another one halves it again at once.
+            retries = 0 if handler.scope in self._sizes else CONFLICT_RETRIES
             results = self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items),
-                                           retry_on=conflicts_allowed(CONFLICT_RETRIES))
+                                           retry_on=conflicts_allowed(retries))
         except TransientError as exc:
             if not _db.is_conflict(exc):
                 raise
