@@ -14,7 +14,7 @@ dedup store skips them. Stopping commits synchronously.
 from __future__ import annotations
 
 import queue
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from exactlyonce._kafka import TopicPartition
@@ -27,7 +27,9 @@ class Committer(Protocol):
 
     def commit(self, offsets: _Offsets) -> bool: ...  # pragma: no cover - a protocol
 
-    def commit_async(self, offsets: _Offsets, on_done: object = None) -> None: ...  # pragma: no cover
+    def commit_async(
+        self, offsets: _Offsets, on_done: Callable[[bool], None] | None = None
+    ) -> None: ...  # pragma: no cover - a protocol
 
 
 class Offsets:
