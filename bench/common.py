@@ -27,7 +27,7 @@ from examples.transfer.models import transfers
 ROOT = Path(__file__).resolve().parents[1]
 
 #: The PostgreSQL database the benchmark owns (created when missing).
-DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/exactlyonce_bench"
+DEFAULT_POSTGRES_URL = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/exactlyonce_bench"
 POSTGRES_URL_ENV = "BENCH_POSTGRES_URL"
 
 #: Huge balances: a transfer never overdraws, so every one is applied.

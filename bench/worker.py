@@ -145,7 +145,7 @@ class _ExactlyonceLog(logging.Handler):
             if self.on_assigned is not None:
                 callback, self.on_assigned = self.on_assigned, None
                 callback()
-        elif "transient failure" in text or "rewinding" in text:
+        elif "transient failure" in text or "rewinding" in text or "lost a lock conflict" in text:
             self.retries += 1
 
 

@@ -13,6 +13,8 @@ halves commit first, so each partition's order is kept.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from exactlyonce import ids
@@ -24,7 +26,6 @@ from exactlyonce.runtime.booking import Bookkeeper, fields, log_failure, log_ski
 from exactlyonce.runtime.calls import Calls
 from exactlyonce.runtime.deadletter import DeadLetters
 from exactlyonce.runtime.transient import (
-    CONFLICT_RETRIES,
     Transient,
     conflicts_allowed,
     is_handler_failure,
@@ -42,38 +43,53 @@ _Item = tuple[Message, str]
 
 #: Transactions committed in a row at a conflict-reduced size before it grows again.
 GROW_AFTER = 8
+#: A transaction that loses a lock conflict is retried, and followed, in
+#: pieces of this fraction of its size.
+SHRINK_BY = 8
+#: How long a lost size stays out of reach after its conflict: the size grows
+#: back only to below it until this much time has passed without a conflict.
+CEILING_S = 30.0
 
 
 class Dedup:
     """The path of handlers without ``sequence=``."""
 
-    def __init__(self, books: Bookkeeper, transient: Transient, dead_letters: DeadLetters, calls: Calls) -> None:
+    def __init__(self, books: Bookkeeper, transient: Transient, dead_letters: DeadLetters, calls: Calls,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._books = books
         self._transient = transient
         self._dead_letters = dead_letters
         self._calls = calls
+        self._clock = clock
         #: Records per transaction per scope, where a lock conflict made it less than ``batch_size``.
         self._sizes: dict[str, int] = {}
         #: Transactions committed in a row at that size, per scope.
         self._streaks: dict[str, int] = {}
+        #: Per scope, the smallest size that lost a conflict and when the last conflict was.
+        self._ceilings: dict[str, tuple[int, float]] = {}
 
     def chunk_size(self, handler: Handler) -> int:
         """How many records to put in the next transaction of ``handler``.
 
         ``batch_size``, until a transaction loses a lock conflict (a deadlock
-        or serialization failure): then half the size that lost, so that the
-        next transactions hold fewer row locks for less time. Every
-        :data:`GROW_AFTER` transactions committed in a row at that size grow
-        it by an eighth (at least one record), back to ``batch_size``; a
-        conflict meanwhile halves it again at once, without the retries at
-        the same size a first conflict gets (workers sharing hot rows would
-        otherwise start every batch at full size, lose again, and spend their
-        time waiting out deadlock checks).
+        or serialization failure): then an eighth of the size that lost
+        (:data:`SHRINK_BY`), at once and without retrying the same size, so
+        that the next transactions hold fewer row locks for less time. A
+        handler whose records lock rows in different orders deadlocks with
+        other workers at any size above one; each deadlock stalls every
+        worker queued on those rows until the database's deadlock check
+        (PostgreSQL's ``deadlock_timeout``, 1 s by default), so probing
+        upwards is what costs. Every :data:`GROW_AFTER` transactions committed
+        in a row grow the size by an eighth (at least one record), but only
+        to below the smallest size that lost, until :data:`CEILING_S` seconds
+        pass without a conflict; then back towards ``batch_size``.
         """
         return self._sizes.get(handler.scope, handler.batch_size)
 
     def _shrink(self, handler: Handler, lost: int) -> None:
-        self._sizes[handler.scope] = max(1, min(self.chunk_size(handler), lost // 2))
+        ceiling, _ = self._ceilings.get(handler.scope, (lost, 0.0))
+        self._ceilings[handler.scope] = (min(ceiling, lost), self._clock())
+        self._sizes[handler.scope] = max(1, min(self.chunk_size(handler), lost // SHRINK_BY))
         self._streaks[handler.scope] = 0
 
     def _grow(self, handler: Handler, committed: int) -> None:
@@ -84,7 +100,15 @@ class Dedup:
         if streak < GROW_AFTER:
             return
         self._streaks[handler.scope] = 0
-        size += max(1, size // 8)
+        limit = handler.batch_size
+        ceiling = self._ceilings.get(handler.scope)
+        if ceiling is not None:
+            lost, when = ceiling
+            if self._clock() - when < CEILING_S:
+                limit = min(limit, lost - 1)
+            else:
+                del self._ceilings[handler.scope]
+        size = min(size + max(1, size // 8), max(limit, size))
         if size >= handler.batch_size:
             del self._sizes[handler.scope]
         else:
@@ -116,10 +140,9 @@ class Dedup:
             self._grow(handler, 1)
             return
         try:
-            # Already cut down by a conflict: another one halves it again at once.
-            retries = 0 if handler.scope in self._sizes else CONFLICT_RETRIES
+            # A lock conflict is not retried at this size: see chunk_size.
             results = self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items),
-                                           retry_on=conflicts_allowed(retries))
+                                           retry_on=conflicts_allowed(0))
         except TransientError as exc:
             if not _db.is_conflict(exc):
                 raise

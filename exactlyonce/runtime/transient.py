@@ -122,10 +122,10 @@ class Transient:
         """Count and log a batch lost to a deadlock or serialization failure; wait a random moment.
 
         Retrying the same batch would meet the same rows in the same order
-        again; halves (down to single records) hold fewer locks for less
+        again; smaller transactions (down to single records) hold fewer locks for less
         time, and the random pause desynchronizes the workers that collided.
         """
         self._metrics.retry(scope, "transient")
-        log.warning("a batch of %d records of %s lost a lock conflict (%s); retrying it in halves",
+        log.warning("a batch of %d records of %s lost a lock conflict (%s); retrying it in smaller transactions",
                     size, scope, exc)
         self.sleep(random.uniform(0, CONFLICT_BACKOFF_S))

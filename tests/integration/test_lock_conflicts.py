@@ -265,7 +265,7 @@ def test_a_batch_that_keeps_deadlocking_is_retried_in_halves(
     scope = app.handlers[topic].scope
     retries = app.metrics.registry.get_sample_value("exactlyonce_retries_total", {"scope": scope, "kind": "transient"})
     assert retries and retries >= 2
-    assert any("retrying it in halves" in r.getMessage() for r in caplog.records)
+    assert any("retrying it in smaller transactions" in r.getMessage() for r in caplog.records)
     engine.dispose()
 
 
