@@ -5,7 +5,8 @@
 - (a) a raw kafka-python consumer JSON-decoding every record, no database;
   (a-nocrc) the same with ``crc32c`` blocked; (a-c) a raw confluent-kafka consumer;
 - (b) a hand-written loop: one transaction per record (dedup INSERT ... ON
-  CONFLICT DO NOTHING + the transfer), offsets committed per poll;
+  CONFLICT DO NOTHING + the transfer), offsets committed per poll; (b100) the
+  same loop, 100 records a transaction;
 - (c) exactlyonce, ordinary handler (the example's ``apply_transfer``), defaults;
 - (d) exactlyonce, batch handler, defaults, set-based statements; (d500) with
   ``batch_size=500``; (d0) the handler writing nothing; (d-c) on
@@ -214,14 +215,14 @@ class Bench:
     def two_phase(self, key: str, label: str, mode: str, db: str | None, topic: str, *,
                   handler: str | None = None, batch_size: int | None = None, latency: bool = True,
                   record: bool = True, no_crc32c: bool = False, kafka_client: str | None = None,
-                  profile: Path | None = None) -> dict[str, Any] | None:
+                  profile: Path | None = None, per_transaction: int | None = None) -> dict[str, Any] | None:
         """Run one variant (a second attempt after a failure); its row, or None when it failed twice.
 
         A variant the worker says cannot run here is recorded as *not available*
         (with the reason); one whose self-check fails is recorded as FAILED.
         """
         options = {"handler": handler, "batch_size": batch_size, "latency": latency, "no_crc32c": no_crc32c,
-                   "kafka_client": kafka_client, "profile": profile}
+                   "kafka_client": kafka_client, "profile": profile, "per_transaction": per_transaction}
         base = {"key": key, "label": label, "db": db, "batch_size": batch_size}
         for attempt in (1, 2):
             try:
@@ -262,7 +263,8 @@ class Bench:
             spec = self.spec(mode=mode, topic=topic, group=self.name(f"g-{key}"), messages=args.messages,
                              max_seconds=args.max_seconds, database_url=url, handler=options["handler"],
                              batch_size=options["batch_size"], accounts=args.accounts,
-                             kafka_client=options["kafka_client"], emit_first=options["profile"] is not None)
+                             kafka_client=options["kafka_client"], emit_first=options["profile"] is not None,
+                             per_transaction=options["per_transaction"])
             if options["latency"] and args.latency_messages:
                 spec["latency_topic"] = self.name(f"lat-{key}")
                 spec["latency_messages"] = args.latency_messages
@@ -328,6 +330,8 @@ class Bench:
                        latency=False)
         for db in self.databases():
             self.two_phase("b", "(b) hand-written loop, 1 txn/record", "naive", db, topic)
+            self.two_phase("b100", "(b100) as (b), 100 records/txn", "naive", db, topic, latency=False,
+                           per_transaction=100)
             self.two_phase("c", "(c) exactlyonce ordinary handler, defaults", "eo", db, topic, handler="message")
             self.two_phase("d", "(d) exactlyonce batch handler, defaults", "eo", db, topic, handler="batch")
             self.two_phase("d500", "(d500) as (d), batch_size=500", "eo", db, topic, handler="batch",
