@@ -83,6 +83,9 @@ def targets(results: dict[str, Any]) -> list[str]:
 
     if results.get("variants"):
         out.append(_target("1. batch handler, defaults, >= 0.5x raw kafka-python", ratios("d", None), 0.5))
+        out.append(_target("1'. the batch handler's statements alone, no Kafka, no exactlyonce / raw kafka-python "
+                           "(informational: a bound for 1 on one connection)", ratios("d-sql", None), 0.5,
+                           informational=True))
         out.append(_target("2. ordinary handler, defaults, >= 5x hand-written 1 txn/record",
                            ratios("c", "b"), 5.0))
         out.append(_target("2'. what batching commits alone gives the same statements: hand-written "
@@ -169,7 +172,9 @@ def render(results: dict[str, Any]) -> str:
                "`batch_size`); **(d)** exactlyonce with a batch handler (`batch=True`, default settings): one "
                "`executemany` of the 2 UPDATEs per transfer (in account order) and one multi-row INSERT; "
                "**(d500)** the same with `batch_size=500`; **(d0)** the same with a handler that writes nothing "
-               "(exactlyonce's own cost); **(d-c)** (d) with `kafka_client=\"confluent\"` and librdkafka-style "
+               "(exactlyonce's own cost); **(d-sql)** (d)'s statements alone, 500 records a transaction (a "
+               "multi-row dedup INSERT, the UPDATEs, the INSERT), on records read from Kafka beforehand: no Kafka "
+               "while timed and no exactlyonce; **(d-c)** (d) with `kafka_client=\"confluent\"` and librdkafka-style "
                "`consumer_config`; **(d-nocrc)** (d) with `crc32c` blocked. (a), (a-c) and (b) commit offsets "
                "after each poll, as exactlyonce does. (b), (c) and (d) use the same engine settings "
                "(`exactlyonce._db.create_engine`).")
@@ -224,6 +229,8 @@ def _variants(results: dict[str, Any]) -> list[str]:
                               ("d", None, "(d)/(a): batch handler, defaults / raw kafka-python"),
                               ("d500", None, "(d500)/(a): batch handler, batch_size=500 / raw kafka-python"),
                               ("d0", None, "(d0)/(a): batch handler writing nothing / raw kafka-python"),
+                              ("d-sql", None, "(d-sql)/(a): (d)'s statements alone / raw kafka-python"),
+                              ("d", "d-sql", "(d)/(d-sql): batch handler / its statements alone"),
                               ("d-c", None, "(d-c)/(a): batch handler on confluent-kafka / raw kafka-python"),
                               ("d", "c", "(d)/(c): batch handler / ordinary handler")):
         out.append(f"| {text} | " + " | ".join(

@@ -9,7 +9,9 @@
   same loop, 100 records a transaction;
 - (c) exactlyonce, ordinary handler (the example's ``apply_transfer``), defaults;
 - (d) exactlyonce, batch handler, defaults, set-based statements; (d500) with
-  ``batch_size=500``; (d0) the handler writing nothing; (d-c) on
+  ``batch_size=500``; (d0) the handler writing nothing; (d-sql) the same
+  statements alone, 500 records a transaction, from records read beforehand
+  (no Kafka while timed, no exactlyonce); (d-c) on
   ``kafka_client="confluent"``; (d-nocrc) with ``crc32c`` blocked;
 
 on PostgreSQL and SQLite (msgs/s, peak RSS, p50/p99 end-to-end latency; each
@@ -338,6 +340,8 @@ class Bench:
                            batch_size=500, latency=False)
             self.two_phase("d0", "(d0) as (d), the handler writing nothing (dedup only)", "eo", db, topic,
                            handler="dedup-only", latency=False)
+            self.two_phase("d-sql", "(d-sql) (d)'s statements alone, no Kafka, no exactlyonce", "sql", db, topic,
+                           latency=False)
             self.two_phase("d-c", '(d-c) as (d), kafka_client="confluent"', "eo", db, topic, handler="batch",
                            latency=False, kafka_client="confluent")
         if self.pg_url:

@@ -7,6 +7,8 @@ Modes (``spec["mode"]``):
 - ``naive``: a hand-written loop, one transaction per record (dedup INSERT ...
   ON CONFLICT DO NOTHING + the transfer), offsets committed per poll (b); with
   ``per_transaction``, that many records a transaction (b100);
+- ``sql``: the topic read first (not timed), then only the batch handler's
+  statements and a multi-row dedup INSERT, 500 records a transaction (d-sql);
 - ``eo``: an exactlyonce App, ordinary (``handler="message"``: c, c1) or batch
   (``handler="batch"``: d) handler, or a batch handler that writes nothing
   (``handler="dedup-only"``: d0, exactlyonce's own cost); ``batch_size`` None
@@ -356,7 +358,53 @@ def run_naive(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
         engine.dispose()
 
 
-RUNNERS = {"raw": run_raw, "raw-confluent": run_raw_confluent, "naive": run_naive, "eo": run_exactlyonce}
+def run_sql(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
+            on_ready: Callable[[], None] | None = None) -> None:
+    """(d-sql) The batch handler's statements alone: no Kafka while timed, no exactlyonce.
+
+    Reads and decodes the topic first (not timed: the tracker starts at the
+    first transaction), then applies it 500 records a transaction: a
+    multi-row dedup INSERT and :func:`~bench.common.apply_transfers_batch`,
+    as (d) does. Its rate is what one connection can do with those
+    statements on this machine, whatever runs around them.
+    """
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from bench.common import apply_transfers_batch, naive_dedup
+    from exactlyonce import _db
+
+    if on_ready is not None:
+        raise Unavailable("(d-sql) has no latency phase")
+    transfers: list[dict[str, Any]] = []
+    consumer = _consumer(spec, topic, group)
+    try:
+        idle_since = time.monotonic()
+        while len(transfers) < spec["messages"] and time.monotonic() - idle_since < 10:
+            batch = consumer.poll(timeout_ms=200)
+            for records in batch.values():
+                transfers.extend(json.loads(record.value) for record in records)
+                idle_since = time.monotonic()
+    finally:
+        consumer.close(autocommit=False)
+    engine = _db.create_engine(spec["database_url"])
+    try:
+        for start in range(0, len(transfers), 500):
+            if tracker.finished():
+                break
+            tracker.start()
+            chunk = transfers[start : start + 500]
+            with Session(engine) as session, session.begin():
+                session.execute(sa.insert(naive_dedup), [{"message_id": t["transfer_id"]} for t in chunk])
+                apply_transfers_batch(session, chunk)
+            tracker.pending.extend(t["sent_at"] for t in chunk)
+            tracker.done_now()
+    finally:
+        engine.dispose()
+
+
+RUNNERS = {"raw": run_raw, "raw-confluent": run_raw_confluent, "naive": run_naive, "sql": run_sql,
+           "eo": run_exactlyonce}
 
 
 # -- modes -------------------------------------------------------------------------
@@ -392,7 +440,7 @@ def self_check(spec: dict[str, Any], tracker: Tracker) -> dict[str, Any]:
     from bench.common import check_database
 
     return check_database(spec["database_url"], tracker.count, accounts=spec["accounts"],
-                          naive=spec["mode"] == "naive", writes=spec.get("handler") != "dedup-only")
+                          naive=spec["mode"] in ("naive", "sql"), writes=spec.get("handler") != "dedup-only")
 
 
 def scale(spec: dict[str, Any]) -> None:
