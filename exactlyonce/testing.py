@@ -906,9 +906,13 @@ class TestApp:
         finally:
             self.cluster.before_poll = None
         outcomes: list[Outcome] = []
+        decided: dict[Origin, Outcome] = {}
+        for decision in booked:
+            if decision.outcome in _DECIDING:
+                decided.setdefault(decision.origin, decision.outcome)
         for record in pending:
             where = Origin(record.topic, record.partition, record.offset)
-            outcome = next((d.outcome for d in booked if d.origin == where and d.outcome in _DECIDING), None)
+            outcome = decided.get(where)
             if outcome is None:
                 raise TransientError(
                     f"{where} was not decided: the runtime rewound it {rewinds} time(s) after transient failures "
