@@ -171,7 +171,8 @@ def render(results: dict[str, Any]) -> str:
                "exactlyonce running the same `apply_transfer` as an ordinary handler with default settings (no "
                "`batch_size`); **(d)** exactlyonce with a batch handler (`batch=True`, default settings): one "
                "`executemany` of the 2 UPDATEs per transfer (in account order) and one multi-row INSERT; "
-               "**(d500)** the same with `batch_size=500`; **(d0)** the same with a handler that writes nothing "
+               "**(d100)** the same with `batch_size=100` (the default before 2026-12-02); **(d0)** the same "
+               "with a handler that writes nothing "
                "(exactlyonce's own cost); **(d-sql)** (d)'s statements alone, 500 records a transaction (a "
                "multi-row dedup INSERT, the UPDATEs, the INSERT), on records read from Kafka beforehand: no Kafka "
                "while timed and no exactlyonce; **(d-c)** (d) with `kafka_client=\"confluent\"` and librdkafka-style "
@@ -227,7 +228,7 @@ def _variants(results: dict[str, Any]) -> list[str]:
                               ("b100", "b", "(b100)/(b): hand-written loop, 100 records/txn / 1 txn/record"),
                               ("c", "b100", "(c)/(b100): ordinary handler / hand-written loop, 100 records/txn"),
                               ("d", None, "(d)/(a): batch handler, defaults / raw kafka-python"),
-                              ("d500", None, "(d500)/(a): batch handler, batch_size=500 / raw kafka-python"),
+                              ("d100", None, "(d100)/(a): batch handler, batch_size=100 / raw kafka-python"),
                               ("d0", None, "(d0)/(a): batch handler writing nothing / raw kafka-python"),
                               ("d-sql", None, "(d-sql)/(a): (d)'s statements alone / raw kafka-python"),
                               ("d", "d-sql", "(d)/(d-sql): batch handler / its statements alone"),

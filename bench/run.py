@@ -8,8 +8,8 @@
   CONFLICT DO NOTHING + the transfer), offsets committed per poll; (b100) the
   same loop, 100 records a transaction;
 - (c) exactlyonce, ordinary handler (the example's ``apply_transfer``), defaults;
-- (d) exactlyonce, batch handler, defaults, set-based statements; (d500) with
-  ``batch_size=500``; (d0) the handler writing nothing; (d-sql) the same
+- (d) exactlyonce, batch handler, defaults, set-based statements; (d100) with
+  ``batch_size=100``; (d0) the handler writing nothing; (d-sql) the same
   statements alone, 500 records a transaction, from records read beforehand
   (no Kafka while timed, no exactlyonce); (d-c) on
   ``kafka_client="confluent"``; (d-nocrc) with ``crc32c`` blocked;
@@ -336,8 +336,8 @@ class Bench:
                            per_transaction=100)
             self.two_phase("c", "(c) exactlyonce ordinary handler, defaults", "eo", db, topic, handler="message")
             self.two_phase("d", "(d) exactlyonce batch handler, defaults", "eo", db, topic, handler="batch")
-            self.two_phase("d500", "(d500) as (d), batch_size=500", "eo", db, topic, handler="batch",
-                           batch_size=500, latency=False)
+            self.two_phase("d100", "(d100) as (d), batch_size=100", "eo", db, topic, handler="batch",
+                           batch_size=100, latency=False)
             self.two_phase("d0", "(d0) as (d), the handler writing nothing (dedup only)", "eo", db, topic,
                            handler="dedup-only", latency=False)
             self.two_phase("d-sql", "(d-sql) (d)'s statements alone, no Kafka, no exactlyonce", "sql", db, topic,
