@@ -906,13 +906,13 @@ class TestApp:
         finally:
             self.cluster.before_poll = None
         outcomes: list[Outcome] = []
-        decided: dict[Origin, Outcome] = {}
+        first_outcome: dict[Origin, Outcome] = {}
         for decision in booked:
             if decision.outcome in _DECIDING:
-                decided.setdefault(decision.origin, decision.outcome)
+                first_outcome.setdefault(decision.origin, decision.outcome)
         for record in pending:
             where = Origin(record.topic, record.partition, record.offset)
-            outcome = decided.get(where)
+            outcome = first_outcome.get(where)
             if outcome is None:
                 raise TransientError(
                     f"{where} was not decided: the runtime rewound it {rewinds} time(s) after transient failures "

@@ -59,7 +59,8 @@ def _theirs(tp: TopicPartition) -> Any:
     return _KafkaTopicPartition(tp.topic, tp.partition)
 
 
-def _ours(partitions: Iterable[Any]) -> set[TopicPartition]:
+def partitions_of(partitions: Iterable[Any]) -> set[TopicPartition]:
+    """Any client's topic-partitions (``.topic``, ``.partition``) as this seam's."""
     return {TopicPartition(tp.topic, tp.partition) for tp in partitions}
 
 
@@ -114,10 +115,10 @@ class Consumer:
         # exception escaping them would surface from poll().
         class _Listener(kafka.ConsumerRebalanceListener):  # type: ignore[misc]
             def on_partitions_revoked(self, revoked: set[Any]) -> None:
-                consumer._call_safely(on_revoked, _ours(revoked), False)
+                consumer._call_safely(on_revoked, partitions_of(revoked), False)
 
             def on_partitions_lost(self, lost: set[Any]) -> None:
-                consumer._call_safely(on_revoked, _ours(lost), True)
+                consumer._call_safely(on_revoked, partitions_of(lost), True)
 
             def on_partitions_assigned(self, assigned: set[Any]) -> None:
                 log.info("assigned partitions: %s", _fmt(assigned))
@@ -150,7 +151,7 @@ class Consumer:
 
     def assignment(self) -> set[TopicPartition]:
         """The partitions this member owns now."""
-        return _ours(self._consumer.assignment())
+        return partitions_of(self._consumer.assignment())
 
     def highwater(self, partition: TopicPartition) -> int | None:
         """The partition's end offset as of the last fetch (no network call), if known."""

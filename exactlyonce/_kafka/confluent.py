@@ -19,7 +19,7 @@ from typing import Any
 import confluent_kafka
 from confluent_kafka import KafkaError, KafkaException
 
-from exactlyonce._kafka.clients import TopicPartition
+from exactlyonce._kafka.clients import TopicPartition, partitions_of
 from exactlyonce.errors import ConfigurationError, TransientError
 from exactlyonce.message import Message
 
@@ -149,10 +149,6 @@ def _theirs(offsets: Mapping[TopicPartition, int]) -> list[Any]:
     return [confluent_kafka.TopicPartition(tp.topic, tp.partition, offset) for tp, offset in offsets.items()]
 
 
-def _ours(partitions: Iterable[Any]) -> set[TopicPartition]:
-    return {TopicPartition(tp.topic, tp.partition) for tp in partitions}
-
-
 def _failure(error: Any, doing: str) -> Exception:
     """The exactlyonce exception for a librdkafka error met while ``doing`` something."""
     text = f"{doing}: {error.str()} ({error.name()})"
@@ -234,13 +230,13 @@ class ConfluentConsumer:
         log.log(logging.DEBUG if repeated else logging.WARNING, "kafka client: %s (%s)", error.str(), error.name())
 
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:
-        log.info("assigned partitions: %s", _fmt(_ours(partitions)))
+        log.info("assigned partitions: %s", _fmt(partitions_of(partitions)))
 
     def _revoked(self, consumer: Any, partitions: list[Any]) -> None:
-        self._call_safely(_ours(partitions), False)
+        self._call_safely(partitions_of(partitions), False)
 
     def _lost(self, consumer: Any, partitions: list[Any]) -> None:
-        self._call_safely(_ours(partitions), True)
+        self._call_safely(partitions_of(partitions), True)
 
     def _call_safely(self, partitions: set[TopicPartition], lost: bool) -> None:
         try:
@@ -284,7 +280,7 @@ class ConfluentConsumer:
 
     def assignment(self) -> set[TopicPartition]:
         """The partitions this member owns now."""
-        return _ours(self._consumer.assignment())
+        return partitions_of(self._consumer.assignment())
 
     def highwater(self, partition: TopicPartition) -> int | None:
         """The partition's end offset as of the last fetch (no network call), if known."""
@@ -329,7 +325,7 @@ class ConfluentConsumer:
         failed = [tp for tp in results or () if tp.error is not None]
         if failed:
             log.warning("offset commit failed for %s (%s); records will be redelivered and skipped as duplicates",
-                        _fmt(_ours(failed)), _text(failed[0].error))
+                        _fmt(partitions_of(failed)), _text(failed[0].error))
             return False
         return True
 

@@ -5,7 +5,7 @@ back the whole transaction, so the whole transaction must be retried, never
 continued (issue 11, item 3).
 
 Workers whose batches update the same few rows in random order: a batch lost
-to a deadlock is retried in halves, so the group keeps making progress
+to a deadlock is retried in smaller transactions, so the group keeps making progress
 (item 8).
 
 A row lock held by a transaction that never ends: a claim waiting for it
