@@ -120,10 +120,14 @@ def test_offsets_are_committed_only_after_the_database_commit(bootstrap_servers:
 
 @pytest.mark.timeout(180)
 def test_crash_between_db_commit_and_offset_commit_redelivers_and_skips(
-    bootstrap_servers: str, database_url: str, tmp_path: Path
+    bootstrap_servers: str, database_url: str, tmp_path: Path, handler_kind: str
 ) -> None:
-    """A worker killed after its database commit, before its offset commit: the next one skips the record."""
-    check_crash_redelivery(bootstrap_servers, database_url, tmp_path, "sync", kafka_client=CLIENT)
+    """A worker killed after its database commit, before its offset commit: the next one skips the record.
+
+    With a ``def`` and an ``async def`` handler: the worker's event loop and
+    librdkafka's own threads together.
+    """
+    check_crash_redelivery(bootstrap_servers, database_url, tmp_path, handler_kind, kafka_client=CLIENT)
 
 
 @pytest.mark.timeout(180)
