@@ -12,6 +12,7 @@ extra): it is imported only when that client is selected.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -217,7 +218,18 @@ class ConfluentConsumer:
                 error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
                 if error is not None and (error.fatal() or error.code() in _REFUSED_CODES):
                     raise _failure(error, "could not read topic metadata") from exc
-                seen = f"; the client reported: {self._last_error.str()}" if self._last_error is not None else ""
+                with contextlib.suppress(KafkaException, RuntimeError):
+                    # Serve the client's queued error reports (error_cb runs inside poll()): the
+                    # reason no broker answered, such as a TLS handshake failure.
+                    self._consumer.poll(0)
+                last = self._last_error
+                if last is not None and last.code() in _REFUSED_CODES:
+                    # A TLS handshake or a login the broker refused: retrying cannot fix the settings.
+                    raise ConfigurationError(
+                        f"no broker of {bootstrap_servers} could be reached: {last.str()} ({last.name()}); "
+                        "check the TLS/SASL settings in consumer_config (librdkafka's names: "
+                        "security.protocol, ssl.ca.location, sasl.mechanisms, ...)") from exc
+                seen = f"; the client reported: {last.str()}" if last is not None else ""
                 raise TransientError(f"no broker of {bootstrap_servers} answered within "
                                      f"{METADATA_TIMEOUT_S:.0f} s ({_text(exc)}){seen}") from exc
 

@@ -86,13 +86,16 @@ class Scenario:
 
 
 def effectively_once(address: str, config: Config, database_url: str,
-                     signing_key: tuple[str, bytes], prefix: str) -> Scenario:
+                     signing_key: tuple[str, bytes], prefix: str, *,
+                     consumer_config: Config | None = None, kafka_client: str = "kafka-python") -> Scenario:
     """Producer -> App (handler, duplicate, dead letter, outbox relay), every client with ``config``.
 
     A signed Producer sends t-1, t-2, t-1 again (a lost acknowledgement),
     poison and t-3; the App applies three, skips the duplicate, dead-letters
     poison, and its outbox relay publishes (and signs) one record per applied
     message. The database must hold nothing but this scenario's tables.
+    ``kafka_client="confluent"``: the worker's consumer on confluent-kafka,
+    with ``consumer_config`` (librdkafka's names) instead of ``config``.
     """
     engine = engine_for(database_url)
     migrate.upgrade(engine)
@@ -108,7 +111,8 @@ def effectively_once(address: str, config: Config, database_url: str,
             producer.flush()
 
     app = App(unique(f"{prefix}-group"), bootstrap_servers=address, database_url=database_url,
-              consumer_config={**CONSUMER_CONFIG, **config}, producer_config=dict(config),
+              consumer_config=dict(consumer_config) if consumer_config is not None else {**CONSUMER_CONFIG, **config},
+              producer_config=dict(config), kafka_client=kafka_client,
               signing_keys=dict([signing_key]), signing_key=signing_key)
 
     @app.handler(topic)

@@ -10,6 +10,7 @@ that does not trust the CA cannot connect at all.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import ssl
 import sys
 from collections.abc import Iterator
@@ -29,7 +30,16 @@ from tests.services.brokers import BrokerUnavailable, private_broker
 from tests.tlsproxy import TlsProxy
 
 from . import secured
-from .helpers import CONSUMER_CONFIG, create_effects, effect_counts, engine_for, process, unique, wait_until
+from .helpers import (
+    CONFLUENT_CONSUMER_CONFIG,
+    CONSUMER_CONFIG,
+    create_effects,
+    effect_counts,
+    engine_for,
+    process,
+    unique,
+    wait_until,
+)
 
 SIGNING_KEY = ("tls", b"tls-test-secret-0123456789")
 # Fail fast: kafka-python waits bootstrap_timeout_ms (30 s by default) before
@@ -84,6 +94,46 @@ def test_effectively_once_over_verified_tls(tls_broker: TlsBroker, postgres_url:
     # Everything went through the TLS proxy, and every handshake there succeeded.
     assert tls_broker.proxy.connections > handshakes_before
     assert tls_broker.proxy.refused == refused_before
+
+
+def test_effectively_once_over_verified_tls_with_the_confluent_client(tls_broker: TlsBroker, postgres_url: str) -> None:
+    """The same with the worker's consumer on confluent-kafka: librdkafka's TLS settings, verified."""
+    from tests.conftest import drop_all_tables
+
+    if importlib.util.find_spec("confluent_kafka") is None:
+        unavailable("confluent-kafka is not installed (pip install 'exactlyonce[confluent]')")
+    drop_all_tables(postgres_url)
+    handshakes_before, refused_before = tls_broker.proxy.connections, tls_broker.proxy.refused
+    librdkafka = {**CONFLUENT_CONSUMER_CONFIG, "security.protocol": "SSL", "ssl.ca.location": tls_broker.cafile,
+                  "ssl.endpoint.identification.algorithm": "https"}
+    secured.effectively_once(tls_broker.address, tls_broker.config, postgres_url, SIGNING_KEY, "tls-c",
+                             consumer_config=librdkafka, kafka_client="confluent")
+    assert tls_broker.proxy.connections > handshakes_before
+    assert tls_broker.proxy.refused == refused_before
+
+
+def test_the_confluent_client_that_does_not_trust_the_certificate_does_not_consume(
+    tls_broker: TlsBroker, tmp_path: Path
+) -> None:
+    """librdkafka trusting another CA: the worker stops at once with the certificate error, nothing consumed."""
+    if importlib.util.find_spec("confluent_kafka") is None:
+        unavailable("confluent-kafka is not installed (pip install 'exactlyonce[confluent]')")
+    refused_before = tls_broker.proxy.refused
+    app = App(unique("tls-c-group"), bootstrap_servers=tls_broker.address,
+              database_url=f"sqlite:///{tmp_path / 'app.db'}", kafka_client="confluent",
+              consumer_config={**CONFLUENT_CONSUMER_CONFIG, "security.protocol": "SSL",
+                               "ssl.ca.location": tls_broker.other_cafile},
+              outbox=False)
+
+    @app.handler(unique("tls-c-untrusted"))
+    def handle(message: Message, session: Session) -> None:
+        raise AssertionError("nothing can be consumed")
+
+    migrate.upgrade(app.engine)
+    with pytest.raises(ConfigurationError, match=r"certificate verify failed.*ssl\.ca\.location"):
+        app.run(install_signal_handlers=False)
+    assert tls_broker.proxy.refused > refused_before, "the proxy saw the refused handshakes"
+    app.engine.dispose()
 
 
 # The clear errors below need the bootstrap diagnosis in exactlyonce/_kafka/diagnosis.py
