@@ -9,7 +9,8 @@ duplicate and dead-letters a bad record (its dead-letter producer and outbox
 relay configured through ``producer_config``), the standalone ``relay`` and
 ``status`` commands with ``--kafka-config``, and the clear errors for a
 client that does not trust the CA, a wrong password, a mechanism the broker
-does not enable and a client that does not speak SASL.
+does not enable and a client that does not speak SASL. The App's scenario
+and the wrong password run with the confluent client too.
 
 Apache Kafka only: tansu has no TLS or SASL listener.
 """
@@ -32,7 +33,7 @@ from tests.conftest import drop_all_tables, unavailable
 from tests.services.brokers import private_kind
 
 from . import secured
-from .helpers import CONSUMER_CONFIG, unique
+from .helpers import CONFLUENT_CONSUMER_CONFIG, CONSUMER_CONFIG, unique
 
 SIGNING_KEY = ("kafka-security", b"kafka-security-secret-0123456789")
 USER, PASSWORD = "alice", "alice-secret"
@@ -168,6 +169,29 @@ def test_scram_sha_256(broker: SecuredBroker) -> None:
     assert dict(record.headers)["message-id"] == b"scram-1"
 
 
+#: kafka-python's names for the settings above, and librdkafka's (``kafka_client="confluent"``).
+_LIBRDKAFKA_NAMES = {"security_protocol": "security.protocol", "ssl_cafile": "ssl.ca.location",
+                     "sasl_mechanism": "sasl.mechanisms", "sasl_plain_username": "sasl.username",
+                     "sasl_plain_password": "sasl.password"}
+
+
+def librdkafka(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` for the confluent client's consumer_config, host names verified as with kafka-python."""
+    settings = {_LIBRDKAFKA_NAMES[key]: value for key, value in config.items() if key in _LIBRDKAFKA_NAMES}
+    if "ssl.ca.location" in settings:
+        settings["ssl.endpoint.identification.algorithm"] = "https"
+    return {**CONFLUENT_CONSUMER_CONFIG, **settings}
+
+
+@modes(*ALL_MODES)
+def test_the_confluent_client_applies_once(broker: SecuredBroker, postgres_url: str) -> None:
+    """The same scenario with the worker's consumer on confluent-kafka, configured in librdkafka's names."""
+    drop_all_tables(postgres_url)
+    secured.effectively_once(broker.address, broker.config, postgres_url, SIGNING_KEY,
+                             "c-" + broker.protocol.lower().replace("_", "-"),
+                             consumer_config=librdkafka(broker.config), kafka_client="confluent")
+
+
 # -- clear errors ---------------------------------------------------------------
 
 
@@ -201,6 +225,24 @@ def test_an_app_with_a_wrong_password_fails_clearly(broker: SecuredBroker, tmp_p
     migrate.upgrade(app.engine)
     with pytest.raises(ConfigurationError, match=r"SASL authentication failed .*Check consumer_config"):
         app.run(install_signal_handlers=False)
+    app.engine.dispose()
+
+
+@modes(*SASL_MODES)
+def test_the_confluent_client_with_a_wrong_password_fails_clearly(broker: SecuredBroker, tmp_path: Path) -> None:
+    """The confluent client refused by the broker: a ConfigurationError at start quoting librdkafka, no password."""
+    app = App(unique("sasl-c-group"), bootstrap_servers=broker.address,
+              database_url=f"sqlite:///{tmp_path / 'app.db'}", kafka_client="confluent",
+              consumer_config=librdkafka(broker.with_(sasl_plain_password=WRONG_PASSWORD)), outbox=False)
+
+    @app.handler(unique("sasl-c-refused"))
+    def handle(message: Message, session: Session) -> None:
+        raise AssertionError("nothing can be consumed")
+
+    migrate.upgrade(app.engine)
+    with pytest.raises(ConfigurationError, match=r"Authentication failed.*consumer_config") as caught:
+        app.run(install_signal_handlers=False)
+    assert WRONG_PASSWORD not in str(caught.value)
     app.engine.dispose()
 
 
