@@ -15,12 +15,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from sqlalchemy.orm import Session
 
-from exactlyonce import App, DeadLetter, Message, Producer, migrate, publish
+from exactlyonce import App, ConfigurationError, DeadLetter, Message, Producer, migrate, publish
 from exactlyonce.signing import verify
 
 from .helpers import (
@@ -195,3 +196,21 @@ def status_command(address: str, config: Config, scenario: Scenario) -> dict[str
     assert result.returncode == 0, result.stderr
     data: dict[str, Any] = json.loads(result.stdout)
     return data
+
+
+def refused_at_start(address: str, database_url: str, match: str, **app_settings: Any) -> ConfigurationError:
+    """An App with ``app_settings`` the broker refuses: ``run()`` raises a ConfigurationError matching ``match``."""
+    app = App(unique("refused-group"), bootstrap_servers=address, database_url=database_url, outbox=False,
+              **app_settings)
+
+    @app.handler(unique("refused"))
+    def handle(message: Message, session: Session) -> None:
+        raise AssertionError("nothing can be consumed")
+
+    migrate.upgrade(app.engine)
+    try:
+        with pytest.raises(ConfigurationError, match=match) as caught:
+            app.run(install_signal_handlers=False)
+    finally:
+        app.engine.dispose()
+    return caught.value

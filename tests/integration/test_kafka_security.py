@@ -26,9 +26,8 @@ from typing import Any
 import pytest
 import trustme
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy.orm import Session
 
-from exactlyonce import App, ConfigurationError, Message, Producer, migrate
+from exactlyonce import ConfigurationError, Producer
 from tests.conftest import drop_all_tables, unavailable
 from tests.services.brokers import private_kind
 
@@ -214,36 +213,18 @@ def test_a_wrong_password_fails_clearly(broker: SecuredBroker, mechanism: str) -
 def test_an_app_with_a_wrong_password_fails_clearly(broker: SecuredBroker, tmp_path: Path) -> None:
     """App.run() whose consumer_config has a wrong password stops with the authentication error."""
     refused = broker.with_(sasl_plain_password=WRONG_PASSWORD, **FAST_FAIL)
-    app = App(unique("sasl-group"), bootstrap_servers=broker.address,
-              database_url=f"sqlite:///{tmp_path / 'app.db'}", consumer_config={**CONSUMER_CONFIG, **refused},
-              producer_config=refused, outbox=False)
-
-    @app.handler(unique("sasl-refused"))
-    def handle(message: Message, session: Session) -> None:
-        raise AssertionError("nothing can be consumed")
-
-    migrate.upgrade(app.engine)
-    with pytest.raises(ConfigurationError, match=r"SASL authentication failed .*Check consumer_config"):
-        app.run(install_signal_handlers=False)
-    app.engine.dispose()
+    secured.refused_at_start(broker.address, f"sqlite:///{tmp_path / 'app.db'}",
+                             r"SASL authentication failed .*Check consumer_config",
+                             consumer_config={**CONSUMER_CONFIG, **refused}, producer_config=refused)
 
 
 @modes(*SASL_MODES)
 def test_the_confluent_client_with_a_wrong_password_fails_clearly(broker: SecuredBroker, tmp_path: Path) -> None:
     """The confluent client refused by the broker: a ConfigurationError at start quoting librdkafka, no password."""
-    app = App(unique("sasl-c-group"), bootstrap_servers=broker.address,
-              database_url=f"sqlite:///{tmp_path / 'app.db'}", kafka_client="confluent",
-              consumer_config=librdkafka(broker.with_(sasl_plain_password=WRONG_PASSWORD)), outbox=False)
-
-    @app.handler(unique("sasl-c-refused"))
-    def handle(message: Message, session: Session) -> None:
-        raise AssertionError("nothing can be consumed")
-
-    migrate.upgrade(app.engine)
-    with pytest.raises(ConfigurationError, match=r"Authentication failed.*consumer_config") as caught:
-        app.run(install_signal_handlers=False)
-    assert WRONG_PASSWORD not in str(caught.value)
-    app.engine.dispose()
+    error = secured.refused_at_start(broker.address, f"sqlite:///{tmp_path / 'app.db'}",
+                                     r"Authentication failed.*consumer_config", kafka_client="confluent",
+                                     consumer_config=librdkafka(broker.with_(sasl_plain_password=WRONG_PASSWORD)))
+    assert WRONG_PASSWORD not in str(error)
 
 
 @modes(*SASL_MODES)

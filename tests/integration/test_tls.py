@@ -20,9 +20,8 @@ from typing import Any
 
 import pytest
 import trustme
-from sqlalchemy.orm import Session
 
-from exactlyonce import App, ConfigurationError, Message, Producer, migrate
+from exactlyonce import ConfigurationError, Producer, migrate
 from exactlyonce.embedded import free_port
 from exactlyonce.errors import TransientError
 from tests.conftest import unavailable
@@ -119,21 +118,11 @@ def test_the_confluent_client_that_does_not_trust_the_certificate_does_not_consu
     if importlib.util.find_spec("confluent_kafka") is None:
         unavailable("confluent-kafka is not installed (pip install 'exactlyonce[confluent]')")
     refused_before = tls_broker.proxy.refused
-    app = App(unique("tls-c-group"), bootstrap_servers=tls_broker.address,
-              database_url=f"sqlite:///{tmp_path / 'app.db'}", kafka_client="confluent",
-              consumer_config={**CONFLUENT_CONSUMER_CONFIG, "security.protocol": "SSL",
-                               "ssl.ca.location": tls_broker.other_cafile},
-              outbox=False)
-
-    @app.handler(unique("tls-c-untrusted"))
-    def handle(message: Message, session: Session) -> None:
-        raise AssertionError("nothing can be consumed")
-
-    migrate.upgrade(app.engine)
-    with pytest.raises(ConfigurationError, match=r"certificate verify failed.*ssl\.ca\.location"):
-        app.run(install_signal_handlers=False)
+    secured.refused_at_start(
+        tls_broker.address, f"sqlite:///{tmp_path / 'app.db'}", r"certificate verify failed.*ssl\.ca\.location",
+        kafka_client="confluent", consumer_config={**CONFLUENT_CONSUMER_CONFIG, "security.protocol": "SSL",
+                                                   "ssl.ca.location": tls_broker.other_cafile})
     assert tls_broker.proxy.refused > refused_before, "the proxy saw the refused handshakes"
-    app.engine.dispose()
 
 
 # The clear errors below need the bootstrap diagnosis in exactlyonce/_kafka/diagnosis.py
@@ -165,20 +154,10 @@ def test_a_certificate_for_another_host_name_fails_clearly(tls_broker: TlsBroker
 
 def test_an_app_that_does_not_trust_the_certificate_fails_clearly(tls_broker: TlsBroker, tmp_path: Path) -> None:
     """App.run() with a consumer_config trusting another CA stops with the certificate error."""
-    topic = unique("tls-untrusted")
     untrusted = {"security_protocol": "SSL", "ssl_cafile": tls_broker.other_cafile, **FAST_FAIL}
-    app = App(unique("tls-group"), bootstrap_servers=tls_broker.address,
-              database_url=f"sqlite:///{tmp_path / 'app.db'}", consumer_config={**CONSUMER_CONFIG, **untrusted},
-              producer_config=untrusted, outbox=False)
-
-    @app.handler(topic)
-    def handle(message: Message, session: Session) -> None:
-        raise AssertionError("nothing can be consumed")
-
-    migrate.upgrade(app.engine)
-    with pytest.raises(ConfigurationError, match=r"TLS certificate verification failed .*consumer_config"):
-        app.run(install_signal_handlers=False)
-    app.engine.dispose()
+    secured.refused_at_start(tls_broker.address, f"sqlite:///{tmp_path / 'app.db'}",
+                             r"TLS certificate verification failed .*consumer_config",
+                             consumer_config={**CONSUMER_CONFIG, **untrusted}, producer_config=untrusted)
 
 
 def test_a_plaintext_client_on_the_tls_listener_gets_a_hint(tls_broker: TlsBroker) -> None:
