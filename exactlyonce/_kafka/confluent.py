@@ -174,6 +174,9 @@ class ConfluentConsumer:
         self._on_revoked = on_revoked
         #: The client's last error report (a broker down, a TLS failure), for the bootstrap error's message.
         self._last_error: Any = None
+        #: The last report of a refusal (a TLS handshake, a login), and how many of its kind came in a row.
+        self._refusal: Any = None
+        self._refusals = 0
         #: An error met with records in the same poll: raised by the next poll, after those records.
         self._deferred: Exception | None = None
         #: Asynchronous commits sent and not answered: what each committed, and whom to tell.
@@ -222,13 +225,15 @@ class ConfluentConsumer:
                     # Serve the client's queued error reports (error_cb runs inside poll()): the
                     # reason no broker answered, such as a TLS handshake failure.
                     self._consumer.poll(0)
-                last = self._last_error
-                if last is not None and last.code() in _REFUSED_CODES:
-                    # A TLS handshake or a login the broker refused: retrying cannot fix the settings.
+                refusal = self._refusal
+                if refusal is not None and self._refusals >= 2:
+                    # The broker refused the TLS handshake or the login again and again:
+                    # retrying cannot fix the settings. (Once only may be a broker still starting.)
                     raise ConfigurationError(
-                        f"no broker of {bootstrap_servers} could be reached: {last.str()} ({last.name()}); "
+                        f"no broker of {bootstrap_servers} could be reached: {refusal.str()} ({refusal.name()}); "
                         "check the TLS/SASL settings in consumer_config (librdkafka's names: "
                         "security.protocol, ssl.ca.location, sasl.mechanisms, ...)") from exc
+                last = refusal if refusal is not None else self._last_error
                 seen = f"; the client reported: {last.str()}" if last is not None else ""
                 raise TransientError(f"no broker of {bootstrap_servers} answered within "
                                      f"{METADATA_TIMEOUT_S:.0f} s ({_text(exc)}){seen}") from exc
@@ -239,6 +244,11 @@ class ConfluentConsumer:
         # librdkafka reports each failed reconnection: warn once per distinct error in a row.
         repeated = self._last_error is not None and self._last_error.str() == error.str()
         self._last_error = error
+        if error.code() in _REFUSED_CODES:
+            # (By code: the text varies, "after 1ms in state SSL_HANDSHAKE" and the like.)
+            same = self._refusal is not None and self._refusal.code() == error.code()
+            self._refusals = self._refusals + 1 if same else 1
+            self._refusal = error
         log.log(logging.DEBUG if repeated else logging.WARNING, "kafka client: %s (%s)", error.str(), error.name())
 
     def _assigned(self, consumer: Any, partitions: list[Any]) -> None:

@@ -71,25 +71,31 @@ class Dedup:
     def chunk_size(self, handler: Handler) -> int:
         """How many records to put in the next transaction of ``handler``.
 
-        ``batch_size``, until a transaction loses a lock conflict (a deadlock
-        or serialization failure): then an eighth of the size that lost
-        (:data:`SHRINK_BY`), at once and without retrying the same size, so
-        that the next transactions hold fewer row locks for less time. A
-        handler whose records lock rows in different orders deadlocks with
-        other workers at any size above one; each deadlock stalls every
-        worker queued on those rows until the database's deadlock check
-        (PostgreSQL's ``deadlock_timeout``, 1 s by default), so probing
-        upwards is what costs. Every :data:`GROW_AFTER` transactions committed
-        in a row grow the size by an eighth (at least one record), but only
-        to below the smallest size that lost, until :data:`CEILING_S` seconds
-        pass without a conflict; then back towards ``batch_size``.
+        ``batch_size``, until a transaction of several records loses a lock
+        conflict (a deadlock or serialization failure): then an eighth
+        (:data:`SHRINK_BY`) of the size in force, at once and without
+        retrying the same size, so that the next transactions hold fewer row
+        locks for less time. (The size in force, not the lost transaction's
+        length: a poll's last few records that lose a chance conflict do not
+        cut a large batch size down to one.) A handler whose records lock
+        rows in different orders deadlocks with other workers at any size
+        above one; each deadlock stalls every worker queued on those rows
+        until the database's deadlock check (PostgreSQL's
+        ``deadlock_timeout``, 1 s by default), so probing upwards is what
+        costs. Every :data:`GROW_AFTER` transactions committed in a row at
+        the reduced size grow it by an eighth (at least one record), but only
+        to below the smallest size in force that lost, until
+        :data:`CEILING_S` seconds pass without another multi-record
+        transaction losing; then back towards ``batch_size``.
         """
         return self._sizes.get(handler.scope, handler.batch_size)
 
-    def _shrink(self, handler: Handler, lost: int) -> None:
-        ceiling, _ = self._ceilings.get(handler.scope, (lost, 0.0))
-        self._ceilings[handler.scope] = (min(ceiling, lost), self._clock())
-        self._sizes[handler.scope] = max(1, min(self.chunk_size(handler), lost // SHRINK_BY))
+    def _shrink(self, handler: Handler) -> None:
+        """A transaction of several records lost a lock conflict at the size in force."""
+        size = self.chunk_size(handler)
+        ceiling, _ = self._ceilings.get(handler.scope, (size, 0.0))
+        self._ceilings[handler.scope] = (min(ceiling, size), self._clock())
+        self._sizes[handler.scope] = max(1, size // SHRINK_BY)
         self._streaks[handler.scope] = 0
 
     def _grow(self, handler: Handler, committed: int) -> None:
@@ -147,7 +153,7 @@ class Dedup:
             if not _db.is_conflict(exc):
                 raise
             self._transient.back_off_conflict(handler.scope, len(items), exc)
-            self._shrink(handler, len(items))
+            self._shrink(handler)
             self._in_pieces(handler, items)
             return
         except Exception as exc:

@@ -27,10 +27,12 @@ log = logging.getLogger("exactlyonce")
 
 T = TypeVar("T")
 
-#: The longest pause (a random share of it) before the halves of a batch
-#: that hit a deadlock or serialization failure are tried.
+#: The longest pause (a random share of it) before the smaller transactions
+#: of a batch that hit a deadlock or serialization failure are tried.
 CONFLICT_BACKOFF_S = 0.2
-#: Lock conflicts a batch may lose and be retried whole before it is retried in halves.
+#: Lock conflicts a sequenced handler's batch may lose and be retried whole
+#: before it is retried in halves (a message-ID handler's is not retried whole:
+#: see :meth:`~exactlyonce.runtime.dedup.Dedup.chunk_size`).
 CONFLICT_RETRIES = 2
 
 
@@ -48,10 +50,11 @@ def is_transient(exc: BaseException) -> bool:
 def conflicts_allowed(limit: int) -> Callable[[BaseException], bool]:
     """A retry predicate: transient failures, but at most ``limit`` deadlocks or serialization failures.
 
-    A batch that lost a lock conflict is first retried as it is, after the
-    usual jittered backoff (most conflicts are a chance meeting, and the
-    backoff parts the workers); one that keeps losing is then retried in
-    halves, which hold fewer locks for less time.
+    With ``limit`` > 0 (sequenced handlers), a batch that lost a lock
+    conflict is first retried as it is, after the usual jittered backoff;
+    one that keeps losing is then retried in halves, which hold fewer locks
+    for less time. With 0 (message-ID handlers), the first conflict ends
+    the retries and the caller redoes the batch in smaller transactions.
     """
     conflicts = 0
 

@@ -91,17 +91,17 @@ def test_a_conflict_cuts_the_size_to_an_eighth_and_the_lost_size_stays_out_of_re
     clock = _Clock()
     dedup = _sizing(clock)
     handler = SimpleNamespace(scope="s", batch_size=100)
-    dedup._shrink(handler, 100)
-    assert dedup.chunk_size(handler) == 100 // SHRINK_BY
-    dedup._shrink(handler, 48)
-    assert dedup.chunk_size(handler) == 6
-    # Growing: an eighth (at least one) per GROW_AFTER commits, only to below 48.
+    dedup._shrink(handler)
+    assert dedup.chunk_size(handler) == 100 // SHRINK_BY == 12
+    dedup._shrink(handler)
+    assert dedup.chunk_size(handler) == 1
+    # Growing: an eighth (at least one) per GROW_AFTER commits, only to below 12, the smallest size that lost.
     seen = []
     for _ in range(40):
         _commit_at_size(dedup, handler, GROW_AFTER)
         seen.append(dedup.chunk_size(handler))
-    assert seen[:3] == [7, 8, 9]
-    assert max(seen) == 47 and seen[-1] == 47
+    assert seen[:3] == [2, 3, 4]
+    assert max(seen) == 11 and seen[-1] == 11
     # A commit short of the size (a partition's last records) does not count.
     dedup._grow(handler, 3)
     assert dedup._streaks["s"] == 0
@@ -110,16 +110,15 @@ def test_a_conflict_cuts_the_size_to_an_eighth_and_the_lost_size_stays_out_of_re
 def test_the_ceiling_lifts_after_a_quiet_while() -> None:
     clock = _Clock()
     dedup = _sizing(clock)
-    handler = SimpleNamespace(scope="s", batch_size=100)
-    dedup._shrink(handler, 40)
+    handler = SimpleNamespace(scope="s", batch_size=40)
+    dedup._shrink(handler)
     assert dedup.chunk_size(handler) == 5
     for _ in range(40):
         _commit_at_size(dedup, handler, GROW_AFTER)
     assert dedup.chunk_size(handler) == 39
     clock.now += CEILING_S
-    for _ in range(30):
-        _commit_at_size(dedup, handler, GROW_AFTER)
-    assert dedup.chunk_size(handler) == 100
+    _commit_at_size(dedup, handler, GROW_AFTER)
+    assert dedup.chunk_size(handler) == 40
     assert "s" not in dedup._sizes and "s" not in dedup._ceilings
 
 
@@ -127,12 +126,35 @@ def test_a_later_conflict_keeps_the_smallest_lost_size_and_restarts_its_clock() 
     clock = _Clock()
     dedup = _sizing(clock)
     handler = SimpleNamespace(scope="s", batch_size=100)
-    dedup._shrink(handler, 12)
+    dedup._shrink(handler)
+    assert dedup._ceilings["s"] == (100, clock.now)
     clock.now += CEILING_S - 1
-    dedup._shrink(handler, 30)  # a larger size lost again (a transaction cut short by a partition's end)
+    dedup._shrink(handler)
     assert dedup._ceilings["s"] == (12, clock.now)
     assert dedup.chunk_size(handler) == 1
-    clock.now += CEILING_S - 1
+    clock.now += CEILING_S - 1  # 2 * CEILING_S - 2 after the first conflict: the second one's clock holds
     for _ in range(30):
         _commit_at_size(dedup, handler, GROW_AFTER)
     assert dedup.chunk_size(handler) == 11
+
+
+def test_a_poll_tail_that_loses_a_conflict_does_not_cut_the_size_to_one(tmp_path: Path) -> None:
+    """The last 5 records of a poll lose a chance deadlock: the next transactions are an eighth of 100, not 1."""
+    app = App("g", bootstrap_servers="unused:9092", database_url="sqlite://", outbox=False,
+              consumer_config={"max_poll_records": 105})
+    sizes: list[int] = []
+    lost: list[int] = []
+
+    @app.handler("calm", batch=True, batch_size=100, message_id=lambda m: m.value.decode())
+    def handle(messages: list[Message], session: Session) -> None:
+        sizes.append(len(messages))
+        if len(messages) == 5 and not lost:
+            lost.append(len(messages))
+            raise deadlock()
+
+    with TestApp(app, database_url=f"sqlite:///{tmp_path}/t.db") as t:
+        for n in range(130):
+            t.produce("calm", f"m-{n}".encode())
+        assert t.process() == ["applied"] * 130
+    # The first poll: 100, then its last 5 lose and are redone; the second poll: 25 in 12s.
+    assert sizes == [100, 5, 5, 12, 12, 1]
