@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from exactlyonce import ids
 from exactlyonce.errors import DeadLetter, FingerprintMismatch, MessageError, Skip, TransientError
@@ -46,9 +46,16 @@ GROW_AFTER = 8
 #: A transaction that loses a lock conflict is retried, and followed, in
 #: pieces of this fraction of its size.
 SHRINK_BY = 8
-#: How long a lost size stays out of reach after its conflict: the size grows
-#: back only to below it until this much time has passed without a conflict.
+#: How long conflicts are remembered: after one, the size grows back only to
+#: below the size that lost; after two within this time of each other, it is
+#: held; once this much time has passed since the last one, it grows back.
 CEILING_S = 30.0
+
+
+class _Conflicts(NamedTuple):
+    ceiling: int
+    last: float
+    losses: int
 
 
 class Dedup:
@@ -65,8 +72,9 @@ class Dedup:
         self._sizes: dict[str, int] = {}
         #: Transactions committed in a row at that size, per scope.
         self._streaks: dict[str, int] = {}
-        #: Per scope, the smallest size that lost a conflict and when the last conflict was.
-        self._ceilings: dict[str, tuple[int, float]] = {}
+        #: Per scope, while conflicts are recent: the smallest size in force that lost, when the
+        #: last transaction lost, and how many lost within CEILING_S of the one before.
+        self._conflicts: dict[str, _Conflicts] = {}
 
     def chunk_size(self, handler: Handler) -> int:
         """How many records to put in the next transaction of ``handler``.
@@ -82,21 +90,32 @@ class Dedup:
         above one; each deadlock stalls every worker queued on those rows
         until the database's deadlock check (PostgreSQL's
         ``deadlock_timeout``, 1 s by default), so probing upwards is what
-        costs. Every :data:`GROW_AFTER` transactions committed in a row at
-        the reduced size grow it by an eighth (at least one record), but only
-        to below the smallest size in force that lost, until
-        :data:`CEILING_S` seconds pass without another multi-record
-        transaction losing; then back towards ``batch_size``.
+        costs. After one conflict, every :data:`GROW_AFTER` transactions
+        committed in a row at the reduced size grow it by an eighth (at
+        least one record), to below the size that lost. A second conflict
+        within :data:`CEILING_S` seconds of the last one is contention, not
+        chance: the size is cut again and held. Once :data:`CEILING_S`
+        seconds pass without a transaction of several records losing, it
+        grows back towards ``batch_size``.
         """
         return self._sizes.get(handler.scope, handler.batch_size)
 
     def _shrink(self, handler: Handler) -> None:
         """A transaction of several records lost a lock conflict at the size in force."""
-        size = self.chunk_size(handler)
-        ceiling, _ = self._ceilings.get(handler.scope, (size, 0.0))
-        self._ceilings[handler.scope] = (min(ceiling, size), self._clock())
+        size, now = self.chunk_size(handler), self._clock()
+        recent = self._recent(handler.scope, now)
+        self._conflicts[handler.scope] = (
+            _Conflicts(min(recent.ceiling, size), now, recent.losses + 1) if recent else _Conflicts(size, now, 1))
         self._sizes[handler.scope] = max(1, size // SHRINK_BY)
         self._streaks[handler.scope] = 0
+
+    def _recent(self, scope: str, now: float) -> _Conflicts | None:
+        """The scope's conflicts if the last one is less than CEILING_S old (older ones are forgotten)."""
+        conflicts = self._conflicts.get(scope)
+        if conflicts is not None and now - conflicts.last >= CEILING_S:
+            del self._conflicts[scope]
+            return None
+        return conflicts
 
     def _grow(self, handler: Handler, committed: int) -> None:
         size = self._sizes.get(handler.scope)
@@ -107,13 +126,11 @@ class Dedup:
             return
         self._streaks[handler.scope] = 0
         limit = handler.batch_size
-        ceiling = self._ceilings.get(handler.scope)
-        if ceiling is not None:
-            lost, when = ceiling
-            if self._clock() - when < CEILING_S:
-                limit = min(limit, lost - 1)
-            else:
-                del self._ceilings[handler.scope]
+        recent = self._recent(handler.scope, self._clock())
+        if recent is not None:
+            if recent.losses > 1:
+                return  # contention: hold the size until the conflicts are CEILING_S old
+            limit = min(limit, recent.ceiling - 1)
         size = min(size + max(1, size // 8), max(limit, size))
         if size >= handler.batch_size:
             del self._sizes[handler.scope]

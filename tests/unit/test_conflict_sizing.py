@@ -22,13 +22,13 @@ def deadlock() -> sa.exc.OperationalError:
     return sa.exc.OperationalError("UPDATE accounts", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
 
 
-def test_transactions_stay_near_the_size_that_passes_after_a_deadlock(tmp_path: Path) -> None:
+def test_after_two_deadlocks_transactions_stay_small(tmp_path: Path) -> None:
     """A transaction of more than LIMIT records always deadlocks (it would touch every hot row).
 
-    The first batch of 100 loses and is redone in eighths; the later ones
-    start from the size that passed and grow by an eighth at a time, only to
-    below the smallest size that lost, so they never return to 100 (which
-    would lose again, each time waiting out a deadlock check).
+    The first batch of 100 loses and is redone in eighths (12); those lose
+    too, and the size is cut to 1 and held there (the run is much shorter
+    than CEILING_S): no transaction ever probes the sizes that lost again,
+    each of which would wait out a deadlock check.
     """
     app = App("g", bootstrap_servers="unused:9092", database_url="sqlite://", outbox=False)
     sizes: list[int] = []
@@ -47,12 +47,8 @@ def test_transactions_stay_near_the_size_that_passes_after_a_deadlock(tmp_path: 
         outcomes = t.process()
     assert outcomes == ["applied"] * 400
     assert sorted(applied) == sorted(f"m-{n}" for n in range(400))
-    first_pass = next(i for i, size in enumerate(sizes) if size <= LIMIT)
-    assert max(sizes[first_pass:]) <= LIMIT + 1, sizes
-    # Probing upwards loses once more at most: then the lost size is out of reach.
-    assert sum(size > LIMIT for size in sizes[first_pass:]) <= 1, sizes
-    # It keeps growing: not stuck at the size of the first success.
-    assert sizes.count(LIMIT) > 1, sizes
+    assert sizes[:3] == [100, 12, 1], sizes
+    assert set(sizes[2:]) == {1}, sizes
 
 
 def test_without_conflicts_a_handler_keeps_its_batch_size(tmp_path: Path) -> None:
@@ -87,55 +83,51 @@ def _commit_at_size(dedup: Dedup, handler: Any, times: int) -> None:
         dedup._grow(handler, dedup.chunk_size(handler))
 
 
-def test_a_conflict_cuts_the_size_to_an_eighth_and_the_lost_size_stays_out_of_reach() -> None:
+def test_after_one_conflict_the_size_grows_back_to_below_the_size_that_lost() -> None:
     clock = _Clock()
     dedup = _sizing(clock)
     handler = SimpleNamespace(scope="s", batch_size=100)
     dedup._shrink(handler)
     assert dedup.chunk_size(handler) == 100 // SHRINK_BY == 12
-    dedup._shrink(handler)
-    assert dedup.chunk_size(handler) == 1
-    # Growing: an eighth (at least one) per GROW_AFTER commits, only to below 12, the smallest size that lost.
+    # Growing: an eighth (at least one) per GROW_AFTER commits, only to below 100, the size that lost.
     seen = []
     for _ in range(40):
         _commit_at_size(dedup, handler, GROW_AFTER)
         seen.append(dedup.chunk_size(handler))
-    assert seen[:3] == [2, 3, 4]
-    assert max(seen) == 11 and seen[-1] == 11
+    assert seen[:3] == [13, 14, 15]
+    assert max(seen) == 99 and seen[-1] == 99
     # A commit short of the size (a partition's last records) does not count.
     dedup._grow(handler, 3)
     assert dedup._streaks["s"] == 0
-
-
-def test_the_ceiling_lifts_after_a_quiet_while() -> None:
-    clock = _Clock()
-    dedup = _sizing(clock)
-    handler = SimpleNamespace(scope="s", batch_size=40)
-    dedup._shrink(handler)
-    assert dedup.chunk_size(handler) == 5
-    for _ in range(40):
-        _commit_at_size(dedup, handler, GROW_AFTER)
-    assert dedup.chunk_size(handler) == 39
+    # Once the conflict is CEILING_S old, back to batch_size.
     clock.now += CEILING_S
     _commit_at_size(dedup, handler, GROW_AFTER)
-    assert dedup.chunk_size(handler) == 40
-    assert "s" not in dedup._sizes and "s" not in dedup._ceilings
+    assert dedup.chunk_size(handler) == 100
+    assert "s" not in dedup._sizes and "s" not in dedup._conflicts
 
 
-def test_a_later_conflict_keeps_the_smallest_lost_size_and_restarts_its_clock() -> None:
+def test_a_second_conflict_within_the_window_holds_the_size_until_it_passes() -> None:
     clock = _Clock()
     dedup = _sizing(clock)
     handler = SimpleNamespace(scope="s", batch_size=100)
     dedup._shrink(handler)
-    assert dedup._ceilings["s"] == (100, clock.now)
     clock.now += CEILING_S - 1
     dedup._shrink(handler)
-    assert dedup._ceilings["s"] == (12, clock.now)
     assert dedup.chunk_size(handler) == 1
-    clock.now += CEILING_S - 1  # 2 * CEILING_S - 2 after the first conflict: the second one's clock holds
+    assert dedup._conflicts["s"] == (12, clock.now, 2)
+    clock.now += CEILING_S - 1  # the second conflict's clock holds, not the first's
     for _ in range(30):
         _commit_at_size(dedup, handler, GROW_AFTER)
-    assert dedup.chunk_size(handler) == 11
+    assert dedup.chunk_size(handler) == 1
+    clock.now += 1
+    seen = []
+    for _ in range(60):
+        _commit_at_size(dedup, handler, GROW_AFTER)
+        seen.append(dedup.chunk_size(handler))
+    assert seen[:3] == [2, 3, 4] and seen[-1] == 100
+    # A conflict long after the last one counts as a first one again.
+    dedup._shrink(handler)
+    assert dedup._conflicts["s"] == (100, clock.now, 1)
 
 
 def test_a_poll_tail_that_loses_a_conflict_does_not_cut_the_size_to_one(tmp_path: Path) -> None:
