@@ -363,16 +363,18 @@ def run_sql(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
     """(d-sql) The batch handler's statements alone: no Kafka while timed, no exactlyonce.
 
     Reads and decodes the topic first (not timed: the tracker starts at the
-    first transaction), then applies it 500 records a transaction: a
-    multi-row dedup INSERT and :func:`~bench.common.apply_transfers_batch`,
-    as (d) does. Its rate is what one connection can do with those
-    statements on this machine, whatever runs around them.
+    first transaction), then applies it in transactions of a batch handler's
+    default size (:data:`exactlyonce.handler.DEFAULT_BATCH_SIZE`, as (d)): a
+    multi-row dedup INSERT and :func:`~bench.common.apply_transfers_batch`.
+    Its rate is what one connection can do with those statements on this
+    machine, whatever runs around them.
     """
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
     from bench.common import apply_transfers_batch, naive_dedup
     from exactlyonce import _db
+    from exactlyonce.handler import DEFAULT_BATCH_SIZE
 
     if on_ready is not None:
         raise Unavailable("(d-sql) has no latency phase")
@@ -392,11 +394,11 @@ def run_sql(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
         raise RuntimeError(f"read {len(transfers):,} of {spec['messages']:,} records before timing")
     engine = _db.create_engine(spec["database_url"])
     try:
-        for start in range(0, len(transfers), 500):
+        for start in range(0, len(transfers), DEFAULT_BATCH_SIZE):
             if tracker.finished():
                 break
             tracker.start()
-            chunk = transfers[start : start + 500]
+            chunk = transfers[start : start + DEFAULT_BATCH_SIZE]
             with Session(engine) as session, session.begin():
                 session.execute(sa.insert(naive_dedup), [{"message_id": t["transfer_id"]} for t in chunk])
                 apply_transfers_batch(session, chunk)
