@@ -1,13 +1,15 @@
-"""PostgreSQL's claim sends each column as one joined string: it must claim exactly what the arrays did.
+"""The one-statement claims of PostgreSQL and SQLite must claim exactly what the row-by-row forms did.
 
 ``PostgreSQL.claim`` joins a claim's message IDs (and topics, partitions,
 offsets, fingerprints) with a separator no valid value holds and lets the
 server split them (``string_to_array``), instead of having psycopg dump a
-Python list per column. Generated claims, with IDs full of what quoting and
-splitting get wrong (commas, quotes, braces, backslashes, ``NULL``, spaces,
-non-ASCII), and some of them claimed before: the joined path must be the one
-taken, return exactly the IDs not claimed before, and store every value as
-given. Values it cannot carry fall back to the arrays and still claim.
+Python list per column. ``SQLite.claim`` sends the rows as one JSON text that
+SQLite unpacks (``json_each``), instead of an executemany. Generated claims,
+with IDs full of what quoting, splitting and JSON get wrong (commas, quotes,
+braces, backslashes, ``NULL``, spaces, non-ASCII), some of them claimed
+before: the fast path must be the one taken, return exactly the IDs not
+claimed before, and store every value as the row-by-row form stores it.
+Values it cannot carry fall back to the older form and still claim.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from exactlyonce.storage.schema import Outcome, processed
 
 from .helpers import engine_for
 
-pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+BOTH = pytest.mark.parametrize("database_url", ["postgresql", "sqlite"], indirect=True)
 
 NOW = datetime(2026, 12, 2, 12, 0, 0, 123456)
 
@@ -45,10 +47,10 @@ VALID_IDS = st.text(
 _scopes = itertools.count()
 
 
-def _rows(scope: str, ids: list[str], topic: str = "transfers") -> list[dict[str, Any]]:
+def _rows(scope: str, ids: list[str], topic: str = "transfers", now: datetime = NOW) -> list[dict[str, Any]]:
     return [
         store._row(scope, message_id, Message(topic=topic, partition=n % 7, offset=2**40 + n, key=None,
-                                              value=message_id.encode()), Outcome.APPLIED, NOW)
+                                              value=message_id.encode()), Outcome.APPLIED, now)
         for n, message_id in enumerate(ids)
     ]
 
@@ -70,9 +72,16 @@ def engine(database_url: str) -> Any:
     engine.dispose()
 
 
-def test_the_joined_claim_claims_what_the_arrays_claim(engine: sa.Engine) -> None:
+def _fast_path_taken(engine: sa.Engine, rows: list[dict[str, Any]]) -> bool:
+    if engine.dialect.name == "postgresql":
+        return dialects._joined_claim(rows) is not None
+    return dialects._shared(rows) is not None
+
+
+@BOTH
+def test_the_one_statement_claim_claims_what_the_rows_claim(engine: sa.Engine) -> None:
     dialect = dialects.dialect_of(engine)
-    assert isinstance(dialect, dialects.PostgreSQL)
+    assert isinstance(dialect, (dialects.PostgreSQL, dialects.SQLite))
 
     @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
     @given(ids=st.lists(VALID_IDS, min_size=1, max_size=30, unique=True), data=st.data())
@@ -84,8 +93,8 @@ def test_the_joined_claim_claims_what_the_arrays_claim(engine: sa.Engine) -> Non
         if before:
             with Session(engine) as session, session.begin():
                 assert dialect.claim(session, [by_id[i] for i in before]) == set(before)
-        # The joined path is the one taken for these values (the fallback would pass this test too).
-        assert dialects._joined_claim(rows) is not None
+        # The fast path is the one taken for these values (the fallback would pass this test too).
+        assert _fast_path_taken(engine, rows)
         with Session(engine) as session, session.begin():
             assert dialect.claim(session, rows) == set(ids) - set(before)
         assert _stored(engine, scope) == _as_stored(rows)
@@ -93,15 +102,41 @@ def test_the_joined_claim_claims_what_the_arrays_claim(engine: sa.Engine) -> Non
     check()
 
 
-@pytest.mark.parametrize("spoil", ["separator in an ID", "empty ID", "two scopes", "separator in a topic"])
-def test_values_the_joined_claim_cannot_carry_fall_back_to_the_arrays(engine: sa.Engine, spoil: str) -> None:
+@pytest.mark.parametrize(("database_url", "spoil"), [
+    ("postgresql", "separator in an ID"), ("postgresql", "empty ID"), ("postgresql", "separator in a topic"),
+    ("postgresql", "two scopes"),
+    ("sqlite", "two scopes"),  # (SQLite's JSON carries any text: only rows not sharing their scope fall back)
+], indirect=["database_url"])
+def test_values_the_fast_claim_cannot_carry_fall_back(engine: sa.Engine, spoil: str) -> None:
     scope = f"fallback:{next(_scopes)}"
     ids = ["a", "b\x1fc" if spoil == "separator in an ID" else "b", "" if spoil == "empty ID" else "d"]
     rows = _rows(scope, ids, topic="to\x1fpic" if spoil == "separator in a topic" else "transfers")
     if spoil == "two scopes":
         rows[1]["scope"] = f"{scope}-other"
-    assert dialects._joined_claim(rows) is None
+    assert not _fast_path_taken(engine, rows)
     with Session(engine) as session, session.begin():
         assert dialects.dialect_of(engine).claim(session, rows) == set(ids)
     stored = _stored(engine, scope) | _stored(engine, f"{scope}-other")
     assert stored == _as_stored(rows)
+
+
+@BOTH
+def test_both_forms_store_the_same_raw_values(engine: sa.Engine) -> None:
+    """As the database holds them (no SQLAlchemy type processing on the way back): SQLite's timestamps are text.
+
+    (A whole second: sqlite3's own datetime adapter would drop the ``.000000`` SQLAlchemy writes.)
+    """
+    fast, slow = f"raw:{next(_scopes)}", f"raw:{next(_scopes)}"
+    whole_second = NOW.replace(microsecond=0)
+    fast_rows = _rows(fast, ["x", "y"], now=whole_second)
+    slow_rows = _rows(slow, ["x", "y"], now=whole_second)
+    slow_rows[1]["scope"] = f"{slow}-other"
+    assert _fast_path_taken(engine, fast_rows) and not _fast_path_taken(engine, slow_rows)
+    for rows in (fast_rows, slow_rows):
+        with Session(engine) as session, session.begin():
+            assert dialects.dialect_of(engine).claim(session, rows) == {"x", "y"}
+    columns = ", ".join(name for name in dialects._CLAIM_COLUMNS if name != "scope")
+    raw = sa.text(f"SELECT {columns} FROM {processed.name} WHERE scope LIKE :scope ORDER BY message_id")
+    with engine.connect() as conn:
+        assert [tuple(row) for row in conn.execute(raw, {"scope": f"{fast}%"})] == [
+            tuple(row) for row in conn.execute(raw, {"scope": f"{slow}%"})]
