@@ -64,7 +64,9 @@ class Book:
         error: BaseException | None = None, **fields: Any,
     ) -> Outcome:
         """Book ``outcome`` for ``message``; ``fields`` go into the decision's log line. Returns ``outcome``."""
-        self.entries.append(Entry(message, Outcome(outcome), message_id, error, fields))
+        if outcome.__class__ is not Outcome:
+            outcome = Outcome(outcome)
+        self.entries.append(Entry(message, outcome, message_id, error, fields))
         return outcome
 
     def write(self, session: Session, group_id: str) -> None:

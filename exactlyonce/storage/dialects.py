@@ -15,9 +15,10 @@ fallback insert one row at a time and read the failure of a duplicate.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
@@ -178,11 +179,18 @@ class Dialect:
             session.execute(sa.insert(table), missing)
 
 
-def _add_on_conflict(
-    session: Session, insert: postgresql.Insert | sqlite.Insert, rows: Sequence[Row], sums: Sequence[str]
-) -> None:
+def _add_on_conflict(session: Session, insert_of: Callable[[sa.Table], Any], rows: Sequence[Row],
+                     sums: Sequence[str]) -> None:
     """``INSERT ... ON CONFLICT DO UPDATE`` of the counters (PostgreSQL and SQLite spell it alike)."""
-    upsert = insert.on_conflict_do_update(
+    session.execute(_on_conflict_upsert(insert_of, tuple(sums)), rows)
+
+
+# The counters' upserts are built once per dialect and column set: building one
+# per transaction was three quarters of the counting's time in a profile.
+@functools.cache
+def _on_conflict_upsert(insert_of: Callable[[sa.Table], Any], sums: tuple[str, ...]) -> Any:
+    insert = insert_of(counters)
+    return insert.on_conflict_do_update(
         index_elements=["scope", "topic", "kafka_partition"],
         set_={
             **{c: counters.c[c] + insert.excluded[c] for c in sums},
@@ -191,7 +199,6 @@ def _add_on_conflict(
             "last_processed_at": insert.excluded.last_processed_at,
         },
     )
-    session.execute(upsert, rows)
 
 
 class PostgreSQL(Dialect):
@@ -218,7 +225,7 @@ class PostgreSQL(Dialect):
         ) == _PG_UNIQUE_VIOLATION and getattr(diag, "constraint_name", None) == processed.primary_key.name
 
     def add_counts(self, session: Session, rows: Sequence[Row], sums: Sequence[str]) -> None:
-        _add_on_conflict(session, postgresql.insert(counters), rows, sums)
+        _add_on_conflict(session, postgresql.insert, rows, sums)
 
     def create_streams(self, session: Session, rows: Sequence[Row]) -> None:
         session.execute(postgresql.insert(sequence_streams).on_conflict_do_nothing(), rows)
@@ -280,7 +287,7 @@ class SQLite(Dialect):
         return str(exc.orig) == _SQLITE_DEDUP_KEY
 
     def add_counts(self, session: Session, rows: Sequence[Row], sums: Sequence[str]) -> None:
-        _add_on_conflict(session, sqlite.insert(counters), rows, sums)
+        _add_on_conflict(session, sqlite.insert, rows, sums)
 
     def create_streams(self, session: Session, rows: Sequence[Row]) -> None:
         session.execute(sqlite.insert(sequence_streams).on_conflict_do_nothing(), rows)
@@ -301,18 +308,7 @@ class MySQL(Dialect):
         )
 
     def add_counts(self, session: Session, rows: Sequence[Row], sums: Sequence[str]) -> None:
-        insert = mysql.insert(counters)
-        session.execute(
-            insert.on_duplicate_key_update(
-                {
-                    **{c: counters.c[c] + insert.inserted[c] for c in sums},
-                    "group_id": insert.inserted.group_id,
-                    "last_offset": insert.inserted.last_offset,
-                    "last_processed_at": insert.inserted.last_processed_at,
-                }
-            ),
-            rows,
-        )
+        session.execute(_on_duplicate_key_upsert(tuple(sums)), rows)
 
     def create_streams(self, session: Session, rows: Sequence[Row]) -> None:
         # "ON DUPLICATE KEY UPDATE scope = scope": a no-op for an existing row.
@@ -331,3 +327,17 @@ def dialect_of(bind: Session | sa.Connection | sa.Engine) -> Dialect:
     """The :class:`Dialect` of the database ``bind`` talks to."""
     name = bind.get_bind().dialect.name if isinstance(bind, Session) else bind.dialect.name
     return DIALECTS.get(name, GENERIC)
+
+
+@functools.cache
+def _on_duplicate_key_upsert(sums: tuple[str, ...]) -> Any:
+    """MySQL/MariaDB's counters upsert, built once per column set (as ``_on_conflict_upsert``)."""
+    insert = mysql.insert(counters)
+    return insert.on_duplicate_key_update(
+        {
+            **{c: counters.c[c] + insert.inserted[c] for c in sums},
+            "group_id": insert.inserted.group_id,
+            "last_offset": insert.inserted.last_offset,
+            "last_processed_at": insert.inserted.last_processed_at,
+        }
+    )

@@ -322,10 +322,15 @@ class Tally:
 
     def add(self, message: Message, outcome: Outcome | str, n: int = 1) -> None:
         """Count ``outcome`` (an :class:`~exactlyonce.outcome.Outcome`) for ``message``'s partition."""
-        outcome = Outcome(outcome)
+        if outcome.__class__ is not Outcome:
+            outcome = Outcome(outcome)
         tp = (message.topic, message.partition)
-        self._outcomes.setdefault(tp, Counter())[outcome] += n
-        self._last_offset[tp] = max(self._last_offset.get(tp, -1), message.offset)
+        outcomes = self._outcomes.get(tp)
+        if outcomes is None:
+            outcomes = self._outcomes[tp] = Counter()
+        outcomes[outcome] += n
+        if message.offset > self._last_offset.get(tp, -1):
+            self._last_offset[tp] = message.offset
 
     def rows(self, group_id: str, scope: str, now: datetime) -> list[dict[str, Any]]:
         return [
