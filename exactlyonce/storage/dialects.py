@@ -232,12 +232,40 @@ class PostgreSQL(Dialect):
 
 
 def _shared(rows: Sequence[Row]) -> dict[str, Any] | None:
-    """The columns every row of a claim shares (scope, outcome, time), or None if some row differs."""
+    """The columns every row of a claim shares (scope, outcome, time), or None if some row differs.
+
+    The same value, not only an equal one: two aware datetimes of one
+    instant in two time zones are equal, but SQLite stores their wall times.
+    """
     first = rows[0]
     shared = {name: first[name] for name in ("scope", "outcome", "processed_at")}
-    if any(row[name] != value for row in rows for name, value in shared.items()):
-        return None
+    for row in rows:
+        for name, value in shared.items():
+            other = row[name]
+            if other is not value and (other != value or getattr(other, "tzinfo", None) != getattr(
+                    value, "tzinfo", None)):
+                return None
     return shared
+
+
+def _json_claim(rows: Sequence[Row]) -> dict[str, Any] | None:
+    """The parameters of ``_SQLITE_CLAIM_JSON`` for ``rows``, or None when they cannot be sent as JSON.
+
+    Not when the rows do not share their scope, outcome and time, and not
+    when a text holds NUL: SQLite's ``json_extract`` ends a string at
+    ``\\u0000``, which would make ``"a\\x00b"`` the ID ``"a"`` (IDs the
+    runtime resolves refuse control characters; ``claim`` and
+    ``claim_many`` called directly do not check).
+    """
+    shared = _shared(rows)
+    if shared is None:
+        return None
+    values = [[row["message_id"], row["topic"], row["kafka_partition"], row["kafka_offset"], row["fingerprint"]]
+              for row in rows]
+    packed = json.dumps(values, ensure_ascii=False)
+    if "\\u0000" in packed:
+        return None
+    return {**shared, "rows": packed}
 
 
 def _joined_claim(rows: Sequence[Row]) -> dict[str, Any] | None:
@@ -270,11 +298,9 @@ class SQLite(Dialect):
     names = ("sqlite",)
 
     def claim(self, session: Session, rows: Sequence[Row]) -> set[str]:
-        shared = _shared(rows)
-        if shared is not None:
-            packed = json.dumps([[row["message_id"], row["topic"], row["kafka_partition"], row["kafka_offset"],
-                                  row["fingerprint"]] for row in rows], ensure_ascii=False)
-            return set(session.execute(_SQLITE_CLAIM_JSON, {**shared, "rows": packed}).scalars().all())
+        params = _json_claim(rows)
+        if params is not None:
+            return set(session.execute(_SQLITE_CLAIM_JSON, params).scalars().all())
         # executemany with RETURNING: SQLAlchemy's "insertmanyvalues" batches it.
         stmt = (
             sqlite.insert(processed)

@@ -329,8 +329,7 @@ class Tally:
         if outcomes is None:
             outcomes = self._outcomes[tp] = Counter()
         outcomes[outcome] += n
-        if message.offset > self._last_offset.get(tp, -1):
-            self._last_offset[tp] = message.offset
+        self._last_offset[tp] = max(self._last_offset.get(tp, -1), message.offset)
 
     def rows(self, group_id: str, scope: str, now: datetime) -> list[dict[str, Any]]:
         return [
