@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import uuid
 from typing import Any
 
 from exactlyonce import App, Message, ids
-from exactlyonce.runtime import Runner
 from exactlyonce.storage import migrate
-from exactlyonce.testing import Cluster, TwinConsumer
+from exactlyonce.testing import Cluster
 
 
 def run(url: str, records: int, partitions: int = 4) -> float:
@@ -41,22 +39,8 @@ def run(url: str, records: int, partitions: int = 4) -> float:
     for n in range(records):
         value = {"transfer_id": str(uuid.uuid4()), "from": "acct-1", "to": "acct-2", "amount": 1}
         cluster.append("transfers", n % partitions, value=json.dumps(value).encode())
-    stop = threading.Event()
-
-    def before_poll(member: TwinConsumer) -> bool:
-        fake = member.fake
-        if fake.generation is not None and all(
-            position >= cluster.end_offset(tp) for tp, position in fake.positions.items()
-        ):
-            stop.set()
-            return True
-        return False
-
-    cluster.before_poll = before_poll
-    runner = Runner(app, stop, poll_timeout_s=0.01, consumer_factory=cluster.consumer_factory(),
-                    producer_factory=cluster.producer_factory())
     start = time.perf_counter()
-    runner.run()
+    runner = cluster.run_until_read(app)
     elapsed = time.perf_counter() - start
     app.engine.dispose()
     if runner.stats["applied"] != records:

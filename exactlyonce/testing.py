@@ -33,7 +33,8 @@ poll error becomes ``TransientError``, a failed offset commit returns
 permanent refusal a ``ConfigurationError``.
 
 ``Runner(app, stop, consumer_factory=cluster.consumer_factory(),
-producer_factory=cluster.producer_factory())`` runs against a :class:`Cluster`:
+producer_factory=cluster.producer_factory())`` runs against a :class:`Cluster`
+(``cluster.run_until_read(app)`` runs one such worker until everything is read):
 
 - the log: topics of partitions of :class:`TwinRecord` (key, value, headers,
   offset, timestamp); producing to an unknown topic creates it (1 partition);
@@ -243,6 +244,36 @@ class Cluster:
 
     def producer_factory(self) -> Callable[..., TwinProducer]:
         return functools.partial(TwinProducer, cluster=self)
+
+    # -- a worker --
+
+    def run_until_read(self, app: Any) -> Runner:
+        """Run one real :class:`~exactlyonce.runtime.Runner` of ``app`` here until everything is read; return it.
+
+        In this thread; it stops at the first poll that finds every assigned
+        partition read to its end and no sequenced work left, commits and
+        leaves the group (its ``stats`` tell what it decided).
+        """
+        stop = threading.Event()
+        runner: Runner | None = None
+
+        def before_poll(member: TwinConsumer) -> bool:
+            fake = member.fake
+            read = fake.generation is not None and all(
+                fake.positions.get(tp, 0) >= self.end_offset(tp) for tp in fake.assigned)
+            if read and runner is not None and not runner.more_work:
+                stop.set()
+                return True
+            return False
+
+        outer, self.before_poll = self.before_poll, before_poll
+        try:
+            runner = Runner(app, stop, poll_timeout_s=0.01, consumer_factory=self.consumer_factory(),
+                            producer_factory=self.producer_factory())
+            runner.run()
+        finally:
+            self.before_poll = outer
+        return runner
 
 
 class _FakeKafkaConsumer:

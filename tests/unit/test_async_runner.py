@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +15,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from exactlyonce import App, ConfigurationError, Message, _db, migrate
-from exactlyonce.runtime import Runner
-from exactlyonce.testing import Cluster, TwinConsumer
+from exactlyonce.testing import Cluster
 
 TOPIC = "orders"
-
-
-def _run(app: App, cluster: Cluster) -> Runner:
-    """Run a worker until it has read everything in the cluster."""
-    stop = threading.Event()
-
-    def before_poll(member: TwinConsumer) -> bool:
-        fake = member.fake
-        if fake.generation is not None and all(
-            fake.positions.get(tp, 0) >= cluster.end_offset(tp) for tp in fake.assigned
-        ):
-            stop.set()
-            return True
-        return False
-
-    cluster.before_poll = before_poll
-    runner = Runner(app, stop, poll_timeout_s=0.01, consumer_factory=cluster.consumer_factory(),
-                    producer_factory=cluster.producer_factory())
-    runner.run()
-    return runner
 
 
 def _cluster(*ids: str) -> Cluster:
@@ -75,7 +53,7 @@ def test_the_loop_is_closed_and_the_tasks_a_handler_left_are_cancelled(tmp_path:
         left.append(asyncio.get_running_loop().create_task(asyncio.sleep(3600)))
         await session.execute(sa.text("INSERT INTO effects VALUES (:id)"), {"id": message.json()["id"]})
 
-    _run(app, _cluster("a", "b"))
+    _cluster("a", "b").run_until_read(app)
     assert _effects(app) == ["a", "b"]
     assert len(left) == 2 and all(task.cancelled() for task in left)
     assert left[0].get_loop().is_closed()
@@ -91,11 +69,11 @@ def test_the_apps_own_async_engine_is_disposed_of_with_its_loop_and_serves_the_n
         await session.execute(sa.text("INSERT INTO effects VALUES (:id)"), {"id": message.json()["id"]})
 
     cluster = _cluster("a", "a", "b")
-    _run(app, cluster)
+    cluster.run_until_read(app)
     assert app.owns_async_engine
     assert app.async_engine.sync_engine.pool.checkedin() == 0
     cluster.append(TOPIC, 0, key=None, value=b'{"id": "c"}', headers=[("message-id", b"c")])
-    _run(app, cluster)
+    cluster.run_until_read(app)
     assert _effects(app) == ["a", "b", "c"]
     assert (app.stats["applied"], app.stats["duplicate"]) == (3, 1)
     app.engine.dispose()
@@ -110,7 +88,7 @@ def test_a_worker_with_async_handlers_is_refused_on_a_running_loop(tmp_path: Pat
         pass
 
     async def main() -> None:
-        _run(app, _cluster("a"))
+        _cluster("a").run_until_read(app)
 
     with pytest.raises(ConfigurationError, match=r"asyncio\.to_thread"):
         asyncio.run(main())
@@ -133,7 +111,7 @@ def test_sync_handlers_run_with_no_event_loop_and_beside_async_ones_on_the_worke
         loops.setdefault("sync-only", running_loop())
         session.execute(sa.text("INSERT INTO effects VALUES (:id)"), {"id": message.json()["id"]})
 
-    _run(app, _cluster("a"))
+    _cluster("a").run_until_read(app)
     assert loops == {"sync-only": None}
 
     (tmp_path / "mixed").mkdir()
@@ -152,7 +130,7 @@ def test_sync_handlers_run_with_no_event_loop_and_beside_async_ones_on_the_worke
         loops["mixed-async"] = running_loop()
         await session.execute(sa.text("INSERT INTO effects VALUES (:id)"), {"id": message.json()["id"]})
 
-    _run(mixed, cluster)
+    cluster.run_until_read(mixed)
     assert sorted(_effects(mixed)) == ["s", "x"]
     assert loops["mixed-async"] is not None and loops["mixed-sync"] is loops["mixed-async"]
     app.engine.dispose()
@@ -169,4 +147,4 @@ def test_an_app_given_only_an_async_engine_has_none_for_a_sync_handler(tmp_path:
         pass
 
     with pytest.raises(ConfigurationError, match="sync handlers and its outbox relay"):
-        _run(app, _cluster("a"))
+        _cluster("a").run_until_read(app)

@@ -10,7 +10,6 @@ metric and the ``exactlyonce_counters`` table must say the same number.
 from __future__ import annotations
 
 import json
-import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,9 @@ from hypothesis import strategies as st
 from exactlyonce import App, Message, Retry, Skip, migrate
 from exactlyonce.metrics import OUTCOMES
 from exactlyonce.outcome import Outcome
-from exactlyonce.runtime import Runner
 from exactlyonce.runtime.booking import Bookkeeper
 from exactlyonce.schema import counters
-from exactlyonce.testing import Cluster, TwinConsumer
+from exactlyonce.testing import Cluster
 
 TOPIC, LEDGER = "orders", "ledger"
 
@@ -40,25 +38,6 @@ record = st.one_of(
 def test_every_outcome_has_a_counter_column_and_a_metric_label() -> None:
     assert set(OUTCOMES) == {str(o) for o in Outcome}
     assert {o.column for o in Outcome} <= set(counters.c.keys())
-
-
-def _run(app: App, cluster: Cluster) -> Runner:
-    stop = threading.Event()
-
-    def before_poll(member: TwinConsumer) -> bool:
-        fake = member.fake
-        read = fake.generation is not None and all(
-            fake.positions.get(tp, 0) >= cluster.end_offset(tp) for tp in fake.assigned)
-        if read and not runner._ordered.more_work:
-            stop.set()
-            return True
-        return False
-
-    cluster.before_poll = before_poll
-    runner = Runner(app, stop, poll_timeout_s=0.01, consumer_factory=cluster.consumer_factory(),
-                    producer_factory=cluster.producer_factory())
-    runner.run()
-    return runner
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -97,7 +76,7 @@ def test_stats_metrics_and_counters_agree_on_every_outcome(
             value = json.dumps({"s": first, "n": second, "p": payload}).encode()
         cluster.append(topic, 0, value=value, headers=headers)
     try:
-        _run(app, cluster)
+        cluster.run_until_read(app)
         with app.engine.connect() as conn:
             sums = conn.execute(sa.select(*(sa.func.coalesce(sa.func.sum(counters.c[o.column]), 0)
                                             for o in Outcome))).one()

@@ -10,7 +10,6 @@ import dataclasses
 import enum
 import json
 import sys
-import threading
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -24,10 +23,9 @@ import sqlalchemy as sa
 from exactlyonce import App, ConfigurationError, Message, MessageDecodeError, Retry, ids, migrate
 from exactlyonce import payload as payloads
 from exactlyonce.errors import InvalidMessageId, InvalidPayload
-from exactlyonce.runtime import Runner
 from exactlyonce.runtime.deadletter import split_headers
 from exactlyonce.signing import sign
-from exactlyonce.testing import Cluster, TwinConsumer, TwinRecord
+from exactlyonce.testing import Cluster, TwinRecord
 
 TOPIC = "transfers"
 SECRET = "sk_live_51HqQzSecretValue"
@@ -90,25 +88,6 @@ def _app(tmp_path: Path, **kwargs: Any) -> App:
     return app
 
 
-def _run(app: App, cluster: Cluster) -> Runner:
-    stop = threading.Event()
-
-    def before_poll(member: TwinConsumer) -> bool:
-        fake = member.fake
-        read = fake.generation is not None and all(
-            fake.positions.get(tp, 0) >= cluster.end_offset(tp) for tp in fake.assigned)
-        if read and not runner._ordered.more_work:
-            stop.set()
-            return True
-        return False
-
-    cluster.before_poll = before_poll
-    runner = Runner(app, stop, poll_timeout_s=0.01, consumer_factory=cluster.consumer_factory(),
-                    producer_factory=cluster.producer_factory())
-    runner.run()
-    return runner
-
-
 def _send(cluster: Cluster, value: Any, *, headers: list[tuple[str, bytes]] | None = None,
           topic: str = TOPIC) -> TwinRecord:
     raw = value if isinstance(value, bytes) or value is None else json.dumps(value).encode()
@@ -135,7 +114,7 @@ def test_the_handler_reads_the_typed_payload_and_the_id_comes_from_it(tmp_path: 
     _send(cluster, _transfer("t1", 5))
     _send(cluster, _transfer("t1", 5))            # a re-send: the same ID, read from the payload
     _send(cluster, _transfer("t2", 7, extra="ignored"))
-    _run(app, cluster)
+    cluster.run_until_read(app)
     assert [type(p) for p in seen] == [model, model]
     assert [(p.transfer_id, p.amount) for p in seen] == [("t1", 5), ("t2", 7)]
     assert (app.stats["applied"], app.stats["duplicate"]) == (2, 1)
@@ -152,7 +131,7 @@ def test_a_callable_message_id_strategy_gets_the_typed_payload(tmp_path: Path, m
 
     cluster = Cluster()
     _send(cluster, _transfer("t1"))
-    _run(app, cluster)
+    cluster.run_until_read(app)
     from exactlyonce.schema import processed
 
     with app.engine.connect() as conn:
@@ -175,7 +154,7 @@ def test_an_invalid_payload_is_dead_lettered_with_its_reason_and_no_value(tmp_pa
     _send(cluster, b"{not json")
     _send(cluster, None)                                           # a tombstone
     _send(cluster, _transfer("t4"))
-    _run(app, cluster)
+    cluster.run_until_read(app)
     assert [p.transfer_id for p in handled] == ["t4"]
     letters = _dead_letters(cluster)
     assert [letter["reason"] for letter in letters] == ["invalid-payload"] * 3 + ["undecodable-value"] * 2
@@ -193,7 +172,7 @@ def test_an_invalid_payload_is_dead_lettered_with_its_reason_and_no_value(tmp_pa
     app2 = _app(tmp_path)
     app2.handler(TOPIC, model=model, message_id=ids.field("transfer_id"))(handle)
     cluster.store_offsets("g", {next(iter(cluster.partitions(TOPIC))): 0})
-    _run(app2, cluster)
+    cluster.run_until_read(app2)
     assert len(_dead_letters(cluster)) == 5 and app2.stats["duplicate"] == 6
     app.engine.dispose()
     app2.engine.dispose()
@@ -239,7 +218,7 @@ def test_batch_handlers_get_typed_payloads_and_a_split_batch_is_not_validated_ag
     cluster = Cluster()
     for n in range(4):
         _send(cluster, _transfer(f"t{n}", 13 if n == 2 else n))
-    _run(app, cluster)
+    cluster.run_until_read(app)
     assert batches[0] == ["t0", "t1", "t2", "t3"]
     assert ["t0", "t1"] in batches and ["t3"] in batches
     assert app.stats["applied"] == 3 and app.stats["dead_lettered:handler-error"] == 1
@@ -261,7 +240,7 @@ def test_sequenced_handlers_read_their_numbers_from_the_payload(tmp_path: Path, 
     _send(cluster, _transfer("a", n=1))
     _send(cluster, _transfer("a", n=1))   # a duplicate by number
     _send(cluster, _transfer("x", n="four"))
-    _run(app, cluster)
+    cluster.run_until_read(app)
     assert order == [("a", 1, model), ("b", 2, model), ("c", 3, model)]
     assert app.stats["duplicate"] == 1 and app.stats["dead_lettered:invalid-payload"] == 1
     app.engine.dispose()
@@ -281,7 +260,7 @@ def test_a_forged_record_never_reaches_the_validator(tmp_path: Path, model: Any)
     forged = json.dumps(_transfer("t2")).encode()
     _send(cluster, forged, headers=[("message-id", b"m2"), *sign("m2", None, genuine, key)])
     _send(cluster, json.dumps(_transfer("t3", amount="x")).encode())  # unsigned and invalid: bad-signature
-    _run(app, cluster)
+    cluster.run_until_read(app)
     assert app.stats["applied"] == 1
     assert [letter["reason"] for letter in _dead_letters(cluster)] == ["bad-signature", "bad-signature"]
     assert _count(model) == 1
