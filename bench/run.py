@@ -17,9 +17,10 @@
 on PostgreSQL and SQLite (msgs/s, peak RSS, p50/p99 end-to-end latency; each
 variant self-checks its result), then (p) a py-spy profile of (d) by stage,
 (f) throughput against batch size, (e) scaling over 1..4 worker processes
-(with a hot-row case), (h) RSS over a long run and (g) claim latency against
-dedup-table size (uuid4 and UUIDv7 IDs). The broker is Apache Kafka when it
-can start (else the embedded one; ``--broker``). It prints a Markdown report
+(with a hot-row case, its lock waits bounded as by default and not), (h) RSS
+over a long run and (g) claim latency against dedup-table size (uuid4 and
+UUIDv7 IDs). The broker is Apache Kafka when it can start (else the embedded
+one; ``--broker``). It prints a Markdown report
 (a Targets table first) and writes ``bench/results.md`` and
 ``bench/throughput_vs_batch_size.png``. ``--quick`` is a smoke run (~2 min).
 """
@@ -57,6 +58,11 @@ from bench.proc import EVENT_PREFIX, NO_CRC32C_ENV
 from exactlyonce import _db
 
 BENCH_DIR = ROOT / "bench"
+#: The hot-unbounded case's batch_lock_timeout: the App's default lock_timeout
+#: (a tenth of kafka-python's max_poll_interval_ms), i.e. no shorter bound, so
+#: that a deadlock waits for PostgreSQL's own check (the behaviour before
+#: batch_lock_timeout).
+UNBOUNDED_LOCK_WAIT_S = 30.0
 
 
 def say(text: str) -> None:
@@ -388,8 +394,10 @@ class Bench:
             runs.append(("batch", "batch", self.produce("scale", args.scaling_messages, 8), args.scaling_messages))
         if "message" in cases:
             runs.append(("message", "message", self.produce("scale-msg", args.hot_messages, 8), args.hot_messages))
-        if "hot" in cases:
-            runs.append(("hot", "message", self.produce("hot", args.hot_messages, 8, hot=True), args.hot_messages))
+        if cases & {"hot", "hot-unbounded"}:
+            hot_topic = self.produce("hot", args.hot_messages, 8, hot=True)
+            runs += [(case, "message", hot_topic, args.hot_messages) for case in ("hot", "hot-unbounded")
+                     if case in cases]
         rows = []
         for case, handler, topic, total in runs:
             for workers in range(1, args.max_workers + 1):
@@ -417,8 +425,9 @@ class Bench:
         assert self.pg_url
         common.reset_postgres(self.pg_url, self.args.accounts)
         group = self.name(f"scale-{case}-{workers}")
+        unbounded = UNBOUNDED_LOCK_WAIT_S if case == "hot-unbounded" else None
         spec = self.spec(mode="scale", topic=topic, group=group, database_url=self.pg_url, handler=handler,
-                         batch_size=None)
+                         batch_size=None, batch_lock_timeout_s=unbounded)
         children = [Child(spec, self.logs / f"{group}-{n}.log") for n in range(workers)]
         engine = _db.create_engine(self.pg_url)
         samples: list[tuple[float, int]] = []
@@ -608,8 +617,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-variants", action="store_true", help="skip (a)-(d)")
     parser.add_argument("--skip-batch-sizes", action="store_true", help="skip (f)")
     parser.add_argument("--skip-scaling", action="store_true", help="skip (e)")
-    parser.add_argument("--scaling-cases", default="batch,message,hot",
-                        help="which (e) cases to run, comma-separated (default: batch,message,hot)")
+    parser.add_argument("--scaling-cases", default="batch,message,hot,hot-unbounded",
+                        help="which (e) cases to run, comma-separated (default: batch,message,hot,hot-unbounded)")
     parser.add_argument("--skip-claims", action="store_true", help="skip (g)")
     parser.add_argument("--skip-soak", action="store_true", help="skip (h)")
     parser.add_argument("--skip-sqlite", action="store_true")

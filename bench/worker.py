@@ -41,6 +41,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from bench.proc import block_crc32c_if_asked
@@ -228,6 +229,8 @@ def _app(spec: dict[str, Any], group: str) -> exactlyonce.App:
     # example also publishes statement entries, which the ledger would consume.
     kwargs: dict[str, Any] = {"bootstrap_servers": spec["bootstrap"], "database_url": spec["database_url"],
                               "consumer_config": consumer_config(spec), "outbox": False}
+    if spec.get("batch_lock_timeout_s") is not None:
+        kwargs["batch_lock_timeout"] = timedelta(seconds=spec["batch_lock_timeout_s"])
     if not spec.get("kafka_client"):
         return exactlyonce.App(group, **kwargs)
     try:

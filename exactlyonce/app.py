@@ -84,6 +84,17 @@ class App:
     they keep a paused worker's locks from stalling the partitions' next
     owners.
 
+    ``batch_lock_timeout`` (PostgreSQL only): how long a statement in a
+    transaction of several records (any handler's ``batch_size`` > 1, batch
+    handler or not) waits for a row lock; past it the transaction is taken
+    for a lost lock conflict and its records are redone in smaller
+    transactions, as after a deadlock. Default 200 ms (or ``lock_timeout``,
+    if shorter): PostgreSQL only looks for a deadlock after 1 s
+    (``deadlock_timeout``), and every worker queued on the rows waits that
+    long. A transaction of one record waits ``lock_timeout``. Refused for
+    other databases (InnoDB finds deadlocks at once; SQLite has no row
+    locks) and above ``lock_timeout``.
+
     ``kafka_client``: the client the worker's consumer runs on:
     ``"kafka-python"`` (default) or ``"confluent"`` (confluent-kafka, on
     librdkafka: the ``exactlyonce[confluent]`` extra; its ``consumer_config``
@@ -131,6 +142,7 @@ class App:
         signing_key: signing.SigningKey | None = None,
         lock_timeout: timedelta | None = None,
         idle_in_transaction_timeout: timedelta | None = None,
+        batch_lock_timeout: timedelta | None = None,
         engine: Engine | None = None,
         async_engine: AsyncEngine | None = None,
         kafka_client: str | None = None,
@@ -160,22 +172,12 @@ class App:
         max_poll = timedelta(milliseconds=int(self.consumer_config.get(
             "max.poll.interval.ms" if self.kafka_client == "confluent" else "max_poll_interval_ms",
             _db.DEFAULT_MAX_POLL_INTERVAL / timedelta(milliseconds=1))))
-        timeouts = {"lock_timeout": lock_timeout, "idle_in_transaction_timeout": idle_in_transaction_timeout}
-        for name, value in timeouts.items():
-            if value is not None and (not isinstance(value, timedelta) or value <= timedelta(0)):
-                raise ConfigurationError(f"{name} must be a positive timedelta")
-        #: How long a statement waits for a row lock before failing as transient.
-        self.lock_timeout = lock_timeout if lock_timeout is not None else max_poll / 10
-        if self.lock_timeout >= max_poll:
-            raise ConfigurationError(
-                f"lock_timeout ({format_duration(self.lock_timeout)}) must be below max_poll_interval_ms "
-                f"({format_duration(max_poll)}): a claim waiting longer for a row lock gets its worker evicted "
-                "from the group"
-            )
-        #: How long a session may be idle inside a transaction before the server ends it.
-        self.idle_in_transaction_timeout = (
-            idle_in_transaction_timeout if idle_in_transaction_timeout is not None else max_poll
-        )
+        #: How long a statement waits for a row lock before failing as transient; how long one in a
+        #: PostgreSQL transaction of several records waits; how long a session may be idle inside a
+        #: transaction before the server ends it.
+        self.lock_timeout, self.batch_lock_timeout, self.idle_in_transaction_timeout = _timeouts(
+            max_poll, lock_timeout, batch_lock_timeout, idle_in_transaction_timeout)
+        self._batch_lock_timeout_given = batch_lock_timeout is not None
         self.metrics = Metrics()
         self._handlers: dict[str, Handler] = {}
         self._engine: Engine | None = None
@@ -186,6 +188,9 @@ class App:
                 engine, lock_timeout=self.lock_timeout, idle_in_transaction_timeout=self.idle_in_transaction_timeout,
                 lock_timeout_given=lock_timeout is not None,
             )
+        for given in (engine, async_engine, database_url):
+            if given is not None:
+                _check_batch_lock_backend(self._batch_lock_timeout_given, given)
         self._async_engine = async_engine
         #: Whether the App made :attr:`async_engine` itself (then each run's event loop disposes of its pool).
         self.owns_async_engine = False
@@ -320,6 +325,7 @@ class App:
                 "only and pass outbox=False"
             )
         if self._engine is None:
+            _check_batch_lock_backend(self._batch_lock_timeout_given, self.database_url)
             self._engine = _db.create_engine(
                 self.database_url,
                 lock_timeout=self.lock_timeout,
@@ -337,6 +343,7 @@ class App:
         timeouts as :attr:`engine`.
         """
         if self._async_engine is None:
+            _check_batch_lock_backend(self._batch_lock_timeout_given, self.database_url)
             self._async_engine = _db.create_async_engine(
                 self.database_url,
                 lock_timeout=self.lock_timeout,
@@ -408,4 +415,40 @@ def _check_async_engine(async_engine: object, database_url: str | None) -> None:
     if not isinstance(getattr(async_engine, "sync_engine", None), Engine):
         raise ConfigurationError(
             f"async_engine must be a sqlalchemy.ext.asyncio.AsyncEngine, not {type(async_engine).__name__}"
+        )
+
+
+def _timeouts(
+    max_poll: timedelta, lock: timedelta | None, batch_lock: timedelta | None, idle: timedelta | None,
+) -> tuple[timedelta, timedelta, timedelta]:
+    """``lock_timeout``, ``batch_lock_timeout`` and ``idle_in_transaction_timeout``: checked, defaults filled in."""
+    given = {"lock_timeout": lock, "idle_in_transaction_timeout": idle, "batch_lock_timeout": batch_lock}
+    for name, value in given.items():
+        if value is not None and (not isinstance(value, timedelta) or value <= timedelta(0)):
+            raise ConfigurationError(f"{name} must be a positive timedelta")
+    lock = lock if lock is not None else max_poll / 10
+    if lock >= max_poll:
+        raise ConfigurationError(
+            f"lock_timeout ({format_duration(lock)}) must be below max_poll_interval_ms "
+            f"({format_duration(max_poll)}): a claim waiting longer for a row lock gets its worker evicted "
+            "from the group"
+        )
+    if batch_lock is not None and batch_lock > lock:
+        raise ConfigurationError(
+            f"batch_lock_timeout ({format_duration(batch_lock)}) must not exceed lock_timeout "
+            f"({format_duration(lock)}): it shortens the lock waits of transactions of several records"
+        )
+    batch_lock = batch_lock if batch_lock is not None else min(_db.DEFAULT_BATCH_LOCK_TIMEOUT, lock)
+    return lock, batch_lock, idle if idle is not None else max_poll
+
+
+def _check_batch_lock_backend(given: bool, database: str | Engine | AsyncEngine) -> None:
+    """Refuse a ``batch_lock_timeout`` ``given`` for a database (URL or engine) it does nothing on."""
+    if not given:
+        return
+    backend = _db.normalize_url(database).get_backend_name() if isinstance(database, str) else database.dialect.name
+    if backend != "postgresql":
+        raise ConfigurationError(
+            f"batch_lock_timeout applies to PostgreSQL only, not {backend}: InnoDB finds a deadlock at once "
+            "and SQLite has no row locks, so there is no lock wait to shorten; leave it out"
         )

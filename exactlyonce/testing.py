@@ -651,6 +651,7 @@ class _WorkerSettings:
     #: The test database's URL (password included), for the async handlers' engine.
     url: str = ""
     lock_timeout: timedelta = timedelta(seconds=30)
+    batch_lock_timeout: timedelta | None = None
     #: The async engine is made here, from ``url``: each run's event loop disposes of its pool.
     owns_async_engine: bool = True
     #: Unread: the TestApp gives the runner its twin consumer.
@@ -995,6 +996,7 @@ class TestApp:
             engine=self.engine,
             url=self.engine.url.render_as_string(hide_password=False),
             lock_timeout=app.lock_timeout,
+            batch_lock_timeout=app.batch_lock_timeout,
         )
 
     def _appended(self, record: TwinRecord) -> None:

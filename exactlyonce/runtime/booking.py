@@ -16,6 +16,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
@@ -26,6 +27,7 @@ from exactlyonce.errors import Skip
 from exactlyonce.message import Message
 from exactlyonce.metrics import Metrics
 from exactlyonce.outcome import Outcome
+from exactlyonce.storage import engine as _db
 from exactlyonce.storage import store
 from exactlyonce.storage.store import Tally
 
@@ -98,8 +100,10 @@ class Bookkeeper:
     def __init__(
         self, engine: Engine | None, group_id: str, stats: Counter[str], metrics: Metrics,
         async_engine: AsyncEngine | None = None, *, observer: Observer | None = None,
+        batch_lock_timeout: timedelta | None = None,
     ) -> None:
         self._engine = engine
+        self._batch_lock_timeout = batch_lock_timeout
         self._async_engine = async_engine
         self._group_id = group_id
         self.stats = stats
@@ -122,8 +126,12 @@ class Bookkeeper:
         return [engine for engine in engines if engine is not None]
 
     @contextlib.contextmanager
-    def transaction(self, handler: Handler) -> Iterator[tuple[_session.HandlerSession, Book]]:
+    def transaction(self, handler: Handler, records: int = 1) -> Iterator[tuple[_session.HandlerSession, Book]]:
         """A transaction and its book: written before the commit, reported after it.
+
+        With ``records`` > 1 (a transaction the caller can redo in smaller
+        ones), its lock waits are bounded by ``batch_lock_timeout``
+        (:func:`~exactlyonce.storage.engine.bound_lock_wait`).
 
         The session is a :class:`~exactlyonce._session.HandlerSession`: it may
         be lent to the handler, which cannot end the transaction. An async
@@ -136,6 +144,8 @@ class Bookkeeper:
         else:
             session = _session.HandlerSession(self.engine_for(handler))
         with session, session.begin():
+            if records > 1 and self._batch_lock_timeout is not None:
+                _db.bound_lock_wait(session, self._batch_lock_timeout)
             yield session, book
             book.write(session, self._group_id)
         self.report(book)

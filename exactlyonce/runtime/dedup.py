@@ -167,7 +167,7 @@ class Dedup:
             results = self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items),
                                            retry_on=conflicts_allowed(0))
         except TransientError as exc:
-            if not _db.is_conflict(exc):
+            if not _db.is_conflict(exc, lock_waits=True):
                 raise
             self._transient.back_off_conflict(handler.scope, len(items), exc)
             self._shrink(handler)
@@ -238,7 +238,7 @@ class Dedup:
         for the caller to handle after the commit.
         """
         results: list[Outcome | FingerprintMismatch] = []
-        with self._books.transaction(handler) as (session, book):
+        with self._books.transaction(handler, len(items)) as (session, book):
             # A repeated ID within the batch is claimed once, by its first occurrence.
             first: dict[str, int] = {}
             for index, (_, message_id) in enumerate(items):

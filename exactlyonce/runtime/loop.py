@@ -92,6 +92,11 @@ class Settings(Protocol):
     def bootstrap_servers(self) -> str: ...
 
     @property
+    def batch_lock_timeout(self) -> timedelta | None:
+        """How long a statement in a transaction of several records waits for a lock (PostgreSQL; None: unbounded)."""
+        ...
+
+    @property
     def engine(self) -> Engine: ...
 
     @property
@@ -140,7 +145,7 @@ class Runner:
         self._engine = app.engine if any(not h.is_async for h in handlers) else None
         self._async_engine = app.async_engine if any(h.is_async for h in handlers) else None
         self._books = Bookkeeper(self._engine, app.group_id, app.stats, app.metrics, self._async_engine,
-                                 observer=observer)
+                                 observer=observer, batch_lock_timeout=app.batch_lock_timeout)
         self._dead_letters = DeadLetters(self._books, self._transient, lambda: producer_factory(
             bootstrap_servers=app.bootstrap_servers, config=app.producer_config))
         calls = Calls(app.signing_keys, app.metrics)

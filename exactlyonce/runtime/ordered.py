@@ -106,7 +106,7 @@ class Ordered:
             self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items),
                                  retry_on=conflicts_allowed(CONFLICT_RETRIES))
         except TransientError as exc:
-            if not _db.is_conflict(exc):
+            if not _db.is_conflict(exc, lock_waits=True):
                 raise
             self._transient.back_off_conflict(handler.scope, len(items), exc)
             middle = len(items) // 2
@@ -124,7 +124,7 @@ class Ordered:
         scope = handler.scope
         #: Parked records this transaction may still release (see _release).
         budget = handler.batch_size
-        with self._books.transaction(handler) as (session, book):
+        with self._books.transaction(handler, len(items)) as (session, book):
             now = utcnow()
             streams = seq.lock(session, scope, (name for _, _, name, _ in items), now)
             for message, message_id, name, number in items:

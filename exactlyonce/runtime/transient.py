@@ -48,7 +48,11 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def conflicts_allowed(limit: int) -> Callable[[BaseException], bool]:
-    """A retry predicate: transient failures, but at most ``limit`` deadlocks or serialization failures.
+    """A retry predicate for a transaction of several records: transient failures, but at most ``limit`` conflicts.
+
+    A conflict is a deadlock, a serialization failure or a lock wait
+    timeout (such a transaction's lock waits are bounded to find deadlocks
+    early: see :func:`~exactlyonce.storage.engine.bound_lock_wait`).
 
     With ``limit`` > 0 (sequenced handlers), a batch that lost a lock
     conflict is first retried as it is, after the usual jittered backoff;
@@ -60,7 +64,7 @@ def conflicts_allowed(limit: int) -> Callable[[BaseException], bool]:
 
     def retry_on(exc: BaseException) -> bool:
         nonlocal conflicts
-        if _db.is_conflict(exc):
+        if _db.is_conflict(exc, lock_waits=True):
             conflicts += 1
             return conflicts <= limit
         return is_transient(exc)

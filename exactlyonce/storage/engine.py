@@ -44,6 +44,11 @@ DEFAULT_MAX_POLL_INTERVAL = timedelta(milliseconds=300_000)
 #: instead of being evicted.
 DEFAULT_LOCK_TIMEOUT = DEFAULT_MAX_POLL_INTERVAL / 10
 
+#: How long a statement in a transaction of several records waits for a row
+#: lock on PostgreSQL before the records are redone in smaller transactions
+#: (see :func:`bound_lock_wait`): well below ``deadlock_timeout``'s 1 s.
+DEFAULT_BATCH_LOCK_TIMEOUT = timedelta(milliseconds=200)
+
 #: How long a session may sit idle inside a transaction before the server ends
 #: it and releases its locks (PostgreSQL ``idle_in_transaction_session_timeout``,
 #: MariaDB ``idle_transaction_timeout``): the poll interval, past which the
@@ -409,19 +414,48 @@ def is_transient(exc: BaseException, *, chained: bool = False) -> bool:
 # to lose it again. PostgreSQL SQLSTATEs and MySQL/MariaDB error codes.
 _PG_CONFLICTS = {"40001", "40P01"}
 _MYSQL_CONFLICTS = {1020, 1213}
+#: Those, and a lock wait timeout.
+_PG_LOCK_LOSSES = _PG_CONFLICTS | {"55P03"}
+_MYSQL_LOCK_LOSSES = _MYSQL_CONFLICTS | {1205}
 
 
-def is_conflict(exc: BaseException) -> bool:
-    """Whether ``exc``, or an exception it was raised from or while handling, is a deadlock or serialization failure."""
+def is_conflict(exc: BaseException, *, lock_waits: bool = False) -> bool:
+    """Whether ``exc``, or an exception it was raised from or while handling, is a deadlock or serialization failure.
+
+    With ``lock_waits``, a lock wait timeout counts too (PostgreSQL's
+    ``lock_not_available``, InnoDB's 1205): in a transaction of several
+    records the framework bounds lock waits to find deadlocks early (see
+    :func:`bound_lock_wait`).
+    """
+    pg, mysql = (_PG_LOCK_LOSSES, _MYSQL_LOCK_LOSSES) if lock_waits else (_PG_CONFLICTS, _MYSQL_CONFLICTS)
     for each in _chain(exc):
         orig = each.orig if isinstance(each, sa.exc.DBAPIError) else each
-        if getattr(orig, "sqlstate", None) in _PG_CONFLICTS or getattr(orig, "pgcode", None) in _PG_CONFLICTS:
+        if getattr(orig, "sqlstate", None) in pg or getattr(orig, "pgcode", None) in pg:
             return True
         if type(orig).__module__.startswith(_MYSQL_DRIVER_MODULES):
             args: tuple[Any, ...] = getattr(orig, "args", ())
-            if args and args[0] in _MYSQL_CONFLICTS:
+            if args and args[0] in mysql:
                 return True
     return False
+
+
+def bound_lock_wait(session: Session, wait: timedelta) -> None:
+    """Make the statements of ``session``'s transaction wait at most ``wait`` for a lock (PostgreSQL only).
+
+    ``SET LOCAL``: the transaction's own setting, gone at its end. For a
+    transaction of several records, whose handlers may lock shared rows in
+    different orders: PostgreSQL looks for a deadlock only after
+    ``deadlock_timeout`` (1 s by default, and only a superuser may change
+    it), and meanwhile every worker queued on those rows waits. A wait cut
+    short fails with ``lock_not_available``, which the caller takes for a
+    lost conflict (:func:`is_conflict` with ``lock_waits``) and redoes the
+    records in smaller transactions. InnoDB finds deadlocks at once and
+    SQLite writers queue before they begin, so other databases are left as
+    they are.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.text("SELECT set_config('lock_timeout', :ms, true)"),
+                        {"ms": str(math.ceil(wait / timedelta(milliseconds=1)))})
 
 
 _SAVEPOINT_STATEMENTS = ("RELEASE SAVEPOINT", "ROLLBACK TO SAVEPOINT")

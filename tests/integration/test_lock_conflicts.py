@@ -269,6 +269,63 @@ def test_a_batch_that_keeps_deadlocking_is_retried_in_halves(
     engine.dispose()
 
 
+@pytest.mark.parametrize("sequenced", [False, True], ids=["by_id", "sequenced"])
+def test_a_transaction_of_several_records_waits_briefly_for_a_lock_then_goes_smaller(
+    bootstrap_servers: str, postgres_url: str, sequenced: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PostgreSQL: #6 needs a row another transaction holds; #1-#5 commit while it waits.
+
+    The transaction of #1-#10 waits at most ``batch_lock_timeout`` for the
+    row, is taken for a lost conflict and redone smaller, until #6 is alone:
+    a single record waits ``lock_timeout`` (a minute here), as before. With
+    the whole batch waiting a minute, #1-#5 would not commit within the
+    test's wait.
+    """
+    drop_all_tables(postgres_url)
+    engine = engine_for(postgres_url)
+    migrate.upgrade(engine)
+    seq_metadata.create_all(engine)
+    hot_metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.insert(hot), [{"id": 1, "v": 0}])
+    topic = unique("briefwait")
+    create_topic(bootstrap_servers, topic)
+    app = make_app(bootstrap_servers, postgres_url, outbox=False, lock_timeout=timedelta(minutes=1),
+                   batch_lock_timeout=timedelta(milliseconds=100))
+    caplog.set_level(logging.WARNING, logger="exactlyonce")
+    waits: dict[int, set[str]] = {}
+
+    def handle(message: Message, session: Session) -> None:
+        number = stream_and_number(message)[1]
+        waits.setdefault(number, set()).add(session.execute(sa.text("SHOW lock_timeout")).scalar_one())
+        insert_seq_effect(session, message)
+        if number == 6:
+            _bump(session, 1)
+
+    app.handler(topic, sequence=stream_and_number if sequenced else None,
+                message_id=None if sequenced else lambda m: f"n-{stream_and_number(m)[1]}")(handle)
+    # All ten are on the topic before the worker's first poll, so that #6 is
+    # first handled in a transaction with the others.
+    produce(bootstrap_servers, topic, [record("a", n) for n in range(1, 11)])
+    holder = engine.connect()
+    try:
+        holder.begin()
+        _bump(holder, 1)
+        with running(app):
+            wait_until(lambda: applied(engine) == {"a": [1, 2, 3, 4, 5]}, 30, "#1-#5 applied while #6 waits")
+            wait_until(lambda: "1min" in waits.get(6, set()), 30, "#6 waiting on its own, for lock_timeout")
+            holder.rollback()
+            wait_until(lambda: applied(engine) == {"a": list(range(1, 11))}, 60, "#6-#10 applied")
+            wait_all_committed(bootstrap_servers, app.group_id, topic)
+    finally:
+        holder.close()
+    assert "100ms" in waits[6], waits
+    assert app.stats["applied"] == 10
+    assert any("lost a lock conflict" in r.getMessage() and "canceling statement due to lock timeout" in
+               r.getMessage() for r in caplog.records)
+    engine.dispose()
+
+
 # -- a lock held without end ----------------------------------------------------------
 
 

@@ -94,7 +94,9 @@ def test_the_apps_timeouts_hold_in_its_transactions_only_and_the_engine_outlives
               outbox=False, lock_timeout=timedelta(seconds=7), idle_in_transaction_timeout=timedelta(seconds=90))
     inside: list[tuple[str, ...]] = []
 
-    @app.handler(topic, model=Transfer, message_id=ids.field("transfer_id"))
+    # One record a transaction: a PostgreSQL transaction of several waits batch_lock_timeout instead
+    # (test_lock_conflicts.py).
+    @app.handler(topic, model=Transfer, message_id=ids.field("transfer_id"), batch_size=1)
     def handle(message: Message, session: Session) -> None:
         inside.append(_settings(session.connection(), backend))
         insert_effect(session, message.payload.transfer_id, str(message.payload.amount))

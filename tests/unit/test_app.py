@@ -10,6 +10,7 @@ import pytest
 
 from exactlyonce import App, ConfigurationError, OnGap, ids
 from exactlyonce.app import BOOTSTRAP_SERVERS_ENV, DATABASE_URL_ENV
+from exactlyonce.storage import engine as _db
 
 
 def noop(message: Any, session: Any) -> None:
@@ -229,6 +230,37 @@ def test_database_timeouts_default_from_the_poll_interval_and_stay_below_it() ->
         App("g", consumer_config={"max_poll_interval_ms": 10_000}, lock_timeout=timedelta(seconds=10))
     with pytest.raises(ConfigurationError, match="positive"):
         App("g", idle_in_transaction_timeout=timedelta(0))
+
+
+def test_batch_lock_timeout_defaults_below_the_deadlock_check_and_is_refused_where_it_does_nothing(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """200 ms (or lock_timeout if shorter); given, it must be positive, at most lock_timeout, and on PostgreSQL."""
+    assert App("g").batch_lock_timeout == timedelta(milliseconds=200)
+    assert App("g", lock_timeout=timedelta(milliseconds=50)).batch_lock_timeout == timedelta(milliseconds=50)
+    # The default is not refused on other databases: it does nothing there.
+    assert App("g", database_url="sqlite://").batch_lock_timeout == timedelta(milliseconds=200)
+    postgres = "postgresql://u:p@127.0.0.1:1/db"
+    app = App("g", database_url=postgres, batch_lock_timeout=timedelta(seconds=1))
+    assert app.batch_lock_timeout == timedelta(seconds=1)
+    with pytest.raises(ConfigurationError, match="positive"):
+        App("g", batch_lock_timeout=timedelta(0))
+    with pytest.raises(ConfigurationError, match=r"batch_lock_timeout \(5s\) must not exceed lock_timeout \(2s\)"):
+        App("g", lock_timeout=timedelta(seconds=2), batch_lock_timeout=timedelta(seconds=5))
+    for url in (f"sqlite:///{tmp_path}/x.db", "mysql://u:p@127.0.0.1:1/db", "mariadb+pymysql://u:p@127.0.0.1:1/db"):
+        with pytest.raises(ConfigurationError, match="batch_lock_timeout applies to PostgreSQL only"):
+            App("g", database_url=url, batch_lock_timeout=timedelta(milliseconds=100))
+    # A URL from the environment is checked when the engine is made.
+    monkeypatch.setenv(DATABASE_URL_ENV, f"sqlite:///{tmp_path}/y.db")
+    app = App("g", batch_lock_timeout=timedelta(milliseconds=100))
+    with pytest.raises(ConfigurationError, match="not sqlite"):
+        app.engine  # noqa: B018
+    with pytest.raises(ConfigurationError, match="not sqlite"):
+        app.async_engine  # noqa: B018
+    engine = _db.create_engine(f"sqlite:///{tmp_path}/z.db")
+    with pytest.raises(ConfigurationError, match="not sqlite"):
+        App("g", engine=engine, batch_lock_timeout=timedelta(seconds=1))
+    engine.dispose()
 
 
 def test_sqlite_busy_timeout_is_the_lock_timeout(tmp_path: Any) -> None:

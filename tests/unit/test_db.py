@@ -96,6 +96,24 @@ def test_asyncmy_errors_are_classified_as_pymysqls() -> None:
     assert _db.is_conflict(_operational(errors.OperationalError(1213, "Deadlock found")))
     assert not _db.is_transient(_operational(errors.OperationalError(1054, "Unknown column")))
     assert not _db.is_conflict(_operational(errors.OperationalError(1205, "Lock wait timeout exceeded")))
+    assert _db.is_conflict(_operational(errors.OperationalError(1205, "Lock wait timeout exceeded")), lock_waits=True)
+
+
+def test_a_lock_wait_timeout_is_a_conflict_only_where_lock_waits_are_bounded() -> None:
+    """In a transaction of several records a lock wait timeout is lost like a deadlock; in one record it is not."""
+    import psycopg
+    import pymysql
+
+    for timeout in (_operational(psycopg.errors.LockNotAvailable("canceling statement due to lock timeout")),
+                    _operational(pymysql.err.OperationalError(1205, "Lock wait timeout exceeded"))):
+        assert _db.is_transient(timeout)
+        assert not _db.is_conflict(timeout)
+        assert _db.is_conflict(timeout, lock_waits=True)
+    for deadlock in (_operational(psycopg.errors.DeadlockDetected("deadlock detected")),
+                     _operational(pymysql.err.OperationalError(1213, "Deadlock found"))):
+        assert _db.is_conflict(deadlock) and _db.is_conflict(deadlock, lock_waits=True)
+    other = _operational(psycopg.errors.QueryCanceled("canceling statement due to statement timeout"))
+    assert not _db.is_conflict(other, lock_waits=True)
 
 
 def test_an_error_raised_from_or_while_handling_a_transient_one_is_transient_when_chained() -> None:
