@@ -85,15 +85,15 @@ class App:
     owners.
 
     ``batch_lock_timeout`` (PostgreSQL only): how long a statement in a
-    transaction of several records (any handler's ``batch_size`` > 1, batch
-    handler or not) waits for a row lock; past it the transaction is taken
-    for a lost lock conflict and its records are redone in smaller
-    transactions, as after a deadlock. Default 200 ms (or ``lock_timeout``,
-    if shorter): PostgreSQL only looks for a deadlock after 1 s
-    (``deadlock_timeout``), and every worker queued on the rows waits that
-    long. A transaction of one record waits ``lock_timeout``. Refused for
-    other databases (InnoDB finds deadlocks at once; SQLite has no row
-    locks) and above ``lock_timeout``.
+    transaction of several polled records (any handler's, batch handler or
+    not) waits for a row lock; past it the transaction is taken for a lost
+    lock conflict and its records are redone in smaller transactions, as
+    after a deadlock. Default 200 ms (or ``lock_timeout``, if shorter; equal
+    to it, it bounds nothing): PostgreSQL only looks for a deadlock after
+    1 s (``deadlock_timeout``), and every worker queued on the rows waits
+    that long. A transaction of one polled record waits ``lock_timeout``.
+    Refused for other databases (InnoDB finds deadlocks at once; SQLite has
+    no row locks) and above ``lock_timeout``.
 
     ``kafka_client``: the client the worker's consumer runs on:
     ``"kafka-python"`` (default) or ``"confluent"`` (confluent-kafka, on

@@ -120,6 +120,16 @@ class Bookkeeper:
             raise RuntimeError(f"no engine for the handler of {handler.scope}")
         return self._engine
 
+    def bounds_lock_waits(self, handler: Handler, records: int) -> bool:
+        """Whether a transaction of ``records`` of ``handler`` waits at most ``batch_lock_timeout`` for a lock.
+
+        Then a lock wait timeout in it is a lost conflict, not a transient
+        failure (:func:`~exactlyonce.storage.engine.bound_lock_wait`): on
+        PostgreSQL, for more than one record, when the bound is set.
+        """
+        return (records > 1 and self._batch_lock_timeout is not None
+                and self.engine_for(handler).dialect.name == "postgresql")
+
     def engines(self) -> list[Engine]:
         """Every engine the transactions use."""
         engines = [self._engine, self._async_engine.sync_engine if self._async_engine is not None else None]
@@ -130,8 +140,8 @@ class Bookkeeper:
         """A transaction and its book: written before the commit, reported after it.
 
         With ``records`` > 1 (a transaction the caller can redo in smaller
-        ones), its lock waits are bounded by ``batch_lock_timeout``
-        (:func:`~exactlyonce.storage.engine.bound_lock_wait`).
+        ones), its lock waits are bounded by ``batch_lock_timeout`` where
+        :meth:`bounds_lock_waits`.
 
         The session is a :class:`~exactlyonce._session.HandlerSession`: it may
         be lent to the handler, which cannot end the transaction. An async
@@ -144,7 +154,7 @@ class Bookkeeper:
         else:
             session = _session.HandlerSession(self.engine_for(handler))
         with session, session.begin():
-            if records > 1 and self._batch_lock_timeout is not None:
+            if self._batch_lock_timeout is not None and self.bounds_lock_waits(handler, records):
                 _db.bound_lock_wait(session, self._batch_lock_timeout)
             yield session, book
             book.write(session, self._group_id)

@@ -162,19 +162,28 @@ class Dedup:
             self._transient.safe(handler.scope, message, lambda: self._handle(handler, message, message_id))
             self._grow(handler, 1)
             return
+        bounded = self._books.bounds_lock_waits(handler, len(items))
+        lost: TransientError | None = None
+        failed = False
         try:
             # A lock conflict is not retried at this size: see chunk_size.
             results = self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items),
-                                           retry_on=conflicts_allowed(0))
+                                           retry_on=conflicts_allowed(0, lock_waits=bounded))
         except TransientError as exc:
-            if not _db.is_conflict(exc, lock_waits=True):
+            if not _db.is_conflict(exc, lock_waits=bounded):
                 raise
-            self._transient.back_off_conflict(handler.scope, len(items), exc)
+            lost = exc
+        except Exception as exc:
+            log.info("a batch of %d failed (%s: %s); splitting it", len(items), type(exc).__name__, exc)
+            failed = True
+        # Redone outside the except clauses: an error in the smaller transactions must not carry
+        # the lost batch's error as its __context__ (a handler's own error would look transient).
+        if lost is not None:
+            self._transient.back_off_conflict(handler.scope, len(items), lost)
             self._shrink(handler)
             self._in_pieces(handler, items)
             return
-        except Exception as exc:
-            log.info("a batch of %d failed (%s: %s); splitting it", len(items), type(exc).__name__, exc)
+        if failed:
             self._halves(handler, items)
             return
         self._grow(handler, len(items))

@@ -92,6 +92,11 @@ class Settings(Protocol):
     def bootstrap_servers(self) -> str: ...
 
     @property
+    def lock_timeout(self) -> timedelta:
+        """How long a statement waits for a row lock before it fails as transient."""
+        ...
+
+    @property
     def batch_lock_timeout(self) -> timedelta | None:
         """How long a statement in a transaction of several records waits for a lock (PostgreSQL; None: unbounded)."""
         ...
@@ -145,7 +150,7 @@ class Runner:
         self._engine = app.engine if any(not h.is_async for h in handlers) else None
         self._async_engine = app.async_engine if any(h.is_async for h in handlers) else None
         self._books = Bookkeeper(self._engine, app.group_id, app.stats, app.metrics, self._async_engine,
-                                 observer=observer, batch_lock_timeout=app.batch_lock_timeout)
+                                 observer=observer, batch_lock_timeout=_lock_wait_bound(app))
         self._dead_letters = DeadLetters(self._books, self._transient, lambda: producer_factory(
             bootstrap_servers=app.bootstrap_servers, config=app.producer_config))
         calls = Calls(app.signing_keys, app.metrics)
@@ -388,3 +393,13 @@ def _cancel_tasks_left(loop: asyncio.AbstractEventLoop) -> None:
     for task in tasks:
         if not task.cancelled() and task.exception() is not None:
             log.warning("a task left running by a handler failed: %r", task.exception())
+
+
+def _lock_wait_bound(app: Settings) -> timedelta | None:
+    """The bound on a transaction of several records' lock waits, if it is shorter than ``lock_timeout``.
+
+    Equal to ``lock_timeout`` it bounds nothing: a lock wait timeout is then
+    the transient failure it is in any transaction, not a lost conflict.
+    """
+    bound = app.batch_lock_timeout
+    return bound if bound is not None and bound < app.lock_timeout else None

@@ -102,16 +102,20 @@ class Ordered:
         if len(items) == 1:
             self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items))
             return
+        bounded = self._books.bounds_lock_waits(handler, len(items))
         try:
             self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items),
-                                 retry_on=conflicts_allowed(CONFLICT_RETRIES))
+                                 retry_on=conflicts_allowed(CONFLICT_RETRIES, lock_waits=bounded))
+            return
         except TransientError as exc:
-            if not _db.is_conflict(exc, lock_waits=True):
+            if not _db.is_conflict(exc, lock_waits=bounded):
                 raise
-            self._transient.back_off_conflict(handler.scope, len(items), exc)
-            middle = len(items) // 2
-            self._run(handler, items[:middle])
-            self._run(handler, items[middle:])
+            lost = exc
+        # Halved outside the except clause (see Dedup._run).
+        self._transient.back_off_conflict(handler.scope, len(items), lost)
+        middle = len(items) // 2
+        self._run(handler, items[:middle])
+        self._run(handler, items[middle:])
 
     def _apply(self, handler: Handler, items: list[_Item]) -> None:
         """Handle ``items`` in ONE transaction, each stream in number order.

@@ -47,12 +47,13 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TransientError) or _db.is_transient(exc, chained=True)
 
 
-def conflicts_allowed(limit: int) -> Callable[[BaseException], bool]:
+def conflicts_allowed(limit: int, *, lock_waits: bool) -> Callable[[BaseException], bool]:
     """A retry predicate for a transaction of several records: transient failures, but at most ``limit`` conflicts.
 
-    A conflict is a deadlock, a serialization failure or a lock wait
-    timeout (such a transaction's lock waits are bounded to find deadlocks
-    early: see :func:`~exactlyonce.storage.engine.bound_lock_wait`).
+    A conflict is a deadlock or a serialization failure; with
+    ``lock_waits`` (a transaction whose lock waits were cut short to find
+    deadlocks early: see :func:`~exactlyonce.storage.engine.bound_lock_wait`)
+    a lock wait timeout too.
 
     With ``limit`` > 0 (sequenced handlers), a batch that lost a lock
     conflict is first retried as it is, after the usual jittered backoff;
@@ -64,7 +65,7 @@ def conflicts_allowed(limit: int) -> Callable[[BaseException], bool]:
 
     def retry_on(exc: BaseException) -> bool:
         nonlocal conflicts
-        if _db.is_conflict(exc, lock_waits=True):
+        if _db.is_conflict(exc, lock_waits=lock_waits):
             conflicts += 1
             return conflicts <= limit
         return is_transient(exc)

@@ -416,25 +416,24 @@ _PG_CONFLICTS = {"40001", "40P01"}
 _MYSQL_CONFLICTS = {1020, 1213}
 #: Those, and a lock wait timeout.
 _PG_LOCK_LOSSES = _PG_CONFLICTS | {"55P03"}
-_MYSQL_LOCK_LOSSES = _MYSQL_CONFLICTS | {1205}
 
 
 def is_conflict(exc: BaseException, *, lock_waits: bool = False) -> bool:
     """Whether ``exc``, or an exception it was raised from or while handling, is a deadlock or serialization failure.
 
-    With ``lock_waits``, a lock wait timeout counts too (PostgreSQL's
-    ``lock_not_available``, InnoDB's 1205): in a transaction of several
-    records the framework bounds lock waits to find deadlocks early (see
-    :func:`bound_lock_wait`).
+    With ``lock_waits``, PostgreSQL's lock wait timeout (``lock_not_available``)
+    counts too: for a transaction whose lock waits :func:`bound_lock_wait`
+    cut short to find deadlocks early. (Elsewhere a lock wait timeout comes
+    after the full ``lock_timeout``: a transient failure, not a lost race.)
     """
-    pg, mysql = (_PG_LOCK_LOSSES, _MYSQL_LOCK_LOSSES) if lock_waits else (_PG_CONFLICTS, _MYSQL_CONFLICTS)
+    pg = _PG_LOCK_LOSSES if lock_waits else _PG_CONFLICTS
     for each in _chain(exc):
         orig = each.orig if isinstance(each, sa.exc.DBAPIError) else each
         if getattr(orig, "sqlstate", None) in pg or getattr(orig, "pgcode", None) in pg:
             return True
         if type(orig).__module__.startswith(_MYSQL_DRIVER_MODULES):
             args: tuple[Any, ...] = getattr(orig, "args", ())
-            if args and args[0] in mysql:
+            if args and args[0] in _MYSQL_CONFLICTS:
                 return True
     return False
 

@@ -25,13 +25,16 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from exactlyonce import Claim, Message, Retry, claim, migrate
+from exactlyonce import App, Claim, Message, Retry, claim, migrate
+from exactlyonce.storage import engine as _db
 from tests.conftest import drop_all_tables
 
 from .helpers import (
     Rec,
+    consumer_config_for,
     create_effects,
     create_topic,
     dedup_rows,
@@ -269,9 +272,10 @@ def test_a_batch_that_keeps_deadlocking_is_retried_in_halves(
     engine.dispose()
 
 
-@pytest.mark.parametrize("sequenced", [False, True], ids=["by_id", "sequenced"])
+@pytest.mark.parametrize(("sequenced", "own_engine"), [(False, False), (True, False), (False, True)],
+                         ids=["by_id", "sequenced", "by_id-own_engine"])
 def test_a_transaction_of_several_records_waits_briefly_for_a_lock_then_goes_smaller(
-    bootstrap_servers: str, postgres_url: str, sequenced: bool, caplog: pytest.LogCaptureFixture,
+    bootstrap_servers: str, postgres_url: str, sequenced: bool, own_engine: bool, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """PostgreSQL: #6 needs a row another transaction holds; #1-#5 commit while it waits.
 
@@ -279,7 +283,9 @@ def test_a_transaction_of_several_records_waits_briefly_for_a_lock_then_goes_sma
     row, is taken for a lost conflict and redone smaller, until #6 is alone:
     a single record waits ``lock_timeout`` (a minute here), as before. With
     the whole batch waiting a minute, #1-#5 would not commit within the
-    test's wait.
+    test's wait. With ``own_engine`` the app works through a view of an
+    engine whose connections have their own ``lock_timeout`` (41 s): its
+    transactions set theirs locally, and the connections keep their own.
     """
     drop_all_tables(postgres_url)
     engine = engine_for(postgres_url)
@@ -290,8 +296,14 @@ def test_a_transaction_of_several_records_waits_briefly_for_a_lock_then_goes_sma
         conn.execute(sa.insert(hot), [{"id": 1, "v": 0}])
     topic = unique("briefwait")
     create_topic(bootstrap_servers, topic)
-    app = make_app(bootstrap_servers, postgres_url, outbox=False, lock_timeout=timedelta(minutes=1),
-                   batch_lock_timeout=timedelta(milliseconds=100))
+    timeouts = {"lock_timeout": timedelta(minutes=1), "batch_lock_timeout": timedelta(milliseconds=100)}
+    service = sa.create_engine(_db.normalize_url(postgres_url))
+    event.listen(service, "connect", _lock_timeout_41s)
+    if own_engine:
+        app = App(unique("group"), bootstrap_servers=bootstrap_servers, engine=service,
+                  consumer_config=consumer_config_for("kafka-python"), outbox=False, **timeouts)
+    else:
+        app = make_app(bootstrap_servers, postgres_url, outbox=False, **timeouts)
     caplog.set_level(logging.WARNING, logger="exactlyonce")
     waits: dict[int, set[str]] = {}
 
@@ -321,9 +333,19 @@ def test_a_transaction_of_several_records_waits_briefly_for_a_lock_then_goes_sma
         holder.close()
     assert "100ms" in waits[6], waits
     assert app.stats["applied"] == 10
+    with service.connect() as conn:  # the service's own setting, on the connection the app used if it had one
+        assert conn.exec_driver_sql("SHOW lock_timeout").scalar_one() == "41s"
+    service.dispose()
     assert any("lost a lock conflict" in r.getMessage() and "canceling statement due to lock timeout" in
                r.getMessage() for r in caplog.records)
     engine.dispose()
+
+
+def _lock_timeout_41s(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET lock_timeout = '41s'")
+    cursor.close()
+    dbapi_connection.commit()
 
 
 # -- a lock held without end ----------------------------------------------------------

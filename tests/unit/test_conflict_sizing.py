@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import psycopg
+import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from exactlyonce import App, Message
+from exactlyonce import App, Message, Retry
 from exactlyonce.runtime.dedup import CEILING_S, GROW_AFTER, SHRINK_BY, Dedup
 from exactlyonce.testing import TestApp
 
@@ -150,3 +152,47 @@ def test_a_poll_tail_that_loses_a_conflict_does_not_cut_the_size_to_one(tmp_path
         assert t.process() == ["applied"] * 130
     # The first poll: 100, then its last 5 lose and are redone; the second poll: 25 in 12s.
     assert sizes == [100, 5, 5, 12, 12, 1]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("sequenced", [False, True], ids=["by_id", "sequenced"])
+def test_a_handler_failure_after_a_lost_conflict_gets_its_retry_policy(
+    tmp_path: Path, sequenced: bool, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The batch loses deadlocks until it is split; #5 then fails in a smaller transaction: its own error.
+
+    Raised while the lost batch's error was being handled, #5's ValueError
+    would carry it as its ``__context__`` and be taken for a transient
+    failure: retried for the transient budget and rewound, again and again,
+    instead of getting its Retry policy and a dead letter. (A sequenced
+    batch is retried whole twice before it is split.)
+    """
+    app = App("g", bootstrap_servers="unused:9092", database_url="sqlite://", outbox=False)
+    losses = 3 if sequenced else 1
+    lost: list[int] = []
+
+    def number(message: Message) -> int:
+        return int(message.value.decode().split("-")[1])
+
+    def handle(message: Message, session: Session) -> None:
+        session.info["records"] = session.info.get("records", 0) + 1
+        if session.info["records"] > 1 and len(lost) < losses:
+            lost.append(number(message))
+            raise deadlock()
+        if number(message) == 5:
+            raise ValueError("a poison record")
+
+    app.handler("t", retry=Retry(attempts=2, backoff=timedelta(0)),
+                sequence=(lambda m: ("s", number(m))) if sequenced else None,
+                message_id=None if sequenced else (lambda m: m.value.decode()))(handle)
+    with TestApp(app, database_url=f"sqlite:///{tmp_path}/t.db") as t:
+        for n in range(1, 11):
+            t.produce("t", f"m-{n}".encode())
+        outcomes = t.process()
+    assert len(lost) == losses
+    assert outcomes == ["applied"] * 4 + ["dead_lettered"] + ["applied"] * 5
+    # Dead-lettered in the poll it came in: never a lost conflict, never rewound.
+    taken_for_transient = [r.getMessage() for r in caplog.records if "poison" in r.getMessage()
+                           and ("lock conflict" in r.getMessage() or "rewinding" in r.getMessage())]
+    assert not taken_for_transient
+    assert t.stats["dead_lettered:handler-error"] == 1, t.stats
