@@ -54,6 +54,7 @@ from exactlyonce.runtime.deadletter import DeadLetters
 from exactlyonce.runtime.dedup import Dedup
 from exactlyonce.runtime.offsets import Offsets
 from exactlyonce.runtime.ordered import Ordered
+from exactlyonce.runtime.sizing import ConflictSizing
 from exactlyonce.runtime.transient import Stopped, Transient
 from exactlyonce.storage import migrate
 from exactlyonce.storage.schema import counters, parked, processed, sequence_streams
@@ -154,9 +155,11 @@ class Runner:
         self._dead_letters = DeadLetters(self._books, self._transient, lambda: producer_factory(
             bootstrap_servers=app.bootstrap_servers, config=app.producer_config))
         calls = Calls(app.signing_keys, app.metrics)
-        self._dedup = Dedup(self._books, self._transient, self._dead_letters, calls)
-        self._ordered = Ordered([h for h in handlers if h.sequence is not None],
-                                self._books, self._transient, self._dead_letters, calls, app.metrics)
+        #: Records per transaction, shrunk after lock conflicts (both paths).
+        self._sizing = ConflictSizing()
+        self._dedup = Dedup(self._books, self._transient, self._dead_letters, calls, self._sizing)
+        self._ordered = Ordered([h for h in handlers if h.sequence is not None], self._books, self._transient,
+                                self._dead_letters, calls, app.metrics, self._sizing)
 
     @property
     def more_work(self) -> bool:
@@ -299,8 +302,7 @@ class Runner:
                 while start < len(messages):
                     if self._stop.is_set():
                         raise Stopped
-                    size = self._dedup.chunk_size(handler) if path is self._dedup else handler.batch_size
-                    chunk = messages[start : start + size]
+                    chunk = messages[start : start + self._sizing.size(handler)]
                     start += len(chunk)
                     path.process(handler, chunk)
                     # The chunk committed: everything in it is done.

@@ -40,12 +40,12 @@ from exactlyonce.outcome import Outcome
 from exactlyonce.runtime.booking import Book, Bookkeeper, fields, log_failure, log_skip
 from exactlyonce.runtime.calls import Calls
 from exactlyonce.runtime.deadletter import DeadLetters
+from exactlyonce.runtime.sizing import ConflictSizing
 from exactlyonce.runtime.transient import (
-    CONFLICT_RETRIES,
     Transient,
-    conflicts_allowed,
     is_handler_failure,
     is_transient,
+    transient_unless_conflict,
 )
 from exactlyonce.settings import utcnow
 from exactlyonce.storage import engine as _db
@@ -68,7 +68,7 @@ class Ordered:
 
     def __init__(
         self, handlers: list[Handler], books: Bookkeeper, transient: Transient,
-        dead_letters: DeadLetters, calls: Calls, metrics: Metrics,
+        dead_letters: DeadLetters, calls: Calls, metrics: Metrics, sizing: ConflictSizing,
     ) -> None:
         self._handlers = handlers
         self._books = books
@@ -76,6 +76,7 @@ class Ordered:
         self._dead_letters = dead_letters
         self._calls = calls
         self._metrics = metrics
+        self._sizing = sizing
         self._next_gap_check = 0.0
         #: A bounded step stopped with more to do: continue right after the next poll (which then does not wait).
         self.more_work = False
@@ -98,24 +99,27 @@ class Ordered:
             self._run(handler, items)
 
     def _run(self, handler: Handler, items: list[_Item]) -> None:
-        """Apply ``items`` in one transaction; after a deadlock or serialization failure, in halves."""
+        """Apply ``items`` in one transaction; after a lock conflict, in smaller ones (see ConflictSizing)."""
         if len(items) == 1:
             self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items))
+            self._sizing.committed(handler, 1)
             return
         bounded = self._books.bounds_lock_waits(handler, len(items))
         try:
             self._transient.safe(handler.scope, items[0][0], lambda: self._apply(handler, items),
-                                 retry_on=conflicts_allowed(CONFLICT_RETRIES, lock_waits=bounded))
-            return
+                                 retry_on=transient_unless_conflict(lock_waits=bounded))
         except TransientError as exc:
             if not _db.is_conflict(exc, lock_waits=bounded):
                 raise
             lost = exc
-        # Halved outside the except clause (see Dedup._run).
+        else:
+            self._sizing.committed(handler, len(items))
+            return
+        # Redone outside the except clause (see Dedup._run), in order: each piece commits before the next.
         self._transient.back_off_conflict(handler.scope, len(items), lost)
-        middle = len(items) // 2
-        self._run(handler, items[:middle])
-        self._run(handler, items[middle:])
+        self._sizing.lost(handler)
+        for piece in self._sizing.pieces(handler, items):
+            self._run(handler, list(piece))
 
     def _apply(self, handler: Handler, items: list[_Item]) -> None:
         """Handle ``items`` in ONE transaction, each stream in number order.

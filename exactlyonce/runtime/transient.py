@@ -30,12 +30,6 @@ T = TypeVar("T")
 #: The longest pause (a random share of it) before the smaller transactions
 #: of a batch that hit a deadlock or serialization failure are tried.
 CONFLICT_BACKOFF_S = 0.2
-#: Lock conflicts a sequenced handler's batch may lose and be retried whole
-#: before it is retried in halves (a message-ID handler's is not retried whole:
-#: see :meth:`~exactlyonce.runtime.dedup.Dedup.chunk_size`).
-CONFLICT_RETRIES = 2
-
-
 class Stopped(BaseException):
     """Raised out of a retry wait when a stop was requested (never escapes ``Runner.run``)."""
 
@@ -47,28 +41,20 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TransientError) or _db.is_transient(exc, chained=True)
 
 
-def conflicts_allowed(limit: int, *, lock_waits: bool) -> Callable[[BaseException], bool]:
-    """A retry predicate for a transaction of several records: transient failures, but at most ``limit`` conflicts.
+def transient_unless_conflict(*, lock_waits: bool) -> Callable[[BaseException], bool]:
+    """A retry predicate for a transaction of several records: transient failures, but not a lock conflict.
 
     A conflict is a deadlock or a serialization failure; with
     ``lock_waits`` (a transaction whose lock waits were cut short to find
     deadlocks early: see :func:`~exactlyonce.storage.engine.bound_lock_wait`)
-    a lock wait timeout too.
-
-    With ``limit`` > 0 (sequenced handlers), a batch that lost a lock
-    conflict is first retried as it is, after the usual jittered backoff;
-    one that keeps losing is then retried in halves, which hold fewer locks
-    for less time. With 0 (message-ID handlers), the first conflict ends
-    the retries and the caller redoes the batch in smaller transactions.
+    a lock wait timeout too. A transaction that lost one is not retried as
+    it is (it would meet the same rows in the same order): the caller redoes
+    its records in smaller transactions
+    (:class:`~exactlyonce.runtime.sizing.ConflictSizing`).
     """
-    conflicts = 0
 
     def retry_on(exc: BaseException) -> bool:
-        nonlocal conflicts
-        if _db.is_conflict(exc, lock_waits=lock_waits):
-            conflicts += 1
-            return conflicts <= limit
-        return is_transient(exc)
+        return not _db.is_conflict(exc, lock_waits=lock_waits) and is_transient(exc)
 
     return retry_on
 

@@ -234,14 +234,15 @@ def _driver_deadlock(session: Session) -> sa.exc.OperationalError:
 
 @pytest.mark.parametrize("sequenced", [False, True], ids=["by_id", "sequenced"])
 @pytest.mark.parametrize("server", ["postgres_url", "mysql_url"], ids=["postgresql", "mariadb"])
-def test_a_batch_that_keeps_deadlocking_is_retried_in_halves(
+def test_a_batch_that_keeps_deadlocking_is_redone_smaller(
     bootstrap_servers: str, server: str, sequenced: bool, request: pytest.FixtureRequest,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A transaction that handles more than 8 records always deadlocks (it would touch every hot row).
 
     Retried at the same size, the default batch of 100 would deadlock for
-    ever; halved after each deadlock, the batches shrink until they pass.
+    ever; cut to an eighth after each lost one (both kinds of handler), the
+    transactions shrink until they pass.
     """
     database: str = request.getfixturevalue(server)
     drop_all_tables(database)

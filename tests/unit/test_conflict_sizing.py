@@ -1,4 +1,4 @@
-"""After a lock conflict, a handler's transactions shrink and grow back (runtime/dedup.py)."""
+"""After a lock conflict, a handler's transactions shrink and grow back (runtime/sizing.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from exactlyonce import App, Message, Retry
-from exactlyonce.runtime.dedup import CEILING_S, GROW_AFTER, SHRINK_BY, Dedup
+from exactlyonce.runtime.sizing import CEILING_S, GROW_AFTER, SHRINK_BY, ConflictSizing
 from exactlyonce.testing import TestApp
 
 LIMIT = 8
@@ -53,6 +53,42 @@ def test_after_two_deadlocks_transactions_stay_small(tmp_path: Path) -> None:
     assert set(sizes[2:]) == {1}, sizes
 
 
+def test_a_sequenced_handler_shrinks_the_same_way_and_keeps_each_streams_order(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """As above, for a sequenced handler: the batch that lost is not retried whole, and numbers stay in order.
+
+    Before, a sequenced batch was retried whole twice and then in halves,
+    each retry meeting the same rows again (3 losses at 100, 3 at 50, ...).
+    """
+    app = App("g", bootstrap_servers="unused:9092", database_url="sqlite://", outbox=False)
+    applied: list[tuple[str, int]] = []
+
+    def stream_and_number(message: Message) -> tuple[str, int]:
+        stream, number = message.value.decode().split("-")
+        return stream, int(number)
+
+    @app.handler("hot", batch_size=100, sequence=stream_and_number)
+    def handle(message: Message, session: Session) -> None:
+        session.info["records"] = session.info.get("records", 0) + 1
+        if session.info["records"] > LIMIT:
+            raise deadlock()
+        applied.append(stream_and_number(message))
+
+    with TestApp(app, database_url=f"sqlite:///{tmp_path}/t.db") as t:
+        for n in range(1, 201):
+            t.produce("hot", f"{'ab'[n % 2]}-{(n + 1) // 2}".encode())
+        outcomes = t.process()
+    assert outcomes == ["applied"] * 200
+    lost = [r.getMessage().split()[3] for r in caplog.records if "lost a lock conflict" in r.getMessage()]
+    assert lost == ["100", "12"], lost
+    # Each record applied once (the handler's own list counts rolled-back calls too: keep the last of each).
+    for stream in "ab":
+        numbers = [n for s, n in applied if s == stream]
+        assert sorted(set(numbers)) == list(range(1, 101))
+        assert numbers[-100:] == list(range(1, 101))
+
+
 def test_without_conflicts_a_handler_keeps_its_batch_size(tmp_path: Path) -> None:
     app = App("g", bootstrap_servers="unused:9092", database_url="sqlite://", outbox=False)
     sizes: list[int] = []
@@ -76,60 +112,56 @@ class _Clock:
         return self.now
 
 
-def _sizing(clock: _Clock) -> Dedup:
-    return Dedup(books=None, transient=None, dead_letters=None, calls=None, clock=clock)  # type: ignore[arg-type]
-
-
-def _commit_at_size(dedup: Dedup, handler: Any, times: int) -> None:
+def _commit_at_size(sizing: ConflictSizing, handler: Any, times: int) -> None:
     for _ in range(times):
-        dedup._grow(handler, dedup.chunk_size(handler))
+        sizing.committed(handler, sizing.size(handler))
 
 
 def test_after_one_conflict_the_size_grows_back_to_below_the_size_that_lost() -> None:
     clock = _Clock()
-    dedup = _sizing(clock)
+    sizing = ConflictSizing(clock)
     handler = SimpleNamespace(scope="s", batch_size=100)
-    dedup._shrink(handler)
-    assert dedup.chunk_size(handler) == 100 // SHRINK_BY == 12
+    sizing.lost(handler)
+    assert sizing.size(handler) == 100 // SHRINK_BY == 12
     # Growing: an eighth (at least one) per GROW_AFTER commits, only to below 100, the size that lost.
     seen = []
     for _ in range(40):
-        _commit_at_size(dedup, handler, GROW_AFTER)
-        seen.append(dedup.chunk_size(handler))
+        _commit_at_size(sizing, handler, GROW_AFTER)
+        seen.append(sizing.size(handler))
     assert seen[:3] == [13, 14, 15]
     assert max(seen) == 99 and seen[-1] == 99
     # A commit short of the size (a partition's last records) does not count.
-    dedup._grow(handler, 3)
-    assert dedup._streaks["s"] == 0
+    sizing.committed(handler, 3)
+    assert sizing._streaks["s"] == 0
     # Once the conflict is CEILING_S old, back to batch_size.
     clock.now += CEILING_S
-    _commit_at_size(dedup, handler, GROW_AFTER)
-    assert dedup.chunk_size(handler) == 100
-    assert "s" not in dedup._sizes and "s" not in dedup._conflicts
+    _commit_at_size(sizing, handler, GROW_AFTER)
+    assert sizing.size(handler) == 100
+    assert "s" not in sizing._sizes and "s" not in sizing._conflicts
 
 
 def test_a_second_conflict_within_the_window_holds_the_size_until_it_passes() -> None:
     clock = _Clock()
-    dedup = _sizing(clock)
+    sizing = ConflictSizing(clock)
     handler = SimpleNamespace(scope="s", batch_size=100)
-    dedup._shrink(handler)
+    sizing.lost(handler)
     clock.now += CEILING_S - 1
-    dedup._shrink(handler)
-    assert dedup.chunk_size(handler) == 1
-    assert dedup._conflicts["s"] == (12, clock.now, 2)
+    sizing.lost(handler)
+    assert sizing.size(handler) == 1
+    assert sizing._conflicts["s"] == (12, clock.now, 2)
     clock.now += CEILING_S - 1  # the second conflict's clock holds, not the first's
     for _ in range(30):
-        _commit_at_size(dedup, handler, GROW_AFTER)
-    assert dedup.chunk_size(handler) == 1
+        _commit_at_size(sizing, handler, GROW_AFTER)
+    assert sizing.size(handler) == 1
     clock.now += 1
     seen = []
     for _ in range(60):
-        _commit_at_size(dedup, handler, GROW_AFTER)
-        seen.append(dedup.chunk_size(handler))
+        _commit_at_size(sizing, handler, GROW_AFTER)
+        seen.append(sizing.size(handler))
     assert seen[:3] == [2, 3, 4] and seen[-1] == 100
     # A conflict long after the last one counts as a first one again.
-    dedup._shrink(handler)
-    assert dedup._conflicts["s"] == (100, clock.now, 1)
+    sizing.lost(handler)
+    assert sizing._conflicts["s"] == (100, clock.now, 1)
 
 
 def test_a_poll_tail_that_loses_a_conflict_does_not_cut_the_size_to_one(tmp_path: Path) -> None:
@@ -164,11 +196,10 @@ def test_a_handler_failure_after_a_lost_conflict_gets_its_retry_policy(
     Raised while the lost batch's error was being handled, #5's ValueError
     would carry it as its ``__context__`` and be taken for a transient
     failure: retried for the transient budget and rewound, again and again,
-    instead of getting its Retry policy and a dead letter. (A sequenced
-    batch is retried whole twice before it is split.)
+    instead of getting its Retry policy and a dead letter.
     """
     app = App("g", bootstrap_servers="unused:9092", database_url="sqlite://", outbox=False)
-    losses = 3 if sequenced else 1
+    losses = 1
     lost: list[int] = []
 
     def number(message: Message) -> int:
