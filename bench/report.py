@@ -27,10 +27,8 @@ def _ratio(top: dict[str, Any] | None, bottom: dict[str, Any] | None) -> str:
 
 
 def find(results: dict[str, Any], key: str, db: str | None) -> dict[str, Any] | None:
-    for row in results.get("variants", []):
-        if row["key"] == key and row["db"] == db:
-            return row
-    return None
+    rows: list[dict[str, Any]] = results.get("variants", [])
+    return next((row for row in rows if row["key"] == key and row["db"] == db), None)
 
 
 def ok(row: dict[str, Any] | None) -> bool:

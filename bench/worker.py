@@ -42,7 +42,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from bench.proc import block_crc32c_if_asked
 
@@ -203,7 +203,7 @@ def run_exactlyonce(spec: dict[str, Any], topic: str, group: str, tracker: Track
     def after_rollback(session: Session) -> None:
         tracker.pending.clear()  # those records are handled again
 
-    listeners = [("after_begin", after_begin), ("after_commit", after_commit),
+    listeners: list[tuple[str, Callable[..., Any]]] = [("after_begin", after_begin), ("after_commit", after_commit),
                  ("after_rollback", after_rollback)]
     for name, fn in listeners:
         event.listen(Session, name, fn)
@@ -304,7 +304,7 @@ def run_raw_confluent(spec: dict[str, Any], topic: str, group: str, tracker: Tra
             if good:
                 tracker.start()
             for record in good:
-                decoded = json.loads(record.value())
+                decoded = json.loads(cast(bytes, record.value()))  # a value each: the bench produced them
                 tracker.ids.append(decoded["transfer_id"])
                 tracker.pending.append(decoded["sent_at"])
                 tracker.done_now()
