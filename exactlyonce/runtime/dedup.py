@@ -41,6 +41,7 @@ log = logging.getLogger("exactlyonce")
 
 _Item = tuple[Message, str]
 
+
 class Dedup:
     """The path of handlers without ``sequence=``."""
 

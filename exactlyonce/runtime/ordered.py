@@ -9,7 +9,8 @@ Every step is bounded: a transaction releases at most ``batch_size`` parked
 records (a stream whose next number is still parked then is *ready*, and is
 continued between polls, by any worker of the group should this one die), and
 giving up a gap (``on_gap="dead_letter"``) dead-letters at most ``batch_size``
-records per transaction.
+records per transaction. After a lock conflict, every one of these bounds is
+the smaller size in force (:mod:`exactlyonce.runtime.sizing`).
 """
 
 from __future__ import annotations
@@ -130,8 +131,9 @@ class Ordered:
         least once), never lost.
         """
         scope = handler.scope
-        #: Parked records this transaction may still release (see _release).
-        budget = handler.batch_size
+        #: Parked records this transaction may still release (see _release): after a lock
+        #: conflict no more than it takes polled records, so that it stays small too.
+        budget = self._sizing.size(handler)
         with self._books.transaction(handler, len(items)) as (session, book):
             now = utcnow()
             streams = seq.lock(session, scope, (name for _, _, name, _ in items), now)
@@ -284,12 +286,12 @@ class Ordered:
         self.more_work = self.more_work or more
 
     def release_ready(self, handler: Handler) -> bool:
-        """Continue releases cut short, in ONE transaction of at most ``batch_size`` records.
+        """Continue releases cut short, in ONE transaction of at most ``batch_size`` records (fewer after a conflict).
 
         Returns whether more may be ready.
         """
         scope = handler.scope
-        budget = handler.batch_size
+        budget = self._sizing.size(handler)
         with self._books.transaction(handler) as (session, book):
             names = seq.ready(session, scope, limit=budget)
             if not names:
@@ -314,9 +316,9 @@ class Ordered:
             self._metrics.open_gaps(scope, len(late))
             self._report_gaps(handler, late)
             return False
-        # Give up: dead-letter the parked records, at most batch_size in one
-        # transaction (it holds the streams' locks while it publishes them).
-        budget = handler.batch_size
+        # Give up: dead-letter the parked records, at most batch_size (fewer after a lock
+        # conflict) in one transaction (it holds the streams' locks while it publishes them).
+        budget = self._sizing.size(handler)
         with self._books.transaction(handler) as (session, book):
             late = seq.overdue(session, scope, cutoff, lock_rows=True, limit=budget)
             for stream in late:

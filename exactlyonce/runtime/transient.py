@@ -30,6 +30,8 @@ T = TypeVar("T")
 #: The longest pause (a random share of it) before the smaller transactions
 #: of a batch that hit a deadlock or serialization failure are tried.
 CONFLICT_BACKOFF_S = 0.2
+
+
 class Stopped(BaseException):
     """Raised out of a retry wait when a stop was requested (never escapes ``Runner.run``)."""
 

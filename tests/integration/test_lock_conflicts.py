@@ -249,7 +249,7 @@ def test_a_batch_that_keeps_deadlocking_is_redone_smaller(
     engine = engine_for(database)
     migrate.upgrade(engine)
     seq_metadata.create_all(engine)
-    topic = unique("halves")
+    topic = unique("smaller")
     create_topic(bootstrap_servers, topic)
     app = make_app(bootstrap_servers, database, outbox=False)
     caplog.set_level(logging.WARNING, logger="exactlyonce")

@@ -88,7 +88,7 @@ def test_mysql_errors_are_transient_only_for_connection_and_lock_codes() -> None
 
 
 def test_asyncmy_errors_are_classified_as_pymysqls() -> None:
-    """The async MySQL driver's errors: the same codes are transient, and 1213 is a conflict (halves the batch)."""
+    """The async MySQL driver's errors: the same codes are transient, and 1213 is a conflict (redone smaller)."""
     from asyncmy import errors
 
     assert _db.is_transient(_operational(errors.OperationalError(1205, "Lock wait timeout exceeded")))
