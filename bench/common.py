@@ -303,12 +303,13 @@ def _produce_range(bootstrap: str, topic: str, prefix: str, start: int, stop: in
 
 
 def produce_transfers(bootstrap: str, topic: str, count: int, *, prefix: str, n_accounts: int,
-                      partitions: int, processes: int = 2, hot: bool = False) -> float:
-    """Create ``topic`` and fill it with ``count`` transfers; return the seconds it took.
+                      partitions: int, processes: int = 2, hot: bool = False, create: bool = True) -> float:
+    """Create ``topic`` (unless not ``create``) and fill it with ``count`` transfers; return the seconds it took.
 
     Large topics are produced by ``processes`` processes in parallel.
     """
-    create_topic(bootstrap, topic, partitions)
+    if create:
+        create_topic(bootstrap, topic, partitions)
     started = time.monotonic()
     if count < 20_000 or processes < 2:
         _produce_range(bootstrap, topic, prefix, 0, count, n_accounts, partitions, hot)

@@ -292,8 +292,9 @@ def _scaling(results: dict[str, Any]) -> list[str]:
            "deadlock waits for PostgreSQL's own check (`deadlock_timeout`, 1 s), as before that option. msgs/s "
            "from the first record any worker touched to the last one committed; *steady*: "
            "between 10% and 90% of the records; *min 1 s*: the lowest rate over any window of at least 1 s "
-           "(dedup-table count polled by the parent every 0.25 s), from the group's last rebalance on (workers "
-           "start one after another, and a rebalance pauses every member by design). "
+           "(dedup-table count polled by the parent every 0.25 s), from the group's last rebalance on (a "
+           "rebalance pauses every member by design). Each run's records are produced once every worker has its "
+           "partitions, so that the workers' joins, one after another, are not part of it. "
            f"The machine has {meta['cpus']} cores, shared by the workers, PostgreSQL and the broker. "
            "*retries*: transient database errors retried (deadlocks); *rebalances*: assignments after the first.",
            "", "| case | workers | msgs/s | steady msgs/s | min 1 s msgs/s | speed-up | records per worker | "

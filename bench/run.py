@@ -389,21 +389,15 @@ class Bench:
         args = self.args
         say(f"(e) scaling over 1..{args.max_workers} worker processes, PostgreSQL, 8 partitions")
         cases = {case.strip() for case in args.scaling_cases.split(",")}
-        runs = []
-        if "batch" in cases:
-            runs.append(("batch", "batch", self.produce("scale", args.scaling_messages, 8), args.scaling_messages))
-        if "message" in cases:
-            runs.append(("message", "message", self.produce("scale-msg", args.hot_messages, 8), args.hot_messages))
-        if cases & {"hot", "hot-unbounded"}:
-            hot_topic = self.produce("hot", args.hot_messages, 8, hot=True)
-            runs += [(case, "message", hot_topic, args.hot_messages) for case in ("hot", "hot-unbounded")
-                     if case in cases]
+        # (case, handler, records); each run produces its records once all its workers are in the group.
+        runs = [("batch", "batch", args.scaling_messages), ("message", "message", args.hot_messages),
+                ("hot", "message", args.hot_messages), ("hot-unbounded", "message", args.hot_messages)]
         rows = []
-        for case, handler, topic, total in runs:
+        for case, handler, total in (run for run in runs if run[0] in cases):
             for workers in range(1, args.max_workers + 1):
                 for attempt in (1, 2):
                     try:
-                        row = self._scale(case, topic, handler, workers, total)
+                        row = self._scale(case, handler, workers, total)
                     except (BenchError, sa.exc.SQLAlchemyError) as exc:
                         message = f"scaling {case} x{workers} (attempt {attempt}): {exc}"
                         say(f"FAILED {message}")
@@ -421,10 +415,20 @@ class Bench:
                     break
         self.results["scaling"] = rows
 
-    def _scale(self, case: str, topic: str, handler: str, workers: int, total: int) -> dict[str, Any]:
+    def _scale(self, case: str, handler: str, workers: int, total: int) -> dict[str, Any]:
+        """One scaling run: ``workers`` processes join an empty topic; once each has partitions, ``total`` records.
+
+        Produced only then, so that the group's joins (one worker after
+        another, each a rebalance that pauses every member) are not part of
+        the measured run: a member busy with a long transaction on hot rows
+        rejoins late, and with the records already there the last rebalance
+        could come near the end of the run.
+        """
         assert self.pg_url
         common.reset_postgres(self.pg_url, self.args.accounts)
         group = self.name(f"scale-{case}-{workers}")
+        topic = self.name(f"scale-{case}-{workers}-topic")
+        common.create_topic(self.bootstrap, topic, 8)
         unbounded = UNBOUNDED_LOCK_WAIT_S if case == "hot-unbounded" else None
         spec = self.spec(mode="scale", topic=topic, group=group, database_url=self.pg_url, handler=handler,
                          batch_size=None, batch_lock_timeout_s=unbounded)
@@ -432,6 +436,10 @@ class Bench:
         engine = _db.create_engine(self.pg_url)
         samples: list[tuple[float, int]] = []
         try:
+            for child in children:
+                child.wait("ready", 120)
+            common.produce_transfers(self.bootstrap, topic, total, prefix=case, n_accounts=self.args.accounts,
+                                     partitions=8, hot=case.startswith("hot"), create=False)
             deadline = time.monotonic() + self.args.scaling_timeout
             while True:
                 count = common.count_processed(engine)
@@ -459,12 +467,16 @@ class Bench:
         active = [d for d in done if d["count"]]
         first = min(d["first_wall"] for d in active)
         last = max(d["last_wall"] for d in active)
+        # The run ends when the last record is in the database; the rebalances of the workers
+        # leaving the group after it (they are stopped one after another) are not part of it.
+        end = next(t for t, count in samples if count >= total)
+        assigned = [t for d in done for t in d["assigned_walls"] if t < end]
         return {"case": case, "handler": handler, "workers": workers, "count": total,
                 "rate": total / (last - first), "steady_rate": _steady_rate(samples, total),
                 "min_window_rate": _min_window_rate(
-                    samples, total, since=max((d["last_assigned_wall"] or 0) for d in done)),
+                    samples, total, since=max(assigned, default=0.0)),
                 "per_worker": [d["count"] for d in done], "retries": sum(d["retries"] for d in done),
-                "rebalances": max(d["assignments"] for d in done) - 1,
+                "rebalances": max(len([t for t in d["assigned_walls"] if t < end]) for d in done) - 1,
                 "peak_rss_kb": max(d["peak_rss_kb"] for d in done), "check": check["detail"],
                 "status": "ok" if check["ok"] else f"FAILED self-check: {check['detail']}"}
 
@@ -517,8 +529,8 @@ class Bench:
 def _min_window_rate(samples: Sequence[tuple[float, int]], total: int, since: float = 0.0) -> float:
     """The lowest rate over any window of at least 1 s between the first record done and the last.
 
-    Only windows from ``since`` on: the group's last rebalance (workers start
-    one after another, and a rebalance pauses every member by design).
+    Only windows from ``since`` on: the group's last rebalance (a rebalance
+    pauses every member by design).
     """
     live = [(t, n) for t, n in samples if n > 0 and t >= since]
     end = next((i for i, (_, n) in enumerate(live) if n >= total), len(live) - 1)

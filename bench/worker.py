@@ -135,16 +135,13 @@ class _ExactlyonceLog(logging.Handler):
         super().__init__(logging.INFO)
         self.on_assigned: Callable[[], None] | None = None
         self.retries = 0
-        #: Partition assignments received (more than one: a rebalance happened).
-        self.assignments = 0
-        #: Wall-clock time of the last assignment (the group's last rebalance, for this worker).
-        self.last_assigned_wall: float | None = None
+        #: Wall-clock times of the partition assignments received (more than one: a rebalance happened).
+        self.assigned_walls: list[float] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         text = record.getMessage()
         if text.startswith("assigned partitions:"):
-            self.assignments += 1
-            self.last_assigned_wall = time.time()
+            self.assigned_walls.append(time.time())
         if text.startswith("assigned partitions:") and not text.endswith("none"):
             if self.on_assigned is not None:
                 callback, self.on_assigned = self.on_assigned, None
@@ -453,9 +450,9 @@ def self_check(spec: dict[str, Any], tracker: Tracker) -> dict[str, Any]:
 
 def scale(spec: dict[str, Any]) -> None:
     tracker = Tracker()
-    run_exactlyonce(spec, spec["topic"], spec["group"], tracker, signals=True)
-    emit("done", **tracker.summary(), retries=_EO_LOG.retries, assignments=_EO_LOG.assignments,
-         last_assigned_wall=_EO_LOG.last_assigned_wall, peak_rss_kb=peak_rss_kb())
+    run_exactlyonce(spec, spec["topic"], spec["group"], tracker, signals=True, on_ready=lambda: emit("ready"))
+    emit("done", **tracker.summary(), retries=_EO_LOG.retries, assigned_walls=_EO_LOG.assigned_walls,
+         peak_rss_kb=peak_rss_kb())
 
 
 def soak(spec: dict[str, Any]) -> None:
