@@ -470,13 +470,13 @@ class Bench:
         # The run ends when the last record is in the database; the rebalances of the workers
         # leaving the group after it (they are stopped one after another) are not part of it.
         end = next(t for t, count in samples if count >= total)
-        assigned = [t for d in done for t in d["assigned_walls"] if t < end]
+        assigned = [[t for t in d["assigned_walls"] if t < end] for d in done]
         return {"case": case, "handler": handler, "workers": workers, "count": total,
                 "rate": total / (last - first), "steady_rate": _steady_rate(samples, total),
                 "min_window_rate": _min_window_rate(
-                    samples, total, since=max(assigned, default=0.0)),
+                    samples, total, since=max((t for walls in assigned for t in walls), default=0.0)),
                 "per_worker": [d["count"] for d in done], "retries": sum(d["retries"] for d in done),
-                "rebalances": max(len([t for t in d["assigned_walls"] if t < end]) for d in done) - 1,
+                "rebalances": max(len(walls) for walls in assigned) - 1,
                 "peak_rss_kb": max(d["peak_rss_kb"] for d in done), "check": check["detail"],
                 "status": "ok" if check["ok"] else f"FAILED self-check: {check['detail']}"}
 

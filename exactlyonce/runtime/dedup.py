@@ -96,9 +96,8 @@ class Dedup:
         # the lost batch's error as its __context__ (a handler's own error would look transient).
         if lost is not None:
             self._transient.back_off_conflict(handler.scope, len(items), lost)
-            self._sizing.lost(handler)
-            for piece in self._sizing.pieces(handler, items):
-                self._run(handler, list(piece))
+            for piece in self._sizing.after_loss(handler, items):
+                self._run(handler, piece)
             return
         if failed:
             self._halves(handler, items)

@@ -118,9 +118,8 @@ class Ordered:
             return
         # Redone outside the except clause (see Dedup._run), in order: each piece commits before the next.
         self._transient.back_off_conflict(handler.scope, len(items), lost)
-        self._sizing.lost(handler)
-        for piece in self._sizing.pieces(handler, items):
-            self._run(handler, list(piece))
+        for piece in self._sizing.after_loss(handler, items):
+            self._run(handler, piece)
 
     def _apply(self, handler: Handler, items: list[_Item]) -> None:
         """Handle ``items`` in ONE transaction, each stream in number order.

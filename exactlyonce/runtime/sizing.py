@@ -8,7 +8,7 @@ transaction of several records loses a lock conflict; then the sizes below.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -106,8 +106,13 @@ class ConflictSizing:
         else:
             self._sizes[handler.scope] = size
 
-    def pieces(self, handler: Sized, items: Sequence[T]) -> Iterator[Sequence[T]]:
-        """``items`` in consecutive pieces, each of the size in force when it is taken."""
+    def after_loss(self, handler: Sized, items: list[T]) -> Iterator[list[T]]:
+        """A transaction of ``items`` lost a lock conflict: :meth:`lost`, then ``items`` again in consecutive pieces.
+
+        Each piece is of the size in force when it is taken (it may grow
+        between pieces); the caller commits each before taking the next.
+        """
+        self.lost(handler)
         start = 0
         while start < len(items):
             piece = items[start : start + self.size(handler)]
