@@ -90,6 +90,8 @@ BROKER_FAULTS = ("leader-kill", "coordinator-kill", "cluster-restart")
 #: How long transfers may stay stalled after a broker fault before the run fails.
 RESUME_LIMIT_S = 90.0
 SESSION_TIMEOUT_MS = 6000
+#: How much longer than its duration a run may go on to inject the faults still owed (``min_faults``).
+MAX_EXTENSION_S = 300.0
 INITIAL_BALANCE = 100_000
 #: The workers dead-letter larger values as oversized.
 MAX_VALUE_BYTES = 4096
@@ -425,13 +427,17 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
              partitions: int = 6, applied_partitions: int = 4, rate: float = 150.0,
              faults: tuple[str, ...] = ("kill", "zombie", "cut", "db-restart"),
              log_dir: Path | None = None, out: Any = print, cluster: KafkaCluster | None = None,
-             async_handler: bool = False) -> Report:
+             async_handler: bool = False, min_faults: dict[str, int] | None = None) -> Report:
     """Run the bank and its ledger under faults for ``duration_s`` and check them.
 
     Without ``cluster`` the bank runs on a broker of its own behind a fault
     proxy; with one, on that running cluster (and may inject
     :data:`BROKER_FAULTS`). ``async_handler``: the transfer workers run the
     ``async def`` variant of their handler (:mod:`tests.chaos.service`).
+    ``min_faults``: kinds that must be injected at least so many times; when
+    ``duration_s`` is over and some are still owed, the run goes on (at most
+    :data:`MAX_EXTENSION_S` longer) injecting only those, with transfers still
+    being sent, instead of ending short of them on a slow machine.
     """
     rng = random.Random(seed)
     report = Report(seed=seed, duration_s=duration_s, workers=workers, relays=relays,
@@ -453,7 +459,6 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
     wanted = {"transfer": workers, "relay": relays, "ledger": ledger_workers}
 
     broker_port, proxy_port = free_port(), free_port()
-    send_report = None
     bad_expected: dict[tuple[int, int], str] = {}
     resume: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
@@ -493,17 +498,18 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
 
         # Valid traffic, paced over most of the run, in a thread.
         produce_s = max(5.0, duration_s * 0.75)
-        transfers = make_transfers(int(rate * produce_s), accounts, seed=str(seed))
-        by_id = {t["transfer_id"]: t for t in transfers}
-        expected_ids = set(by_id)
-        sent: dict[str, Any] = {}
-        producer = threading.Thread(target=lambda: sent.update(report=send_transfers(
-            bootstrap, topic, transfers, resend=0.2, seed=str(seed), rate=rate)), daemon=True)
-        producer.start()
+        traffic = Traffic(bootstrap, topic, make_transfers(int(rate * (produce_s + MAX_EXTENSION_S)), accounts,
+                                                           seed=str(seed)),
+                          planned=int(rate * produce_s), rate=rate, seed=str(seed))
+        by_id = traffic.by_id
+        owed = Counter(min_faults or {})
 
         started = time.monotonic()
         try:
-            while time.monotonic() - started < duration_s:
+            while (time.monotonic() - started < duration_s
+                   or (+(owed - injected) and time.monotonic() - started < duration_s + MAX_EXTENSION_S)):
+                if time.monotonic() - started >= duration_s:
+                    traffic.extended.set()
                 time.sleep(rng.uniform(2.0, 5.0))
                 bad_expected.update(_send_bad_records(bootstrap, topic, engine, by_id, 2))
                 report.stray_copies += _send_stray_copies(bootstrap, applied_topic, applied_partitions,
@@ -511,6 +517,8 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
                 if not rounds:
                     rounds = rng.sample(fault_kinds, len(fault_kinds))
                 kind = rounds.pop()
+                if time.monotonic() - started >= duration_s and kind not in +(owed - injected):
+                    kind = sorted(+(owed - injected))[0]  # past the duration: only what is still owed
                 injected[kind] += 1
                 if kind == "kill":
                     candidates = pool.alive()
@@ -541,21 +549,21 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
                 else:
                     assert proxy is not None
                     proxy.cut()
-            producer.join(timeout=300)
-            if producer.is_alive():
+            if not traffic.finish(timeout_s=300):
                 report.problems.append("producer did not finish")
+            if traffic.error is not None:
+                report.problems.append(f"producer failed: {traffic.error!r}")
             # Faults stop; let the groups settle and catch up.
             pool.resume_all()
             for kind, count in wanted.items():
                 while len(pool.alive(kind)) < count:
                     pool.start(kind)
-            send_report = sent.get("report")
             catch_up_started = time.monotonic()
             # The backlog left when the faults stop grows with the run (a soak's
             # services fall further behind than a minute's).
             deadline = catch_up_started + max(240.0, duration_s)
             while time.monotonic() < deadline:
-                if _caught_up(engine, scopes, len(expected_ids), len(bad_expected)):
+                if _caught_up(engine, scopes, len(traffic.sent), len(bad_expected)):
                     break
                 time.sleep(1.0)
             report.catch_up_s = time.monotonic() - catch_up_started
@@ -564,10 +572,11 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
         report.faults = dict(injected)
         report.victims = dict(victims)
         report.resume = resume
+        transfers = traffic.sent
+        expected_ids = {t["transfer_id"] for t in transfers}
         report.transfers = len(transfers)
-        if send_report is not None:
-            report.records_sent = send_report.records
-            report.resent = send_report.resent
+        report.records_sent = sum(r.records for r in traffic.reports)
+        report.resent = sum(r.resent for r in traffic.reports)
         event_ids = _read_event_ids(bootstrap, applied_topic)
         _check(report, engine, expected_ids, transfers, bad_expected, balances_before,
                _read_dead_letters(bootstrap, f"{topic}.dlq"), topic)
@@ -577,6 +586,54 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
     if not report.ok:
         out(f"process logs: {log_dir}")
     return report
+
+
+class Traffic:
+    """The valid transfers, sent in a thread: the planned ones paced over most of the run, then more in slices
+    of a few seconds while the run is extended for owed faults (``extended`` set) and until ``finish``."""
+
+    def __init__(self, bootstrap: str, topic: str, pool: list[dict[str, Any]], *, planned: int, rate: float,
+                 seed: str) -> None:
+        self.by_id = {t["transfer_id"]: t for t in pool}
+        self.reports: list[Any] = []
+        self.error: Exception | None = None
+        self.extended = threading.Event()
+        self._pool, self._planned, self._rate, self._seed = pool, planned, rate, seed
+        self._bootstrap, self._topic = bootstrap, topic
+        self._over = threading.Event()
+        self._sent = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @property
+    def sent(self) -> list[dict[str, Any]]:
+        """The transfers handed to the producer (each acknowledged by the broker once ``finish`` returned True)."""
+        return self._pool[:self._sent]
+
+    def finish(self, timeout_s: float) -> bool:
+        """No more slices; wait for the one being sent. False if the thread is still sending."""
+        self._over.set()
+        self._thread.join(timeout=timeout_s)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        end, step = self._planned, max(1, int(self._rate * 5))
+        while self._sent < len(self._pool):
+            if self._sent >= self._planned:
+                # The planned traffic is out: more only while the run goes on for owed faults.
+                while not (self._over.is_set() or self.extended.is_set()):
+                    self._over.wait(0.5)
+                if self._over.is_set():
+                    return
+                end = min(len(self._pool), self._sent + step)
+            batch = self._pool[self._sent:end]
+            self._sent = end  # before sending: a send that fails half-way may still have delivered some
+            try:
+                self.reports.append(send_transfers(self._bootstrap, self._topic, batch, resend=0.2,
+                                                   seed=f"{self._seed}-{len(self.reports)}", rate=self._rate))
+            except Exception as exc:  # reported by run_bank; the transfers not delivered then count as lost
+                self.error = exc
+                return
 
 
 def _applied_runs(engine: sa.Engine) -> int | None:

@@ -66,7 +66,7 @@ def test_bank_on_a_three_broker_cluster_survives_leader_and_coordinator_loss_and
     """On three Kafka brokers (RF 3, min ISR 2): leaders and the group coordinator SIGKILLed, the whole cluster
     restarted, workers killed and paused: every transfer applied once, money conserved, no process exits."""
     report = run_bank(
-        # Long enough for two shuffled rounds of the five fault kinds.
+        # About two shuffled rounds of the five fault kinds on a quick machine.
         duration_s=float(os.environ.get("CLUSTER_CHAOS_DURATION", 120)),
         seed=int(os.environ.get("CHAOS_SEED", 1)),
         database_url=postgres_url,
@@ -74,6 +74,8 @@ def test_bank_on_a_three_broker_cluster_survives_leader_and_coordinator_loss_and
         cluster=kafka_cluster,
         # leader-kill twice per shuffled round: killed several times in one run.
         faults=("kill", "zombie", "leader-kill", *BROKER_FAULTS),
+        # On a slow machine 120 s may not hold them all: the run goes on until it has.
+        min_faults={**{kind: 1 for kind in BROKER_FAULTS}, "leader-kill": 2},
     )
     assert all(report.faults.get(kind, 0) >= 1 for kind in BROKER_FAULTS), report.faults
     assert report.faults["leader-kill"] >= 2, f"the busiest leader killed several times: {report.faults}"
