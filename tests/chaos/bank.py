@@ -517,8 +517,9 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
                 if not rounds:
                     rounds = rng.sample(fault_kinds, len(fault_kinds))
                 kind = rounds.pop()
-                if time.monotonic() - started >= duration_s and kind not in +(owed - injected):
-                    kind = sorted(+(owed - injected))[0]  # past the duration: only what is still owed
+                still_owed = sorted(+(owed - injected))
+                if time.monotonic() - started >= duration_s and still_owed and kind not in still_owed:
+                    kind = still_owed[0]  # past the duration: only what is still owed
                 injected[kind] += 1
                 if kind == "kill":
                     candidates = pool.alive()
