@@ -161,7 +161,9 @@ def render(results: dict[str, Any]) -> str:
     out.append(f"Workload: JSON transfers (~{meta['payload_bytes']} bytes) between {meta['accounts']:,} accounts; "
                "each applied transfer is two balance UPDATEs and one `transfers` row, committed with its "
                "dedup row. Every variant reads the same pre-filled topic with a fresh consumer group "
-               "and a fresh database, each in its own process.")
+               "and a fresh database, each in its own process; before (a), the topic is read once the way (a) "
+               "reads it, unrecorded, so that (a), the first variant measured, does not pay the broker's "
+               "warm-up.")
     out.append("")
     out.append("- **(a)** kafka-python `KafkaConsumer` (group, `enable_auto_commit=False`) JSON-decoding every "
                "record; **(a-nocrc)** the same with `import crc32c` blocked in its process (kafka-python then "
