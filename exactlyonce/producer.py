@@ -13,6 +13,7 @@ consumer skips; never a loss.
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 from collections.abc import Iterable, Mapping
@@ -32,6 +33,8 @@ from exactlyonce.signing import (
     resolve_signing_key,
     sign,
 )
+
+log = logging.getLogger(__name__)
 
 
 def new_message_id() -> str:
@@ -126,7 +129,8 @@ class Producer:
             self._signing_key = resolve_signing_key(signing_key)
         servers = settings.bootstrap_servers(bootstrap_servers)
         self._retry = retry or Retry(attempts=5, backoff=timedelta(seconds=0.5), max_backoff=timedelta(seconds=10))
-        self._producer = _kafka.RecordProducer(bootstrap_servers=servers, config=dict(config or {}))
+        self._servers, self._config = servers, dict(config or {})
+        self._producer = self._new_client()
         self._pending: list[_Outgoing] = []
 
     def send(
@@ -175,9 +179,10 @@ class Producer:
 
         ``timeout`` bounds the whole wait, re-sends included: the records not
         acknowledged by then are given up as when the budget runs out
-        (``TransientError``; they may still arrive). Without it, the wait ends
-        when every record is acknowledged or has failed (kafka-python's
-        ``delivery_timeout_ms``).
+        (``TransientError``; they may still arrive). Without it, each round
+        ends when every record is acknowledged or has failed (kafka-python's
+        ``delivery_timeout_ms``), or 10 s after that with the Kafka client
+        replaced when records are stuck without an outcome (see :meth:`_wait`).
         """
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
 
@@ -226,13 +231,38 @@ class Producer:
             raise TransientError(f"{len(failed)} record(s) not acknowledged, first: {failed[0][1]}")
 
     def _wait(self, deadline: float | None) -> None:
-        """Wait for every record's outcome, until ``deadline`` (monotonic) if given."""
-        if deadline is None:
-            self._producer.flush()
+        """Wait for every record's outcome, until ``deadline`` (monotonic) if given.
+
+        kafka-python gives every record an outcome within ``delivery_timeout_ms``
+        of its send; but its idempotent producer was seen (in the cluster chaos
+        test, after broker restarts) to leave records without one for good: its
+        sender expires batches only on the path it skips while it waits for a
+        producer ID. A plain wait then never ends. Past
+        :attr:`~exactlyonce._kafka.RecordProducer.stall_s`
+        the client is replaced: the records without an outcome count as failed
+        and the next round re-sends them on the new client (a copy the old one
+        still delivers is a duplicate under the same message ID).
+        """
+        limit = self._producer.stall_s
+        if deadline is not None:
+            limit = min(limit, deadline - time.monotonic())
+            if limit <= 0:
+                return
+        if self._producer.flush(limit) or (deadline is not None and time.monotonic() >= deadline):
             return
-        remaining = deadline - time.monotonic()
-        if remaining > 0:
-            self._producer.flush(remaining)
+        stuck = sum(1 for record in self._pending if record.future is not None and not record.future.is_done)
+        log.warning("producer: %d record(s) without an outcome after %.0f s; replacing the Kafka client",
+                    stuck, limit)
+        try:
+            fresh = self._new_client()
+        except TransientError as exc:
+            log.warning("producer: no new Kafka client yet (%s); keeping the old one", exc)
+            return
+        old, self._producer = self._producer, fresh
+        old.close(0.0)
+
+    def _new_client(self) -> _kafka.RecordProducer:
+        return _kafka.RecordProducer(bootstrap_servers=self._servers, config=self._config)
 
     def _transmit(self, record: _Outgoing) -> None:
         record.future = self._producer.send(

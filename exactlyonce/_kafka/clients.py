@@ -227,6 +227,9 @@ class RecordProducer:
 
     def __init__(self, *, bootstrap_servers: str, config: Mapping[str, Any]) -> None:
         settings = {**PRODUCER_DEFAULTS, **config}
+        #: How long every queued record can take to get an outcome: kafka-python fails a record
+        #: ``delivery_timeout_ms`` after its send, plus a margin. Past it a record with none is stuck.
+        self.stall_s = float(settings.get("delivery_timeout_ms", 120_000)) / 1000 + _STALL_MARGIN_S
         try:
             self._producer = kafka.KafkaProducer(bootstrap_servers=bootstrap_servers, **settings)
         except kafka.errors.KafkaTimeoutError as exc:
@@ -343,6 +346,8 @@ class RecordProducer:
 
 #: One step of :meth:`RecordProducer.flush`'s wait.
 _FLUSH_STEP_S = 0.1
+#: Added to ``delivery_timeout_ms`` in :attr:`RecordProducer.stall_s`.
+_STALL_MARGIN_S = 10.0
 
 
 class _FailedSend:

@@ -87,3 +87,98 @@ def test_close_is_bounded_by_its_timeout_however_many_batches_are_in_flight(monk
     assert clock.now <= 10.0 + 0.1 * 20
     assert stuck._sender.force_closed
     assert stuck.closed_with == [0]
+
+
+def test_a_flush_whose_client_is_stuck_replaces_it_and_resends_there(monkeypatch: Any) -> None:
+    """kafka-python's idempotent producer can stop expiring its batches (after broker restarts it waits for a
+    producer ID forever); flush() used to wait for ever. Past stall_s the client is replaced and the records
+    without an outcome are re-sent on the new one; flush then returns, every record acknowledged once there."""
+    from exactlyonce import producer as producer_module
+
+    class Future:
+        def __init__(self, done: bool) -> None:
+            self.is_done = done
+            self.exception = None
+
+        def succeeded(self) -> bool:
+            return self.is_done
+
+    clients: list[FakeClient] = []
+
+    class FakeClient:
+        stall_s = 130.0
+
+        def __init__(self, *, bootstrap_servers: str, config: dict[str, Any]) -> None:
+            self.stuck = not clients  # the first client never completes a record
+            self.sent: list[str] = []
+            self.flushed_with: list[float | None] = []
+            self.closed = False
+            clients.append(self)
+
+        def send(self, topic: str, *, key: Any, value: Any, headers: Any, partition: Any = None) -> Future:
+            self.sent.append(dict(headers)["message-id"].decode())
+            return Future(done=not self.stuck)
+
+        def flush(self, timeout_s: float | None = None) -> bool:
+            self.flushed_with.append(timeout_s)
+            return not self.stuck
+
+        outcome = staticmethod(producer_module._kafka.RecordProducer.outcome)
+
+        def close(self, timeout_s: float = 10.0) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(producer_module._kafka, "RecordProducer", FakeClient)
+    monkeypatch.setattr(producer_module.time, "sleep", lambda s: None)
+    producer = Producer("127.0.0.1:1")
+    ids = [producer.send("t", {"n": n}, message_id=f"m-{n}") for n in range(3)]
+    producer.flush()
+    first, second = clients
+    assert first.flushed_with == [130.0]  # one bounded wait, not an endless one
+    assert first.closed and not second.closed
+    assert first.sent == ids and second.sent == ids
+    assert producer._pending == []
+
+
+def test_a_bounded_flush_ends_at_its_deadline_without_replacing_the_client(monkeypatch: Any) -> None:
+    """With a timeout shorter than stall_s the wait ends at the timeout: records not acknowledged are given up
+    (TransientError naming them), and the client is kept (nothing says it is stuck rather than slow)."""
+    from datetime import timedelta
+
+    from exactlyonce import TransientError
+    from exactlyonce import producer as producer_module
+
+    made: list[Any] = []
+
+    class Clock:
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+    clock = Clock()
+
+    class SlowClient:
+        stall_s = 130.0
+
+        def __init__(self, **_: Any) -> None:
+            made.append(self)
+
+        def send(self, topic: str, **_: Any) -> Any:
+            return type("F", (), {"is_done": False, "exception": None, "succeeded": lambda self: False})()
+
+        def flush(self, timeout_s: float | None = None) -> bool:
+            clock.now += timeout_s or 0
+            return False
+
+        outcome = staticmethod(producer_module._kafka.RecordProducer.outcome)
+
+    monkeypatch.setattr(producer_module._kafka, "RecordProducer", SlowClient)
+    monkeypatch.setattr(producer_module, "time", type("T", (), {"monotonic": clock.monotonic,
+                                                                 "sleep": lambda s: None,
+                                                                 "time_ns": time.time_ns})())
+    producer = Producer("127.0.0.1:1")
+    producer.send("t", b"x", message_id="m-1")
+    with pytest.raises(TransientError, match="m-1"):
+        producer.flush(timedelta(seconds=5))
+    assert len(made) == 1
