@@ -182,7 +182,7 @@ class Producer:
         (``TransientError``; they may still arrive). Without it, each round
         ends when every record is acknowledged or has failed (kafka-python's
         ``delivery_timeout_ms``), or 10 s after that with the Kafka client
-        replaced when records are stuck without an outcome (see :meth:`_wait`).
+        replaced when records are stuck without an outcome (docs/producer.md).
         """
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
 
