@@ -37,6 +37,10 @@ from exactlyonce.signing import (
 log = logging.getLogger(__name__)
 
 
+#: The error of a record abandoned with a stuck client (retriable: the next round re-sends it).
+_STUCK = TimeoutError("no outcome from a stuck Kafka client, which was replaced")
+
+
 def new_message_id() -> str:
     """A new unique, time-ordered message ID (a UUID version 7, RFC 9562).
 
@@ -210,10 +214,15 @@ class Producer:
         for record in self._pending:
             if record.future is None:
                 self._transmit(record)
-        self._wait(deadline)
+        abandoned = self._wait(deadline)
         failed: list[tuple[_Outgoing, BaseException]] = []
         refused: list[tuple[_Outgoing, BaseException]] = []
         for record in self._pending:
+            if id(record) in abandoned:
+                # Its future is the closed client's, which failed it as closed: sent again whatever it says.
+                record.future = None
+                failed.append((record, _STUCK))
+                continue
             error = self._producer.outcome(record.future)
             if error is None:
                 continue
@@ -230,8 +239,9 @@ class Producer:
         if failed:
             raise TransientError(f"{len(failed)} record(s) not acknowledged, first: {failed[0][1]}")
 
-    def _wait(self, deadline: float | None) -> None:
-        """Wait for every record's outcome, until ``deadline`` (monotonic) if given.
+    def _wait(self, deadline: float | None) -> set[int]:
+        """Wait for every record's outcome, until ``deadline`` (monotonic) if given; return the ``id()`` of the
+        records abandoned with a stuck client (none, usually).
 
         kafka-python gives every record an outcome within ``delivery_timeout_ms``
         of its send; but its idempotent producer was seen (in the cluster chaos
@@ -247,19 +257,23 @@ class Producer:
         if deadline is not None:
             limit = min(limit, deadline - time.monotonic())
             if limit <= 0:
-                return
+                return set()
         if self._producer.flush(limit) or (deadline is not None and time.monotonic() >= deadline):
-            return
-        stuck = sum(1 for record in self._pending if record.future is not None and not record.future.is_done)
-        log.warning("producer: %d record(s) without an outcome after %.0f s; replacing the Kafka client",
-                    stuck, limit)
+            return set()
+        stuck = {id(r) for r in self._pending if r.future is not None and not r.future.is_done}
+        if not stuck:
+            return set()
         try:
             fresh = self._new_client()
         except TransientError as exc:
-            log.warning("producer: no new Kafka client yet (%s); keeping the old one", exc)
-            return
+            log.warning("producer: %d record(s) without an outcome after %.0f s, and no new Kafka client yet "
+                        "(%s)", len(stuck), limit, exc)
+            return set()
+        log.warning("producer: %d record(s) without an outcome after %.0f s; replacing the Kafka client",
+                    len(stuck), limit)
         old, self._producer = self._producer, fresh
-        old.close(0.0)
+        old.close(0.0)  # fails the stuck records as closed (not retriable): they are marked abandoned instead
+        return stuck
 
     def _new_client(self) -> _kafka.RecordProducer:
         return _kafka.RecordProducer(bootstrap_servers=self._servers, config=self._config)

@@ -227,15 +227,15 @@ class RecordProducer:
 
     def __init__(self, *, bootstrap_servers: str, config: Mapping[str, Any]) -> None:
         settings = {**PRODUCER_DEFAULTS, **config}
-        #: How long every queued record can take to get an outcome: kafka-python fails a record
-        #: ``delivery_timeout_ms`` after its send, plus a margin. Past it a record with none is stuck.
-        self.stall_s = float(settings.get("delivery_timeout_ms", 120_000)) / 1000 + _STALL_MARGIN_S
         try:
             self._producer = kafka.KafkaProducer(bootstrap_servers=bootstrap_servers, **settings)
         except kafka.errors.KafkaTimeoutError as exc:
             raise bootstrap_failure(bootstrap_servers, settings, "producer_config", exc) from exc
         except (TypeError, kafka.errors.KafkaConfigurationError) as exc:
             raise ConfigurationError(f"invalid producer_config: {exc}") from exc
+        #: How long every queued record can take to get an outcome: kafka-python fails a record
+        #: ``delivery_timeout_ms`` after its send, plus a margin. Past it a record with none is stuck.
+        self.stall_s = self._producer.config["delivery_timeout_ms"] / 1000 + _STALL_MARGIN_S
 
     def send(
         self,

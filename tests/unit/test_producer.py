@@ -92,16 +92,19 @@ def test_close_is_bounded_by_its_timeout_however_many_batches_are_in_flight(monk
 def test_a_flush_whose_client_is_stuck_replaces_it_and_resends_there(monkeypatch: Any) -> None:
     """kafka-python's idempotent producer can stop expiring its batches (after broker restarts it waits for a
     producer ID forever); flush() used to wait for ever. Past stall_s the client is replaced and the records
-    without an outcome are re-sent on the new one; flush then returns, every record acknowledged once there."""
+    without an outcome are re-sent on the new one, although closing the old client failed them as closed
+    (not retriable: they must not be taken for refused and dropped); flush then returns."""
+    import kafka.errors
+
     from exactlyonce import producer as producer_module
 
     class Future:
         def __init__(self, done: bool) -> None:
             self.is_done = done
-            self.exception = None
+            self.exception: Exception | None = None
 
         def succeeded(self) -> bool:
-            return self.is_done
+            return self.is_done and self.exception is None
 
     clients: list[FakeClient] = []
 
@@ -113,11 +116,16 @@ def test_a_flush_whose_client_is_stuck_replaces_it_and_resends_there(monkeypatch
             self.sent: list[str] = []
             self.flushed_with: list[float | None] = []
             self.closed = False
+            self.futures: list[Future] = []
             clients.append(self)
 
         def send(self, topic: str, *, key: Any, value: Any, headers: Any, partition: Any = None) -> Future:
-            self.sent.append(dict(headers)["message-id"].decode())
-            return Future(done=not self.stuck)
+            message_id = dict(headers)["message-id"].decode()
+            self.sent.append(message_id)
+            # On the stuck client one record is acknowledged; the others never get an outcome.
+            future = Future(done=not self.stuck or message_id == "m-1")
+            self.futures.append(future)
+            return future
 
         def flush(self, timeout_s: float | None = None) -> bool:
             self.flushed_with.append(timeout_s)
@@ -126,7 +134,11 @@ def test_a_flush_whose_client_is_stuck_replaces_it_and_resends_there(monkeypatch
         outcome = staticmethod(producer_module._kafka.RecordProducer.outcome)
 
         def close(self, timeout_s: float = 10.0) -> None:
+            # As kafka-python's force-closed sender does: every open record fails, not retriable.
             self.closed = True
+            for future in self.futures:
+                if not future.is_done:
+                    future.is_done, future.exception = True, kafka.errors.IllegalStateError("closed forcefully")
 
     monkeypatch.setattr(producer_module._kafka, "RecordProducer", FakeClient)
     monkeypatch.setattr(producer_module.time, "sleep", lambda s: None)
@@ -136,7 +148,7 @@ def test_a_flush_whose_client_is_stuck_replaces_it_and_resends_there(monkeypatch
     first, second = clients
     assert first.flushed_with == [130.0]  # one bounded wait, not an endless one
     assert first.closed and not second.closed
-    assert first.sent == ids and second.sent == ids
+    assert first.sent == ids and second.sent == ["m-0", "m-2"]  # the acknowledged one is not sent again
     assert producer._pending == []
 
 
