@@ -506,9 +506,12 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
 
         started = time.monotonic()
         try:
-            while (time.monotonic() - started < duration_s
-                   or (+(owed - injected) and time.monotonic() - started < duration_s + MAX_EXTENSION_S)):
-                if time.monotonic() - started >= duration_s:
+            while True:
+                elapsed, still_owed = time.monotonic() - started, sorted(+(owed - injected))
+                overtime = elapsed >= duration_s
+                if overtime and (not still_owed or elapsed >= duration_s + MAX_EXTENSION_S):
+                    break
+                if overtime:
                     traffic.extended.set()
                 time.sleep(rng.uniform(2.0, 5.0))
                 bad_expected.update(_send_bad_records(bootstrap, topic, engine, by_id, 2))
@@ -517,8 +520,7 @@ def run_bank(*, duration_s: float = 60, seed: int = 0, database_url: str = DEFAU
                 if not rounds:
                     rounds = rng.sample(fault_kinds, len(fault_kinds))
                 kind = rounds.pop()
-                still_owed = sorted(+(owed - injected))
-                if time.monotonic() - started >= duration_s and still_owed and kind not in still_owed:
+                if overtime and kind not in still_owed:
                     kind = still_owed[0]  # past the duration: only what is still owed
                 injected[kind] += 1
                 if kind == "kill":
