@@ -8,6 +8,8 @@
   CONFLICT DO NOTHING + the transfer), offsets committed per poll; (b100) the
   same loop, 100 records a transaction;
 - (c) exactlyonce, ordinary handler (the example's ``apply_transfer``), defaults;
+  (c-sql) its statements alone, 100 records a transaction, from records read
+  beforehand (no Kafka while timed, no exactlyonce);
 - (d) exactlyonce, batch handler, defaults, set-based statements; (d100) with
   ``batch_size=100``; (d0) the handler writing nothing; (d-sql) the same
   statements alone, 500 records a transaction, from records read beforehand
@@ -350,6 +352,8 @@ class Bench:
                            batch_size=100, latency=False)
             self.two_phase("d0", "(d0) as (d), the handler writing nothing (dedup only)", "eo", db, topic,
                            handler="dedup-only", latency=False)
+            self.two_phase("c-sql", "(c-sql) (c)'s statements alone, no Kafka, no exactlyonce", "sql", db, topic,
+                           handler="message", latency=False)
             self.two_phase("d-sql", "(d-sql) (d)'s statements alone, no Kafka, no exactlyonce", "sql", db, topic,
                            latency=False)
             self.two_phase("d-c", '(d-c) as (d), kafka_client="confluent"', "eo", db, topic, handler="batch",

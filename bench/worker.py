@@ -7,8 +7,10 @@ Modes (``spec["mode"]``):
 - ``naive``: a hand-written loop, one transaction per record (dedup INSERT ...
   ON CONFLICT DO NOTHING + the transfer), offsets committed per poll (b); with
   ``per_transaction``, that many records a transaction (b100);
-- ``sql``: the topic read first (not timed), then only the batch handler's
-  statements and a multi-row dedup INSERT, 500 records a transaction (d-sql);
+- ``sql``: the topic read first (not timed), then only a handler's statements
+  and a multi-row dedup INSERT, in transactions of the handler's default size:
+  the batch handler's (d-sql), or the ordinary handler's record by record
+  (``handler="message"``: c-sql);
 - ``eo``: an exactlyonce App, ordinary (``handler="message"``: c, c1) or batch
   (``handler="batch"``: d) handler, or a batch handler that writes nothing
   (``handler="dedup-only"``: d0, exactlyonce's own cost); ``batch_size`` None
@@ -360,49 +362,65 @@ def run_naive(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
 
 def run_sql(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
             on_ready: Callable[[], None] | None = None) -> None:
-    """(d-sql) The batch handler's statements alone: no Kafka while timed, no exactlyonce.
+    """(d-sql), (c-sql): a handler's statements alone: no Kafka while timed, no exactlyonce.
 
-    Reads and decodes the topic first (not timed: the tracker starts at the
-    first transaction), then applies it in transactions of a batch handler's
-    default size (:data:`exactlyonce.handler.DEFAULT_BATCH_SIZE`, as (d)): a
-    multi-row dedup INSERT and :func:`~bench.common.apply_transfers_batch`.
-    Its rate is what one connection can do with those statements on this
-    machine, whatever runs around them.
+    Reads the topic first (not timed: the tracker starts at the first
+    transaction), then applies it in transactions of the handler's default
+    size, each a multi-row dedup INSERT and the handler's statements: for
+    ``handler="batch"`` (d-sql), :data:`exactlyonce.handler.DEFAULT_BATCH_SIZE`
+    records a transaction and :func:`~bench.common.apply_transfers_batch`, as
+    (d); for ``handler="message"`` (c-sql),
+    :data:`exactlyonce.handler.DEFAULT_MESSAGE_BATCH_SIZE` records and the
+    example's ``record_transfer`` called record by record, as (c). Its rate
+    is what one connection can do with those statements on this machine,
+    whatever runs around them: a ceiling for (d) and (c).
     """
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
 
+    import exactlyonce
     from bench.common import apply_transfers_batch, naive_dedup
     from exactlyonce import _db
-    from exactlyonce.handler import DEFAULT_BATCH_SIZE
+    from exactlyonce.handler import DEFAULT_BATCH_SIZE, DEFAULT_MESSAGE_BATCH_SIZE
+    from examples.transfer.service import parse_transfer, record_transfer
 
     if on_ready is not None:
-        raise Unavailable("(d-sql) has no latency phase")
-    transfers: list[dict[str, Any]] = []
+        raise Unavailable("(d-sql) and (c-sql) have no latency phase")
+    per_record = spec.get("handler") == "message"
+    # Decoded, and for (c-sql) wrapped as the Message its handler gets, before timing.
+    read: list[tuple[dict[str, Any], exactlyonce.Message | None]] = []
     consumer = _consumer(spec, topic, group)
     try:
         idle_since = time.monotonic()
-        while len(transfers) < spec["messages"] and time.monotonic() - idle_since < 10:
+        while len(read) < spec["messages"] and time.monotonic() - idle_since < 10:
             batch = consumer.poll(timeout_ms=200)
             for records in batch.values():
-                transfers.extend(json.loads(record.value) for record in records)
+                read.extend((json.loads(r.value), exactlyonce.Message(
+                    topic=r.topic, partition=r.partition, offset=r.offset, key=r.key, value=r.value)
+                    if per_record else None) for r in records)
                 idle_since = time.monotonic()
     finally:
         consumer.close(autocommit=False)
-    if len(transfers) < spec["messages"]:
+    if len(read) < spec["messages"]:
         # A short read would time fewer records and still pass the self-check.
-        raise RuntimeError(f"read {len(transfers):,} of {spec['messages']:,} records before timing")
+        raise RuntimeError(f"read {len(read):,} of {spec['messages']:,} records before timing")
+    size = DEFAULT_MESSAGE_BATCH_SIZE if per_record else DEFAULT_BATCH_SIZE
     engine = _db.create_engine(spec["database_url"])
     try:
-        for start in range(0, len(transfers), DEFAULT_BATCH_SIZE):
+        for start in range(0, len(read), size):
             if tracker.finished():
                 break
             tracker.start()
-            chunk = transfers[start : start + DEFAULT_BATCH_SIZE]
+            chunk = read[start : start + size]
+            transfers = [t for t, _ in chunk]
             with Session(engine) as session, session.begin():
-                session.execute(sa.insert(naive_dedup), [{"message_id": t["transfer_id"]} for t in chunk])
-                apply_transfers_batch(session, chunk)
-            tracker.pending.extend(t["sent_at"] for t in chunk)
+                session.execute(sa.insert(naive_dedup), [{"message_id": t["transfer_id"]} for t in transfers])
+                if per_record:
+                    for _, message in chunk:
+                        record_transfer(session, parse_transfer(cast("exactlyonce.Message", message)))
+                else:
+                    apply_transfers_batch(session, transfers)
+            tracker.pending.extend(t["sent_at"] for t in transfers)
             tracker.done_now()
     finally:
         engine.dispose()
