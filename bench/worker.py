@@ -252,8 +252,13 @@ def consumer_config(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _consumer(spec: dict[str, Any], topic: str, group: str) -> kafka.KafkaConsumer:
-    return kafka.KafkaConsumer(topic, bootstrap_servers=spec["bootstrap"], group_id=group,
-                               enable_auto_commit=False, auto_offset_reset="earliest", **consumer_config(spec))
+    consumer = kafka.KafkaConsumer(topic, bootstrap_servers=spec["bootstrap"], group_id=group,
+                                   enable_auto_commit=False, auto_offset_reset="earliest", **consumer_config(spec))
+    # The topic's partitions in the metadata cache before the first poll joins
+    # the group, as exactlyonce's consumer does: an assignment computed without
+    # them gives this member nothing for minutes ("No partition metadata").
+    consumer.topics()
+    return consumer
 
 
 def run_raw(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,

@@ -371,8 +371,8 @@ def _send_stray_copies(bootstrap: str, topic: str, partitions: int, engine: sa.E
     """
     try:
         with engine.connect() as conn:
-            rows = conn.execute(sa.select(outbox).where(outbox.c.sent_at.is_(None))
-                                .order_by(sa.func.random()).limit(count - 1)).all()
+            rows = list(conn.execute(sa.select(outbox).where(outbox.c.sent_at.is_(None))
+                                     .order_by(sa.func.random()).limit(count - 1)).all())
             rows += conn.execute(sa.select(outbox).order_by(sa.func.random()).limit(count - len(rows))).all()
     except sa.exc.DBAPIError:  # PostgreSQL just restarted
         return 0
