@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import platform
@@ -58,6 +57,7 @@ import sqlalchemy as sa
 from bench import claims, common, profiling, report
 from bench.common import ROOT
 from bench.proc import EVENT_PREFIX, NO_CRC32C_ENV
+from bench.windows import commit_gaps, min_window_rate, window_s
 from exactlyonce import _db
 
 BENCH_DIR = ROOT / "bench"
@@ -482,11 +482,11 @@ class Bench:
         end = next(t for t, count in samples if count >= total)
         assigned = [[t for t in d["assigned_walls"] if t < end] for d in done]
         since = max((t for walls in assigned for t in walls), default=0.0)
-        window = _window_s(samples, total, since)
+        window = window_s(samples, total, since)
         return {"case": case, "handler": handler, "workers": workers, "count": total,
                 "rate": total / (last - first), "steady_rate": _steady_rate(samples, total),
-                "min_window_rate": _min_window_rate(samples, total, since=since, window_s=window),
-                "window_s": window, "longest_pause_s": max(_commit_gaps(samples, total, since), default=0.0),
+                "min_window_rate": min_window_rate(samples, total, since=since, window=window),
+                "window_s": window, "longest_pause_s": max(commit_gaps(samples, total, since), default=0.0),
                 "per_worker": [d["count"] for d in done], "retries": sum(d["retries"] for d in done),
                 "rebalances": max(len(walls) for walls in assigned) - 1,
                 "peak_rss_kb": max(d["peak_rss_kb"] for d in done), "check": check["detail"],
@@ -536,49 +536,6 @@ class Bench:
                     if attempt == 2:
                         self.results["errors"].append(message)
         self.results["claims"] = results
-
-
-#: The shortest window of the lowest-rate measure, in seconds and in the run's median commit intervals.
-MIN_WINDOW_S = 1.0
-MIN_WINDOW_COMMITS = 3
-
-
-def _commit_gaps(samples: Sequence[tuple[float, int]], total: int, since: float = 0.0) -> list[float]:
-    """The times between the polls that saw the dedup count grow, from ``since`` to the last record."""
-    grew = [t for i, (t, n) in enumerate(samples)
-            if i and n != samples[i - 1][1] and samples[i - 1][1] < total and t >= since]
-    return [b - a for a, b in itertools.pairwise(grew)]
-
-
-def _window_s(samples: Sequence[tuple[float, int]], total: int, since: float = 0.0) -> float:
-    """The window of the lowest-rate measure: 1 s, or 3 median intervals between commits if longer.
-
-    A run whose transactions each take over a second (one worker, 100
-    records a transaction at 150 msgs/s) has 1-second windows with no commit
-    in them while it is working normally: a window that short measures how
-    long a transaction is, not whether the group stopped.
-    """
-    gaps = sorted(_commit_gaps(samples, total, since))
-    median = gaps[len(gaps) // 2] if gaps else 0.0
-    return max(MIN_WINDOW_S, MIN_WINDOW_COMMITS * median)
-
-
-def _min_window_rate(samples: Sequence[tuple[float, int]], total: int, since: float = 0.0,
-                     window_s: float = MIN_WINDOW_S) -> float:
-    """The lowest rate over any window of at least ``window_s`` between the first record done and the last.
-
-    Only windows from ``since`` on: the group's last rebalance (a rebalance
-    pauses every member by design).
-    """
-    live = [(t, n) for t, n in samples if n > 0 and t >= since]
-    end = next((i for i, (_, n) in enumerate(live) if n >= total), len(live) - 1)
-    rates = []
-    for i, (t0, n0) in enumerate(live[:end]):
-        j = next((j for j in range(i + 1, end + 1) if live[j][0] - t0 >= window_s), None)
-        if j is None:
-            break
-        rates.append((live[j][1] - n0) / (live[j][0] - t0))
-    return min(rates) if rates else float("nan")
 
 
 def _steady_rate(samples: Sequence[tuple[float, int]], total: int) -> float:

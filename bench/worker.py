@@ -378,7 +378,7 @@ def run_sql(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
     :data:`exactlyonce.handler.DEFAULT_MESSAGE_BATCH_SIZE` records and the
     example's ``record_transfer`` called record by record, as (c). Its rate
     is what one connection can do with those statements on this machine,
-    whatever runs around them: a ceiling for (d) and (c).
+    whatever runs around them: a reference for (d) and (c), in the same run.
     """
     import sqlalchemy as sa
     from sqlalchemy.orm import Session
@@ -392,7 +392,7 @@ def run_sql(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
     if on_ready is not None:
         raise Unavailable("(d-sql) and (c-sql) have no latency phase")
     per_record = spec.get("handler") == "message"
-    # Decoded, and for (c-sql) wrapped as the Message its handler gets, before timing.
+    # Decoded, and for (c-sql) wrapped as the Message its handler gets (decoded again by it), before timing.
     read: list[tuple[dict[str, Any], exactlyonce.Message | None]] = []
     consumer = _consumer(spec, topic, group)
     try:
