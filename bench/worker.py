@@ -392,40 +392,41 @@ def run_sql(spec: dict[str, Any], topic: str, group: str, tracker: Tracker, *,
     if on_ready is not None:
         raise Unavailable("(d-sql) and (c-sql) have no latency phase")
     per_record = spec.get("handler") == "message"
-    # Decoded, and for (c-sql) wrapped as the Message its handler gets (decoded again by it), before timing.
-    read: list[tuple[dict[str, Any], exactlyonce.Message | None]] = []
+    # Decoded before timing; for (c-sql) also wrapped as the Messages its handler gets (and decodes again).
+    transfers: list[dict[str, Any]] = []
+    messages: list[exactlyonce.Message] = []
     consumer = _consumer(spec, topic, group)
     try:
         idle_since = time.monotonic()
-        while len(read) < spec["messages"] and time.monotonic() - idle_since < 10:
+        while len(transfers) < spec["messages"] and time.monotonic() - idle_since < 10:
             batch = consumer.poll(timeout_ms=200)
             for records in batch.values():
-                read.extend((json.loads(r.value), exactlyonce.Message(
-                    topic=r.topic, partition=r.partition, offset=r.offset, key=r.key, value=r.value)
-                    if per_record else None) for r in records)
+                transfers.extend(json.loads(record.value) for record in records)
+                if per_record:
+                    messages.extend(exactlyonce.Message(topic=r.topic, partition=r.partition, offset=r.offset,
+                                                        key=r.key, value=r.value) for r in records)
                 idle_since = time.monotonic()
     finally:
         consumer.close(autocommit=False)
-    if len(read) < spec["messages"]:
+    if len(transfers) < spec["messages"]:
         # A short read would time fewer records and still pass the self-check.
-        raise RuntimeError(f"read {len(read):,} of {spec['messages']:,} records before timing")
+        raise RuntimeError(f"read {len(transfers):,} of {spec['messages']:,} records before timing")
     size = DEFAULT_MESSAGE_BATCH_SIZE if per_record else DEFAULT_BATCH_SIZE
     engine = _db.create_engine(spec["database_url"])
     try:
-        for start in range(0, len(read), size):
+        for start in range(0, len(transfers), size):
             if tracker.finished():
                 break
             tracker.start()
-            chunk = read[start : start + size]
-            transfers = [t for t, _ in chunk]
+            chunk = transfers[start : start + size]
             with Session(engine) as session, session.begin():
-                session.execute(sa.insert(naive_dedup), [{"message_id": t["transfer_id"]} for t in transfers])
+                session.execute(sa.insert(naive_dedup), [{"message_id": t["transfer_id"]} for t in chunk])
                 if per_record:
-                    for _, message in chunk:
-                        record_transfer(session, parse_transfer(cast("exactlyonce.Message", message)))
+                    for message in messages[start : start + size]:
+                        record_transfer(session, parse_transfer(message))
                 else:
-                    apply_transfers_batch(session, transfers)
-            tracker.pending.extend(t["sent_at"] for t in transfers)
+                    apply_transfers_batch(session, chunk)
+            tracker.pending.extend(t["sent_at"] for t in chunk)
             tracker.done_now()
     finally:
         engine.dispose()

@@ -83,6 +83,15 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
         yield TlsBroker(proxy.address, str(cafile), str(other_cafile), proxy, ca, broker_port)
 
 
+def _no_refusal_since(tls_broker: TlsBroker, refused_before: int) -> None:
+    """No handshake refused since ``refused_before`` was read.
+
+    A ClientHello is counted when it arrives, the connection when its handshake
+    completes: the handshakes still under way (a client reconnecting as the run
+    ends) are given time to finish.
+    """
+    wait_until(lambda: tls_broker.proxy.refused == refused_before, 5.0, "no refused handshake")
+
 
 def test_effectively_once_over_verified_tls(tls_broker: TlsBroker, postgres_url: str) -> None:
     """Producer -> App (handler, duplicate, dead letter, outbox relay) all over TLS with verification on."""
@@ -93,9 +102,7 @@ def test_effectively_once_over_verified_tls(tls_broker: TlsBroker, postgres_url:
     secured.effectively_once(tls_broker.address, tls_broker.config, postgres_url, SIGNING_KEY, "tls")
     # Everything went through the TLS proxy, and every handshake there succeeded.
     assert tls_broker.proxy.connections > handshakes_before
-    # A ClientHello is counted when it arrives, the connection when its handshake completes: give the
-    # handshakes still under way (a client reconnecting as the run ends) time to finish.
-    wait_until(lambda: tls_broker.proxy.refused == refused_before, 5.0, "no refused handshake")
+    _no_refusal_since(tls_broker, refused_before)
 
 
 def test_effectively_once_over_verified_tls_with_the_confluent_client(tls_broker: TlsBroker, postgres_url: str) -> None:
@@ -111,9 +118,7 @@ def test_effectively_once_over_verified_tls_with_the_confluent_client(tls_broker
     secured.effectively_once(tls_broker.address, tls_broker.config, postgres_url, SIGNING_KEY, "tls-c",
                              consumer_config=librdkafka, kafka_client="confluent")
     assert tls_broker.proxy.connections > handshakes_before
-    # A ClientHello is counted when it arrives, the connection when its handshake completes: give the
-    # handshakes still under way (a client reconnecting as the run ends) time to finish.
-    wait_until(lambda: tls_broker.proxy.refused == refused_before, 5.0, "no refused handshake")
+    _no_refusal_since(tls_broker, refused_before)
 
 
 def test_the_confluent_client_that_does_not_trust_the_certificate_does_not_consume(
